@@ -1,0 +1,238 @@
+//! The gateway-owned policy directory:
+//!
+//! ```text
+//! policy/                 0700, owned by the gateway's user
+//!   bundles/<name>-v<N>/  installed bundles, never modified after install
+//!   current -> bundles/…  the active bundle (a symlink, swapped atomically)
+//!   cache/                precompiled artifacts, keyed by module digest and engine
+//! ```
+//!
+//! Install stages the verified bytes, loads them (compile + fixtures), renames the
+//! staged directory into `bundles/` and swaps `current`: a reader sees the old bundle
+//! or the new one, never a mix.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::manifest::Manifest;
+use super::verify::{VerifiedBundle, verify};
+use super::{BundleError, MANIFEST_FILE, io_err};
+use crate::fsperm;
+use crate::keys::TrustedKeys;
+use crate::policy::{BundleId, LoadError, PolicyEngine, PolicySet, fixture};
+
+const BUNDLES: &str = "bundles";
+const CURRENT: &str = "current";
+const CACHE: &str = "cache";
+const LOCK: &str = ".install.lock";
+
+/// What `airlock bundle status` shows.
+#[derive(Debug, Clone)]
+pub struct BundleStatus {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// The policy directory of one gateway.
+#[derive(Debug, Clone)]
+pub struct PolicyDir {
+    root: PathBuf,
+}
+
+impl PolicyDir {
+    /// Opens (creating with 0700 if needed) the policy directory, refusing it if anyone
+    /// but the gateway's user could write anything in it.
+    pub fn open(root: &Path) -> Result<Self, BundleError> {
+        fsperm::create_private_dir(root)?;
+        fsperm::create_private_dir(&root.join(BUNDLES))?;
+        fsperm::create_private_dir(&root.join(CACHE))?;
+        fsperm::check_private_tree(root)?;
+        Ok(PolicyDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join(CACHE)
+    }
+
+    /// The active bundle's directory, if one is installed.
+    pub fn current(&self) -> Result<Option<PathBuf>, BundleError> {
+        let link = self.root.join(CURRENT);
+        match fs::read_link(&link) {
+            Ok(target) => Ok(Some(self.root.join(target))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BundleError::Io {
+                path: link,
+                source: e,
+            }),
+        }
+    }
+
+    /// The installed bundle's manifest, read from the gateway's own directory.
+    pub fn status(&self) -> Result<Option<BundleStatus>, BundleError> {
+        let Some(path) = self.current()? else {
+            return Ok(None);
+        };
+        let manifest_path = path.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&manifest_path).map_err(io_err(&manifest_path))?;
+        Ok(Some(BundleStatus {
+            manifest: Manifest::parse(&text)?,
+            path,
+        }))
+    }
+
+    /// Verifies `src`, refuses it unless it is newer than the installed bundle, loads
+    /// it (compile and fixtures), and makes it the active bundle atomically.
+    pub fn install(
+        &self,
+        src: &Path,
+        trust: &TrustedKeys,
+        engine: &Arc<PolicyEngine>,
+        now: SystemTime,
+    ) -> Result<Manifest, BundleError> {
+        let _lock = self.lock()?;
+        fsperm::check_private_tree(&self.root)?;
+        let verified = verify(src, trust, now)?;
+        let manifest = &verified.manifest;
+        if let Some(installed) = self.status()? {
+            if manifest.version <= installed.manifest.version {
+                return Err(BundleError::Rollback {
+                    name: manifest.name.clone(),
+                    version: manifest.version,
+                    installed: installed.manifest.version,
+                });
+            }
+        }
+        load(engine, &verified)?;
+
+        let dir_name = format!("{}-v{}", manifest.name, manifest.version);
+        let relative = Path::new(BUNDLES).join(&dir_name);
+        let final_dir = self.root.join(&relative);
+        if final_dir.exists() {
+            return Err(BundleError::AlreadyInstalled {
+                version: manifest.version,
+            });
+        }
+        let staging = self
+            .root
+            .join(format!(".staging-{}", fsperm::random_suffix()));
+        let staged = verified
+            .write_to(&staging)
+            .and_then(|()| fs::rename(&staging, &final_dir).map_err(io_err(&final_dir)));
+        if let Err(e) = staged {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        let tmp_link = self
+            .root
+            .join(format!(".current-{}", fsperm::random_suffix()));
+        symlink(&relative, &tmp_link).map_err(io_err(&tmp_link))?;
+        fs::rename(&tmp_link, self.root.join(CURRENT)).map_err(io_err(&tmp_link))?;
+        fs::File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.root))?;
+        Ok(verified.manifest)
+    }
+
+    /// Verifies and loads the active bundle, if any.
+    pub fn load_current(
+        &self,
+        engine: &Arc<PolicyEngine>,
+        trust: &TrustedKeys,
+        now: SystemTime,
+    ) -> Result<Option<PolicySet>, BundleError> {
+        fsperm::check_private_tree(&self.root)?;
+        match self.current()? {
+            None => Ok(None),
+            Some(path) => load(engine, &verify(&path, trust, now)?).map(Some),
+        }
+    }
+
+    /// Serializes installs: two operators installing at once cannot both pass the
+    /// rollback check.
+    fn lock(&self) -> Result<fs::File, BundleError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.root.join(LOCK);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+            BundleError::Io {
+                path,
+                source: e.into(),
+            }
+        })?;
+        Ok(file)
+    }
+}
+
+/// Compiles every module of a verified bundle and runs each module's own fixtures
+/// against it. A module that fails to load or fails a fixture refuses the bundle.
+pub fn load(engine: &Arc<PolicyEngine>, bundle: &VerifiedBundle) -> Result<PolicySet, BundleError> {
+    load_reporting(engine, bundle, |_| {})
+}
+
+/// [`load`], handing every fixture case's result to `report` as it runs.
+pub fn load_reporting(
+    engine: &Arc<PolicyEngine>,
+    bundle: &VerifiedBundle,
+    mut report: impl FnMut(&fixture::CaseResult),
+) -> Result<PolicySet, BundleError> {
+    let mut modules = Vec::with_capacity(bundle.modules.len());
+    for module in &bundle.modules {
+        let entry = &module.entry;
+        let loaded = engine.load_module(&entry.name, &module.bytes, entry.applies_to.clone())?;
+        let subject = fixture::Subject::Module(&loaded);
+        let mut total = 0;
+        let mut failed = 0;
+        for (file, bytes) in &module.fixtures {
+            let results =
+                fixture::run(&subject, file, bytes).map_err(|reason| LoadError::BadFixture {
+                    module: entry.name.clone(),
+                    file: file.clone(),
+                    reason,
+                })?;
+            for result in results {
+                report(&result);
+                total += 1;
+                if let Some(failure) = result.failure {
+                    failed += 1;
+                    tracing::error!(
+                        module = %entry.name,
+                        fixture = %result.file,
+                        case = %result.name,
+                        "fixture failed: {failure}"
+                    );
+                }
+            }
+        }
+        if failed > 0 {
+            return Err(LoadError::FixturesFailed {
+                module: entry.name.clone(),
+                failed,
+                total,
+            }
+            .into());
+        }
+        modules.push(loaded);
+    }
+    Ok(PolicySet::new(
+        BundleId {
+            name: bundle.manifest.name.clone(),
+            version: bundle.manifest.version,
+        },
+        modules,
+    ))
+}

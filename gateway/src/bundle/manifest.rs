@@ -1,0 +1,155 @@
+//! The bundle's source description (`bundle.toml`) and its signed manifest.
+
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::BundleError;
+use crate::policy::Scope;
+
+/// `bundle.toml`: what an operator writes to describe a bundle before signing it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SourceBundle {
+    pub name: String,
+    /// How long a signed bundle stays valid, e.g. "90d".
+    #[serde(default = "default_validity")]
+    pub valid_for: String,
+    #[serde(rename = "module")]
+    pub modules: Vec<SourceModule>,
+}
+
+fn default_validity() -> String {
+    "365d".to_string()
+}
+
+/// One module in `bundle.toml`. Paths are relative to the directory holding it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SourceModule {
+    pub name: String,
+    /// The built component.
+    pub file: PathBuf,
+    pub applies_to: Scope,
+    /// Fixture files, or directories whose `.toml` and `.json` files are fixtures.
+    #[serde(default)]
+    pub fixtures: Vec<PathBuf>,
+}
+
+/// `manifest.toml`: the signed description of a bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub version: u64,
+    /// RFC 3339, UTC.
+    pub created: String,
+    /// RFC 3339, UTC. The bundle is refused after this time.
+    pub expires: String,
+    #[serde(rename = "module")]
+    pub modules: Vec<ManifestModule>,
+}
+
+/// One module in the manifest: its file and digest, where it applies, its fixtures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ManifestModule {
+    pub name: String,
+    pub file: String,
+    pub sha256: String,
+    pub applies_to: Scope,
+    #[serde(default, rename = "fixture", skip_serializing_if = "Vec::is_empty")]
+    pub fixtures: Vec<FileDigest>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileDigest {
+    pub file: String,
+    pub sha256: String,
+}
+
+pub(crate) const FORMAT: u32 = 1;
+
+impl Manifest {
+    pub fn parse(text: &str) -> Result<Self, BundleError> {
+        let bad = |reason: String| BundleError::BadManifest {
+            file: super::MANIFEST_FILE.into(),
+            reason,
+        };
+        let manifest: Manifest = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        if manifest.format != FORMAT {
+            return Err(bad(format!(
+                "format {} is not supported (this gateway reads format {FORMAT})",
+                manifest.format
+            )));
+        }
+        let mut names = std::collections::HashSet::new();
+        for module in &manifest.modules {
+            check_name(&module.name).map_err(bad)?;
+            if !names.insert(module.name.as_str()) {
+                return Err(bad(format!("module `{}` is listed twice", module.name)));
+            }
+            if module.applies_to.hooks.is_empty() {
+                return Err(bad(format!("module `{}` applies to no hook", module.name)));
+            }
+        }
+        manifest.expires_at().map_err(bad)?;
+        Ok(manifest)
+    }
+
+    pub fn expires_at(&self) -> Result<std::time::SystemTime, String> {
+        humantime::parse_rfc3339(&self.expires)
+            .map_err(|e| format!("expires `{}` is not an RFC 3339 time: {e}", self.expires))
+    }
+}
+
+impl SourceBundle {
+    pub fn parse(text: &str, file: &Path) -> Result<Self, BundleError> {
+        let bad = |reason: String| BundleError::BadManifest {
+            file: file.display().to_string(),
+            reason,
+        };
+        let source: SourceBundle = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        check_name(&source.name).map_err(bad)?;
+        for module in &source.modules {
+            check_name(&module.name).map_err(bad)?;
+        }
+        humantime::parse_duration(&source.valid_for)
+            .map_err(|e| bad(format!("valid-for `{}`: {e}", source.valid_for)))?;
+        Ok(source)
+    }
+}
+
+/// Names become file names: keep them to a safe alphabet.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "name `{name}` must be 1-64 characters of letters, digits, `-` and `_`"
+        ))
+    }
+}
+
+/// Resolves a manifest path inside the bundle, refusing absolute paths and `..`.
+pub(crate) fn inside(dir: &Path, file: &str) -> Result<PathBuf, BundleError> {
+    let relative = Path::new(file);
+    let safe = !file.is_empty()
+        && relative
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+    if safe {
+        Ok(dir.join(relative))
+    } else {
+        Err(BundleError::UnsafePath {
+            file: file.to_string(),
+        })
+    }
+}

@@ -1,0 +1,187 @@
+//! Verifying a bundle: signature by a trusted key, expiry, and every file's digest.
+
+use std::fs;
+use std::path::Path;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::manifest::{Manifest, ManifestModule, inside};
+use super::{BundleError, MANIFEST_FILE, SIGNATURE_FILE, io_err};
+use crate::fsperm;
+use crate::keys::TrustedKeys;
+
+/// `manifest.sig`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub(crate) struct SignatureFile {
+    pub algorithm: String,
+    pub key_id: String,
+    pub signature: String,
+}
+
+/// A bundle whose signature, expiry and digests all checked out, held in memory.
+#[derive(Debug)]
+pub struct VerifiedBundle {
+    pub manifest: Manifest,
+    /// The id of the trusted key that signed it.
+    pub key_id: String,
+    pub modules: Vec<VerifiedModule>,
+    manifest_bytes: Vec<u8>,
+    signature_bytes: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct VerifiedModule {
+    pub entry: ManifestModule,
+    pub bytes: Vec<u8>,
+    /// (file name inside the bundle, contents)
+    pub fixtures: Vec<(String, Vec<u8>)>,
+}
+
+fn read_listed(dir: &Path, file: &str, expected: &str) -> Result<Vec<u8>, BundleError> {
+    let path = inside(dir, file)?;
+    let bytes = fs::read(&path).map_err(|source| BundleError::MissingFile {
+        file: file.to_string(),
+        source,
+    })?;
+    let actual = hex::encode(Sha256::digest(&bytes));
+    if actual != expected {
+        return Err(BundleError::DigestMismatch {
+            file: file.to_string(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Verifies the bundle in `dir` against the gateway's trusted keys, at time `now`.
+pub fn verify(
+    dir: &Path,
+    trust: &TrustedKeys,
+    now: SystemTime,
+) -> Result<VerifiedBundle, BundleError> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest_bytes = fs::read(&manifest_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => BundleError::NoManifest {
+            dir: dir.to_path_buf(),
+        },
+        _ => BundleError::Io {
+            path: manifest_path.clone(),
+            source: e,
+        },
+    })?;
+    let sig_path = dir.join(SIGNATURE_FILE);
+    let signature_bytes = fs::read(&sig_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => BundleError::Unsigned {
+            dir: dir.to_path_buf(),
+        },
+        _ => BundleError::Io {
+            path: sig_path.clone(),
+            source: e,
+        },
+    })?;
+    let bad_sig = |reason: String| BundleError::BadSignatureFile { reason };
+    let sig: SignatureFile = std::str::from_utf8(&signature_bytes)
+        .map_err(|e| bad_sig(e.to_string()))
+        .and_then(|text| toml::from_str(text).map_err(|e| bad_sig(e.to_string())))?;
+    if sig.algorithm != "ed25519" {
+        return Err(bad_sig(format!(
+            "algorithm `{}` is not supported (expected ed25519)",
+            sig.algorithm
+        )));
+    }
+    let signature: [u8; 64] = B64
+        .decode(&sig.signature)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad_sig("signature is not 64 bytes of base64".into()))?;
+    if trust.is_empty() {
+        return Err(BundleError::NoTrustedKeys);
+    }
+    let key = trust
+        .get(&sig.key_id)
+        .ok_or_else(|| BundleError::UnknownKey {
+            key_id: sig.key_id.clone(),
+            trusted: trust.ids().join(", "),
+        })?;
+    if !key.verify(&manifest_bytes, &signature) {
+        return Err(BundleError::BadSignature {
+            key_id: sig.key_id.clone(),
+        });
+    }
+
+    // Only now, with the signature checked, is the manifest's content trusted.
+    let text = std::str::from_utf8(&manifest_bytes).map_err(|e| BundleError::BadManifest {
+        file: MANIFEST_FILE.into(),
+        reason: e.to_string(),
+    })?;
+    let manifest = Manifest::parse(text)?;
+    let expires = manifest
+        .expires_at()
+        .map_err(|reason| BundleError::BadManifest {
+            file: MANIFEST_FILE.into(),
+            reason,
+        })?;
+    if now >= expires {
+        return Err(BundleError::Expired {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            expires: manifest.expires.clone(),
+        });
+    }
+    let modules = manifest
+        .modules
+        .iter()
+        .map(|entry| {
+            let bytes = read_listed(dir, &entry.file, &entry.sha256)?;
+            let fixtures = entry
+                .fixtures
+                .iter()
+                .map(|f| Ok((f.file.clone(), read_listed(dir, &f.file, &f.sha256)?)))
+                .collect::<Result<_, BundleError>>()?;
+            Ok(VerifiedModule {
+                entry: entry.clone(),
+                bytes,
+                fixtures,
+            })
+        })
+        .collect::<Result<_, BundleError>>()?;
+    Ok(VerifiedBundle {
+        key_id: sig.key_id,
+        manifest,
+        modules,
+        manifest_bytes,
+        signature_bytes,
+    })
+}
+
+impl VerifiedBundle {
+    /// Writes exactly the verified bytes into `dir` (created 0700, files 0600).
+    pub(crate) fn write_to(&self, dir: &Path) -> Result<(), BundleError> {
+        fsperm::create_private_dir(dir)?;
+        let write = |file: &str, bytes: &[u8]| -> Result<(), BundleError> {
+            let path = inside(dir, file)?;
+            if let Some(parent) = path.parent() {
+                fsperm::create_private_dir(parent)?;
+            }
+            fsperm::write_private_atomic(&path, bytes)?;
+            Ok(())
+        };
+        write(MANIFEST_FILE, &self.manifest_bytes)?;
+        write(SIGNATURE_FILE, &self.signature_bytes)?;
+        for module in &self.modules {
+            write(&module.entry.file, &module.bytes)?;
+            for (file, bytes) in &module.fixtures {
+                write(file, bytes)?;
+            }
+        }
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))
+    }
+}

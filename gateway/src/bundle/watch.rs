@@ -1,0 +1,146 @@
+//! The active policy set and hot reload.
+//!
+//! Decisions take an `Arc` of the current set and finish on it, so swapping in a new
+//! bundle never drops or splits a decision in flight.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use super::{BundleError, PolicyDir};
+use crate::keys::TrustedKeys;
+use crate::policy::{BundleId, PolicyEngine, PolicySet};
+
+/// The policy set decisions are made with right now.
+pub struct ActivePolicy {
+    set: ArcSwap<PolicySet>,
+}
+
+impl ActivePolicy {
+    pub fn new(set: PolicySet) -> Self {
+        ActivePolicy {
+            set: ArcSwap::from_pointee(set),
+        }
+    }
+
+    /// The current set; hold it for the length of one decision or one result stream.
+    pub fn current(&self) -> Arc<PolicySet> {
+        self.set.load_full()
+    }
+
+    fn version(&self) -> Option<u64> {
+        self.set.load().bundle().map(|b| b.version)
+    }
+
+    fn replace(&self, set: PolicySet) {
+        self.set.store(Arc::new(set));
+    }
+}
+
+/// Watches the policy directory and swaps in each newly installed bundle that
+/// verifies, compiles and passes its fixtures. A bundle that fails keeps the old one
+/// active.
+pub struct Reloader {
+    dir: PolicyDir,
+    engine: Arc<PolicyEngine>,
+    trust: TrustedKeys,
+    active: Arc<ActivePolicy>,
+    seen: Option<PathBuf>,
+}
+
+/// Stops the reload thread when dropped.
+pub struct ReloaderHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for ReloaderHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Reloader {
+    /// `seen` is the bundle directory `active` was loaded from, if any.
+    pub fn new(
+        dir: PolicyDir,
+        engine: Arc<PolicyEngine>,
+        trust: TrustedKeys,
+        active: Arc<ActivePolicy>,
+        seen: Option<PathBuf>,
+    ) -> Self {
+        Reloader {
+            dir,
+            engine,
+            trust,
+            active,
+            seen,
+        }
+    }
+
+    /// Activates the installed bundle if it changed since the last poll. Returns the
+    /// bundle activated, or why the installed one was refused (the old one stays).
+    pub fn poll(&mut self) -> Result<Option<BundleId>, BundleError> {
+        let current = self.dir.current()?;
+        if current == self.seen {
+            return Ok(None);
+        }
+        // Remember it even if it fails, so a broken bundle is reported once, not on
+        // every poll.
+        self.seen = current;
+        let Some(set) = self
+            .dir
+            .load_current(&self.engine, &self.trust, SystemTime::now())?
+        else {
+            return Ok(None);
+        };
+        let id = set
+            .bundle()
+            .map(|b| (**b).clone())
+            .expect("a loaded bundle has an id");
+        if let Some(active) = self.active.version() {
+            if id.version <= active {
+                return Err(BundleError::Rollback {
+                    name: id.name,
+                    version: id.version,
+                    installed: active,
+                });
+            }
+        }
+        self.active.replace(set);
+        Ok(Some(id))
+    }
+
+    /// Polls every `interval` on a thread of its own until the handle is dropped.
+    pub fn spawn(mut self, interval: Duration) -> ReloaderHandle {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("airlock-policy-reload".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match self.poll() {
+                        Ok(Some(id)) => tracing::info!(bundle = %id, "policy bundle activated"),
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(
+                            error = %e,
+                            "installed policy bundle refused; the active bundle stays in force"
+                        ),
+                    }
+                    std::thread::sleep(interval);
+                }
+            })
+            .expect("cannot start the policy reload thread");
+        ReloaderHandle {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}

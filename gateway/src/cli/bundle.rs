@@ -1,0 +1,148 @@
+//! `airlock bundle …`: the operator's tools for signed policy bundles.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use airlock::bundle::{self, PolicyDir};
+use airlock::keys::{PublicKey, SecretKey, TrustedKeys};
+use airlock::policy::PolicyEngine;
+
+use super::Context;
+
+#[derive(Subcommand)]
+pub(crate) enum BundleCommand {
+    /// Create a signing key pair: DIR/bundle-signing.key (mode 0600) and its .pub.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Sign SRC-DIR (a bundle.toml and the modules and fixtures it names) as VERSION.
+    Sign {
+        src: PathBuf,
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        #[arg(long, value_name = "N")]
+        version: u64,
+        #[arg(long, value_name = "BUNDLE-DIR")]
+        out: PathBuf,
+    },
+    /// Check a bundle's signature, expiry and digests against the given public keys.
+    Verify {
+        bundle: PathBuf,
+        /// A trusted public key (its text, or a file holding it). Repeatable.
+        #[arg(long = "trust", value_name = "PUBKEY", required = true)]
+        trust: Vec<String>,
+    },
+    /// Install a bundle into the gateway's policy directory, trusting the keys in the
+    /// gateway's configuration. A running gateway picks it up without restart.
+    Install { bundle: PathBuf },
+    /// Show the installed bundle.
+    Status,
+}
+
+pub(crate) fn run(context: &Context, command: BundleCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BundleCommand::Keygen { out } => {
+            airlock::fsperm::create_private_dir(&out)?;
+            let key = SecretKey::generate();
+            let path = out.join("bundle-signing.key");
+            let pub_path = key.write(&path)?;
+            println!(
+                "secret key: {} (mode 0600; keep it off the gateway)",
+                path.display()
+            );
+            println!("public key: {}", pub_path.display());
+            println!("key id:     {}", key.public().id());
+            println!("{}", key.public().to_text());
+        }
+        BundleCommand::Sign {
+            src,
+            key,
+            version,
+            out,
+        } => {
+            let key = SecretKey::read(&key)?;
+            let manifest = bundle::sign(&src, &key, version, &out, SystemTime::now())?;
+            println!(
+                "signed {} v{} ({} modules) with key {} → {}; expires {}",
+                manifest.name,
+                manifest.version,
+                manifest.modules.len(),
+                key.public().id(),
+                out.display(),
+                manifest.expires
+            );
+        }
+        BundleCommand::Verify { bundle, trust } => {
+            let trust = parse_trust(&trust)?;
+            let verified = bundle::verify(&bundle, &trust, SystemTime::now())
+                .with_context(|| format!("bundle {} refused", bundle.display()))?;
+            println!(
+                "ok: {} v{} signed by key {}; {} modules match their digests; expires {}",
+                verified.manifest.name,
+                verified.manifest.version,
+                verified.key_id,
+                verified.modules.len(),
+                verified.manifest.expires
+            );
+        }
+        BundleCommand::Install { bundle } => {
+            let config = context.config()?;
+            let data = context.data_dir()?;
+            let dir = PolicyDir::open(&data.policy_dir())?;
+            let engine = PolicyEngine::new(config.policy_limits(), Some(&dir.cache_dir()))?;
+            let manifest = dir
+                .install(&bundle, &config.trusted_keys()?, &engine, SystemTime::now())
+                .with_context(|| format!("bundle {} refused", bundle.display()))?;
+            println!(
+                "installed {} v{} into {}",
+                manifest.name,
+                manifest.version,
+                dir.root().display()
+            );
+        }
+        BundleCommand::Status => {
+            let dir = PolicyDir::open(&context.data_dir()?.policy_dir())?;
+            match dir.status()? {
+                None => println!(
+                    "no bundle installed in {}: every request is denied",
+                    dir.root().display()
+                ),
+                Some(status) => {
+                    let m = &status.manifest;
+                    println!("bundle:  {} v{}", m.name, m.version);
+                    println!("path:    {}", status.path.display());
+                    println!("created: {}", m.created);
+                    println!("expires: {}", m.expires);
+                    for module in &m.modules {
+                        let hooks: Vec<String> = module
+                            .applies_to
+                            .hooks
+                            .iter()
+                            .map(|h| h.to_string())
+                            .collect();
+                        println!(
+                            "module:  {:<16} sha256 {}  hooks {}  targets {}",
+                            module.name,
+                            &module.sha256[..16],
+                            hooks.join(","),
+                            module.applies_to.targets.join(",")
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn parse_trust(keys: &[String]) -> anyhow::Result<TrustedKeys> {
+    keys.iter()
+        .map(|k| PublicKey::from_arg(k).with_context(|| format!("--trust {k}")))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map(TrustedKeys::new)
+}

@@ -1,0 +1,85 @@
+//! Command-line interface. Errors end here: each command returns `anyhow::Result` and
+//! `main` prints the whole chain of causes.
+
+mod bundle;
+mod policy;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use airlock::config::{Config, DataDir};
+
+#[derive(Parser)]
+#[command(
+    name = "airlock",
+    version,
+    about = "An access gateway for AI coding agents"
+)]
+struct Cli {
+    /// The gateway's data directory (default: $AIRLOCK_DATA, else ~/.local/share/airlock).
+    #[arg(long, global = true, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// The gateway's configuration file (default: DATA/airlock.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Signed policy bundles: keys, signing, verification, install.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+    /// Policy modules: build from a Rust crate, test against fixtures.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+}
+
+/// Where the gateway's files are, resolved once from the global flags.
+pub(crate) struct Context {
+    data: Option<PathBuf>,
+    config: Option<PathBuf>,
+}
+
+impl Context {
+    pub(crate) fn data_dir(&self) -> anyhow::Result<DataDir> {
+        Ok(DataDir::resolve(self.data.as_deref())?)
+    }
+
+    pub(crate) fn config(&self) -> anyhow::Result<Config> {
+        let path = match &self.config {
+            Some(path) => path.clone(),
+            None => self.data_dir()?.config_file(),
+        };
+        Ok(Config::load(&path)?)
+    }
+}
+
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let context = Context {
+        data: cli.data,
+        config: cli.config,
+    };
+    let result = match cli.command {
+        Command::Bundle(command) => bundle::run(&context, command),
+        Command::Policy(command) => policy::run(&context, command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Host-side bindings generated from `wit/policy.wit`.
+
+wasmtime::component::bindgen!({
+    path: "../wit",
+    world: "policy",
+    additional_derives: [PartialEq],
+});
+
+pub(crate) use airlock::policy::host;
+/// The contract's data types: grant requests and contexts, actions, verdicts, payloads.
+pub use airlock::policy::types;

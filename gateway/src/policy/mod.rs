@@ -1,0 +1,28 @@
+//! The policy host: sandboxed WebAssembly policy modules decide every grant and every
+//! action, and mask every result.
+//!
+//! The shape follows Kubewarden's evaluator: a [`PolicyEngine`] (one wasmtime engine, its
+//! limits and its artifact cache) compiles each module once into a pre-instantiated
+//! [`LoadedModule`]; every decision gets a fresh instance, so no state crosses decisions
+//! or agents; a [`PolicySet`] is the group evaluator that combines the verdicts of every
+//! module in a bundle that applies to the target.
+//!
+//! Anything a module does wrong (trap, timeout, memory or stack exhaustion, malformed
+//! output) becomes a deny that names the module and the cause. The host keeps serving.
+
+mod bindings;
+mod build;
+mod engine;
+pub mod fixture;
+mod module;
+mod scope;
+mod set;
+mod verdict;
+
+pub use bindings::types;
+pub use build::{BuildError, build_policy_crate, componentize};
+pub use engine::{LoadError, PolicyEngine, PolicyLimits};
+pub use module::{Fault, LoadedModule};
+pub use scope::{Hook, Kind, Scope};
+pub use set::{BundleId, MaskError, MaskPlan, PolicySet};
+pub use verdict::{Decision, ModuleVote, Outcome};

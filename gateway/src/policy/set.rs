@@ -1,0 +1,203 @@
+//! The group evaluator: every module of one bundle that applies, combined.
+
+use std::sync::Arc;
+
+use super::module::{Fault, LoadedModule};
+use super::scope::Hook;
+use super::types::{
+    Action, Body, Column, GrantContext, GrantRequest, Payload, Rows, Target, Verdict,
+};
+use super::verdict::{Decision, ModuleVote, Outcome, combine};
+
+/// Which bundle a decision came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleId {
+    pub name: String,
+    pub version: u64,
+}
+
+impl std::fmt::Display for BundleId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} v{}", self.name, self.version)
+    }
+}
+
+/// The modules of one bundle, in bundle order. A set is immutable: a new bundle is a
+/// new set, swapped in whole, so one decision never mixes two bundles.
+pub struct PolicySet {
+    bundle: Option<Arc<BundleId>>,
+    modules: Vec<LoadedModule>,
+}
+
+/// A masking module failed: the result must not be released.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("masking module `{module}` {fault}; result withheld (fail closed)")]
+pub struct MaskError {
+    pub module: Arc<str>,
+    pub fault: Fault,
+}
+
+impl PolicySet {
+    /// The set in force before any bundle is installed: it denies everything.
+    pub fn empty() -> Self {
+        PolicySet {
+            bundle: None,
+            modules: Vec::new(),
+        }
+    }
+
+    pub fn new(bundle: BundleId, modules: Vec<LoadedModule>) -> Self {
+        PolicySet {
+            bundle: Some(Arc::new(bundle)),
+            modules,
+        }
+    }
+
+    pub fn bundle(&self) -> Option<&Arc<BundleId>> {
+        self.bundle.as_ref()
+    }
+
+    pub fn modules(&self) -> &[LoadedModule] {
+        &self.modules
+    }
+
+    /// Decides a grant request with every module whose scope covers `authorize` on the
+    /// requested target.
+    pub fn authorize(&self, request: &GrantRequest) -> Decision {
+        self.decide(
+            Hook::Authorize,
+            &request.target,
+            "this grant request",
+            |m| m.authorize(request),
+        )
+    }
+
+    /// Decides one action under a live grant.
+    pub fn check(&self, context: &GrantContext, action: &Action) -> Decision {
+        self.decide(Hook::Check, &context.target, "this action", |m| {
+            m.check(context, action)
+        })
+    }
+
+    fn decide(
+        &self,
+        hook: Hook,
+        target: &Target,
+        what: &str,
+        call: impl Fn(&LoadedModule) -> Result<Verdict, Fault>,
+    ) -> Decision {
+        let mut votes = Vec::new();
+        for module in self.modules.iter().filter(|m| m.applies(hook, target)) {
+            let verdict = call(module);
+            // The first deny decides; later modules cannot change it.
+            let decisive = matches!(verdict, Err(_) | Ok(Verdict::Deny(_)));
+            votes.push(ModuleVote {
+                module: module.name().clone(),
+                digest: module.digest().clone(),
+                verdict,
+            });
+            if decisive {
+                break;
+            }
+        }
+        let outcome = match (&self.bundle, votes.is_empty()) {
+            (None, _) => {
+                Outcome::fail_closed("no policy bundle is active; denied (fail closed)".to_string())
+            }
+            (Some(bundle), true) => Outcome::fail_closed(format!(
+                "no module in policy bundle {bundle} decides `{hook}` for target `{}`; denied (fail closed)",
+                target.name
+            )),
+            (Some(_), false) => combine(&votes, what),
+        };
+        Decision {
+            outcome,
+            bundle: self.bundle.clone(),
+            votes,
+        }
+    }
+
+    /// Asks every masking module that applies which of `columns` it masks. Call once
+    /// per row description; an empty plan means rows pass through untouched.
+    pub fn mask_plan(
+        self: &Arc<Self>,
+        context: &GrantContext,
+        columns: &[Column],
+    ) -> Result<MaskPlan, MaskError> {
+        let mut modules = Vec::new();
+        for (index, module) in self.maskers(&context.target) {
+            let wanted = module
+                .mask_columns(context, columns)
+                .map_err(|fault| MaskError {
+                    module: module.name().clone(),
+                    fault,
+                })?;
+            if !wanted.is_empty() {
+                modules.push(index);
+            }
+        }
+        Ok(MaskPlan {
+            set: self.clone(),
+            modules,
+        })
+    }
+
+    /// Masks a text or JSON body with every masking module that applies, in bundle order.
+    pub fn mask_body(&self, context: &GrantContext, body: Body) -> Result<Body, MaskError> {
+        let mut payload = Payload::Body(body);
+        for (_, module) in self.maskers(&context.target) {
+            payload = mask_one(module, context, &payload)?;
+        }
+        match payload {
+            Payload::Body(body) => Ok(body),
+            Payload::Rows(_) => unreachable!("mask output shape is checked"),
+        }
+    }
+
+    fn maskers<'a>(
+        &'a self,
+        target: &'a Target,
+    ) -> impl Iterator<Item = (usize, &'a LoadedModule)> + 'a {
+        self.modules
+            .iter()
+            .enumerate()
+            .filter(move |(_, m)| m.applies(Hook::Mask, target))
+    }
+}
+
+fn mask_one(
+    module: &LoadedModule,
+    context: &GrantContext,
+    payload: &Payload,
+) -> Result<Payload, MaskError> {
+    module.mask(context, payload).map_err(|fault| MaskError {
+        module: module.name().clone(),
+        fault,
+    })
+}
+
+/// The masking modules that care about one row description. It keeps its policy set
+/// alive, so a result streams through one bundle even if another is swapped in.
+pub struct MaskPlan {
+    set: Arc<PolicySet>,
+    modules: Vec<usize>,
+}
+
+impl MaskPlan {
+    /// True when no module masks any of the columns: rows need no Wasm call at all.
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+
+    /// Masks one batch of rows with each planned module in bundle order.
+    pub fn mask_rows(&self, context: &GrantContext, rows: Rows) -> Result<Rows, MaskError> {
+        let mut payload = Payload::Rows(rows);
+        for &index in &self.modules {
+            payload = mask_one(&self.set.modules[index], context, &payload)?;
+        }
+        match payload {
+            Payload::Rows(rows) => Ok(rows),
+            Payload::Body(_) => unreachable!("mask output shape is checked"),
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Masking helpers. Every masker keeps the value's shape (separators, length of the
+//! visible part, the email domain) so masked results still read sensibly, and every
+//! masker is deterministic: the same value always masks the same way.
+
+/// `alice@example.com` → `***@example.com`. A value without `@` is masked whole.
+pub fn email(value: &str) -> String {
+    match value.rsplit_once('@') {
+        Some((_, domain)) => format!("***@{domain}"),
+        None => "***".to_string(),
+    }
+}
+
+/// Masks every digit but the last four, keeping `+`, spaces and punctuation:
+/// `+1 (555) 123-4567` → `+* (***) ***-4567`.
+pub fn phone(value: &str) -> String {
+    mask_digits_keep_last(value, 4)
+}
+
+/// Masks every digit but the last four: `4111 1111 1111 1111` → `**** **** **** 1111`.
+pub fn card(value: &str) -> String {
+    mask_digits_keep_last(value, 4)
+}
+
+fn mask_digits_keep_last(value: &str, keep: usize) -> String {
+    let digits = value.chars().filter(char::is_ascii_digit).count();
+    let mut seen = 0;
+    value
+        .chars()
+        .map(|c| {
+            if c.is_ascii_digit() {
+                seen += 1;
+                if seen + keep <= digits { '*' } else { c }
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Masks every character but the last `n`: `keep_last("secret-token", 4)` → `********oken`.
+pub fn keep_last(value: &str, n: usize) -> String {
+    let len = value.chars().count();
+    value
+        .chars()
+        .enumerate()
+        .map(|(i, c)| if i + n < len { '*' } else { c })
+        .collect()
+}
+
+/// Keeps the format, hides the content: letters become `x`/`X`, digits `0`,
+/// everything else stays. `AB-1234-cd` → `XX-0000-xx`.
+pub fn format_preserving(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| match c {
+            'a'..='z' => 'x',
+            'A'..='Z' => 'X',
+            '0'..='9' => '0',
+            _ if c.is_alphabetic() => 'x',
+            _ => c,
+        })
+        .collect()
+}
+
+/// True if the whole value looks like an email address.
+pub fn is_email(value: &str) -> bool {
+    let value = value.trim();
+    find_email(value, 0).is_some_and(|(start, end)| start == 0 && end == value.len())
+}
+
+/// True if the value is a card number: 13 to 19 digits (spaces or dashes allowed)
+/// that pass the Luhn check.
+pub fn is_card_number(value: &str) -> bool {
+    let value = value.trim();
+    value
+        .chars()
+        .all(|c| c.is_ascii_digit() || c == ' ' || c == '-')
+        && is_card_digits(&digits_of(value))
+}
+
+/// True if the value looks like a phone number: 7 to 15 digits, written with a leading
+/// `+` or phone punctuation (spaces, `-`, `.`, parentheses).
+pub fn is_phone(value: &str) -> bool {
+    let value = value.trim();
+    let digits = digits_of(value).len();
+    value
+        .chars()
+        .all(|c| c.is_ascii_digit() || " -.()+".contains(c))
+        && (7..=15).contains(&digits)
+        && !value[1..].contains('+')
+}
+
+fn digits_of(value: &str) -> Vec<u8> {
+    value
+        .bytes()
+        .filter(u8::is_ascii_digit)
+        .map(|b| b - b'0')
+        .collect()
+}
+
+fn is_card_digits(digits: &[u8]) -> bool {
+    (13..=19).contains(&digits.len()) && luhn(digits)
+}
+
+fn luhn(digits: &[u8]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            let d = u32::from(d);
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+/// Finds emails, card numbers and phone numbers inside free text and masks each in
+/// place. Returns `None` when there was nothing to mask.
+pub fn redact_text(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    let mut pos = 0;
+    let mut changed = false;
+    while pos < text.len() {
+        if let Some((start, end)) = find_email(text, pos) {
+            out.push_str(&text[last..start]);
+            out.push_str(&email(&text[start..end]));
+            last = end;
+            pos = end;
+            changed = true;
+            continue;
+        }
+        break;
+    }
+    out.push_str(&text[last..]);
+    let text_after_emails = if changed { out } else { text.to_string() };
+    match redact_numbers(&text_after_emails) {
+        Some(masked) => Some(masked),
+        None if changed => Some(text_after_emails),
+        None => None,
+    }
+}
+
+fn is_local_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"._%+-".contains(&c)
+}
+
+fn is_domain_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'.' || c == b'-'
+}
+
+/// The next email at or after byte `from`: (start, end) byte offsets.
+fn find_email(text: &str, from: usize) -> Option<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let mut at = from;
+    while let Some(offset) = text[at..].find('@') {
+        let i = at + offset;
+        let mut start = i;
+        while start > 0 && is_local_char(bytes[start - 1]) {
+            start -= 1;
+        }
+        let mut end = i + 1;
+        while end < bytes.len() && is_domain_char(bytes[end]) {
+            end += 1;
+        }
+        // A sentence's full stop is not part of the domain.
+        while end > i + 1 && bytes[end - 1] == b'.' {
+            end -= 1;
+        }
+        let domain = &text[i + 1..end];
+        let tld_ok = domain
+            .rsplit_once('.')
+            .is_some_and(|(host, tld)| !host.is_empty() && tld.len() >= 2);
+        if start < i && tld_ok {
+            return Some((start, end));
+        }
+        at = i + 1;
+    }
+    None
+}
+
+/// Masks card and phone numbers in text. Dates, times and IPv4 addresses are left
+/// alone: a run that starts like `2026-11-24`, runs into a `:`, or is four dotted
+/// groups is not a phone number.
+fn redact_numbers(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    let mut i = 0;
+    let mut changed = false;
+    while i < bytes.len() {
+        let starts = bytes[i].is_ascii_digit()
+            || ((bytes[i] == b'+' || bytes[i] == b'(')
+                && bytes.get(i + 1).is_some_and(u8::is_ascii_digit));
+        let glued = i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if !starts || glued {
+            i += 1;
+            continue;
+        }
+        let mut end = i + 1;
+        while end < bytes.len() {
+            let c = bytes[end];
+            let sep_then_digit = b" -.()".contains(&c)
+                && bytes
+                    .get(end + 1)
+                    .is_some_and(|n| n.is_ascii_digit() || *n == b'(');
+            if c.is_ascii_digit() || c == b')' || sep_then_digit {
+                end += 1;
+            } else {
+                break;
+            }
+        }
+        let run = &text[i..end];
+        let next = bytes.get(end).copied();
+        let glued_after = next.is_some_and(|c| c.is_ascii_alphanumeric() || c == b':' || c == b'_');
+        let masked = if glued_after || looks_like_date(run) || looks_like_ipv4(run) {
+            None
+        } else {
+            let digits = digits_of(run);
+            let card_seps = run
+                .bytes()
+                .all(|c| c.is_ascii_digit() || c == b' ' || c == b'-');
+            if card_seps && is_card_digits(&digits) {
+                Some(card(run))
+            } else if (10..=15).contains(&digits.len())
+                && (run.starts_with('+') || run.bytes().any(|c| !c.is_ascii_digit()))
+            {
+                Some(phone(run))
+            } else {
+                None
+            }
+        };
+        if let Some(masked) = masked {
+            out.push_str(&text[last..i]);
+            out.push_str(&masked);
+            last = end;
+            changed = true;
+        }
+        i = end;
+    }
+    if !changed {
+        return None;
+    }
+    out.push_str(&text[last..]);
+    Some(out)
+}
+
+fn looks_like_date(run: &str) -> bool {
+    let b = run.as_bytes();
+    b.len() >= 10
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && (b[4] == b'-' || b[4] == b'/')
+        && b[5..7].iter().all(u8::is_ascii_digit)
+}
+
+fn looks_like_ipv4(run: &str) -> bool {
+    let groups: Vec<&str> = run.split('.').collect();
+    groups.len() == 4
+        && groups
+            .iter()
+            .all(|g| (1..=3).contains(&g.len()) && g.bytes().all(|c| c.is_ascii_digit()))
+}
+
+/// Rewrites every string value in a JSON document with `f(key, value)`, where `key` is
+/// the name of the object field holding it (if any). `f` returns `None` to keep the
+/// value. Returns the document re-serialized (compact), or an error if it is not JSON.
+pub fn json_strings(
+    text: &str,
+    mut f: impl FnMut(Option<&str>, &str) -> Option<String>,
+) -> Result<String, String> {
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    walk(&mut value, None, &mut f);
+    serde_json::to_string(&value).map_err(|e| e.to_string())
+}
+
+fn walk(
+    value: &mut serde_json::Value,
+    key: Option<&str>,
+    f: &mut impl FnMut(Option<&str>, &str) -> Option<String>,
+) {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => {
+            if let Some(masked) = f(key, s) {
+                *s = masked;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| walk(v, key, f)),
+        Value::Object(map) => map.iter_mut().for_each(|(k, v)| walk(v, Some(k), f)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maskers_keep_the_shape() {
+        assert_eq!(email("alice@example.com"), "***@example.com");
+        assert_eq!(phone("+1 (555) 123-4567"), "+* (***) ***-4567");
+        assert_eq!(card("4111 1111 1111 1111"), "**** **** **** 1111");
+        assert_eq!(keep_last("secret-token", 4), "********oken");
+        assert_eq!(format_preserving("AB-1234-cd"), "XX-0000-xx");
+    }
+
+    #[test]
+    fn detection() {
+        assert!(is_email("bob.smith+tag@mail.example.org"));
+        assert!(!is_email("not an email"));
+        assert!(is_card_number("4111-1111-1111-1111"));
+        assert!(!is_card_number("4111-1111-1111-1112"));
+        assert!(is_phone("+44 20 7946 0958"));
+        assert!(!is_phone("12"));
+    }
+
+    #[test]
+    fn redacts_inside_text_and_leaves_the_rest() {
+        assert_eq!(
+            redact_text("mail alice@example.com or call +1 555 123 4567.").as_deref(),
+            Some("mail ***@example.com or call +* *** *** 4567.")
+        );
+        assert_eq!(
+            redact_text("card 4111 1111 1111 1111 on file").as_deref(),
+            Some("card **** **** **** 1111 on file")
+        );
+        for untouched in [
+            "shipped 2026-11-24 10:00:00",
+            "from 192.168.100.200",
+            "order 12345",
+            "v1.2.3",
+            "id abc1234567890",
+        ] {
+            assert_eq!(redact_text(untouched), None, "{untouched}");
+        }
+    }
+
+    #[test]
+    fn json_strings_are_rewritten_in_place() {
+        let out = json_strings(r#"{"b":{"email":"a@x.io"},"a":[1,"keep"]}"#, |key, v| {
+            (key == Some("email")).then(|| email(v))
+        })
+        .unwrap();
+        assert_eq!(out, r#"{"b":{"email":"***@x.io"},"a":[1,"keep"]}"#);
+    }
+}

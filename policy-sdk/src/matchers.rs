@@ -1,0 +1,138 @@
+//! Questions policies ask of actions: is this SQL a write, is this Kubernetes request
+//! read-only, does this HTTP request match a rule.
+
+use crate::glob::glob;
+use crate::{HttpRequest, KubeRequest, SqlKind, SqlStatement};
+
+impl SqlKind {
+    /// Statement kinds that change data or schema, or can (procedures and DO blocks
+    /// run arbitrary code).
+    pub fn is_write(self) -> bool {
+        matches!(
+            self,
+            SqlKind::Insert
+                | SqlKind::Update
+                | SqlKind::Delete
+                | SqlKind::Merge
+                | SqlKind::CopyFrom
+                | SqlKind::Ddl
+                | SqlKind::Call
+                | SqlKind::DoBlock
+        )
+    }
+}
+
+impl SqlStatement {
+    /// True if the statement writes: by its kind, or because the host found tables it
+    /// writes (e.g. `EXPLAIN ANALYZE UPDATE …`, a data-modifying CTE).
+    pub fn is_write(&self) -> bool {
+        self.kind.is_write() || !self.tables_written.is_empty()
+    }
+
+    /// True if the statement reads or writes a table matching `pattern`.
+    pub fn touches(&self, pattern: &str) -> bool {
+        self.tables_read
+            .iter()
+            .chain(&self.tables_written)
+            .any(|t| table_matches(pattern, t))
+    }
+
+    /// True if the statement writes a table matching `pattern`.
+    pub fn writes(&self, pattern: &str) -> bool {
+        self.tables_written
+            .iter()
+            .any(|t| table_matches(pattern, t))
+    }
+
+    /// True if the statement calls a function matching `pattern` (case-insensitive).
+    pub fn calls(&self, pattern: &str) -> bool {
+        let pattern = pattern.to_ascii_lowercase();
+        self.functions
+            .iter()
+            .any(|f| glob(&pattern, &f.to_ascii_lowercase()))
+    }
+}
+
+/// Matches a table name against a pattern; an unqualified pattern also matches the
+/// table in any schema (`users` matches `public.users`).
+fn table_matches(pattern: &str, table: &str) -> bool {
+    let table = table.to_ascii_lowercase();
+    let pattern = pattern.to_ascii_lowercase();
+    glob(&pattern, &table)
+        || (!pattern.contains('.')
+            && table
+                .rsplit_once('.')
+                .is_some_and(|(_, name)| glob(&pattern, name)))
+}
+
+impl HttpRequest {
+    /// The value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_str())
+    }
+
+    /// True if the method is `method` (case-insensitive, `*` for any) and the path
+    /// matches the glob `path`.
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        (method == "*" || self.method.eq_ignore_ascii_case(method)) && glob(path, &self.path)
+    }
+
+    /// GET, HEAD and OPTIONS.
+    pub fn is_safe_method(&self) -> bool {
+        ["GET", "HEAD", "OPTIONS"]
+            .iter()
+            .any(|m| self.method.eq_ignore_ascii_case(m))
+    }
+}
+
+impl KubeRequest {
+    /// get, list and watch: the verbs that change nothing.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self.verb.as_str(), "get" | "list" | "watch")
+    }
+
+    /// True if the request is namespaced and its namespace is one of `namespaces`.
+    /// Cluster-scoped requests (no namespace) are not in any namespace.
+    pub fn in_namespaces<S: AsRef<str>>(&self, namespaces: &[S]) -> bool {
+        self.namespace
+            .as_deref()
+            .is_some_and(|ns| namespaces.iter().any(|n| n.as_ref() == ns))
+    }
+
+    /// `resource` or `resource/subresource`, e.g. `pods/exec`.
+    pub fn full_resource(&self) -> String {
+        match &self.subresource {
+            Some(sub) => format!("{}/{sub}", self.resource_type),
+            None => self.resource_type.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sql(kind: SqlKind, written: &[&str]) -> SqlStatement {
+        SqlStatement {
+            text: String::new(),
+            kind,
+            tables_read: vec!["public.users".into()],
+            tables_written: written.iter().map(|s| s.to_string()).collect(),
+            functions: vec!["pg_sleep".into()],
+        }
+    }
+
+    #[test]
+    fn sql_questions() {
+        assert!(!sql(SqlKind::Select, &[]).is_write());
+        assert!(sql(SqlKind::Update, &["users"]).is_write());
+        assert!(sql(SqlKind::Explain, &["users"]).is_write());
+        assert!(sql(SqlKind::Select, &[]).touches("users"));
+        assert!(sql(SqlKind::Select, &[]).touches("public.*"));
+        assert!(!sql(SqlKind::Select, &[]).touches("orders"));
+        assert!(sql(SqlKind::Select, &[]).calls("PG_SLEEP"));
+    }
+}
