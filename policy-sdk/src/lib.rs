@@ -100,7 +100,7 @@ pub trait Policy {
 /// Exports a [`Policy`] implementation as the module's hooks.
 #[macro_export]
 macro_rules! export_policy {
-    ($ty:ty) => {
+    ($ty:ident) => {
         impl $crate::bindings::Guest for $ty {
             fn authorize(request: $crate::GrantRequest) -> $crate::Verdict {
                 <$ty as $crate::Policy>::authorize(request)

@@ -34,35 +34,32 @@ impl SqlStatement {
         self.tables_read
             .iter()
             .chain(&self.tables_written)
-            .any(|t| table_matches(pattern, t))
+            .any(|t| name_matches(pattern, t))
     }
 
     /// True if the statement writes a table matching `pattern`.
     pub fn writes(&self, pattern: &str) -> bool {
-        self.tables_written
-            .iter()
-            .any(|t| table_matches(pattern, t))
+        self.tables_written.iter().any(|t| name_matches(pattern, t))
     }
 
-    /// True if the statement calls a function matching `pattern` (case-insensitive).
+    /// True if the statement calls a function matching `pattern`.
     pub fn calls(&self, pattern: &str) -> bool {
-        let pattern = pattern.to_ascii_lowercase();
-        self.functions
-            .iter()
-            .any(|f| glob(&pattern, &f.to_ascii_lowercase()))
+        self.functions.iter().any(|f| name_matches(pattern, f))
     }
 }
 
-/// Matches a table name against a pattern; an unqualified pattern also matches the
-/// table in any schema (`users` matches `public.users`).
-fn table_matches(pattern: &str, table: &str) -> bool {
-    let table = table.to_ascii_lowercase();
+/// Matches a table or function name against a pattern, case-insensitively. An
+/// unqualified pattern matches the name in any schema (`users` matches `public.users`,
+/// `pg_read_file` matches `pg_catalog.pg_read_file`): a policy must not be bypassed by
+/// qualifying a name.
+fn name_matches(pattern: &str, name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
     let pattern = pattern.to_ascii_lowercase();
-    glob(&pattern, &table)
+    glob(&pattern, &name)
         || (!pattern.contains('.')
-            && table
+            && name
                 .rsplit_once('.')
-                .is_some_and(|(_, name)| glob(&pattern, name)))
+                .is_some_and(|(_, unqualified)| glob(&pattern, unqualified)))
 }
 
 impl HttpRequest {
@@ -134,5 +131,8 @@ mod tests {
         assert!(sql(SqlKind::Select, &[]).touches("public.*"));
         assert!(!sql(SqlKind::Select, &[]).touches("orders"));
         assert!(sql(SqlKind::Select, &[]).calls("PG_SLEEP"));
+        let mut qualified = sql(SqlKind::Select, &[]);
+        qualified.functions = vec!["pg_catalog.pg_read_file".into()];
+        assert!(qualified.calls("pg_read_file"));
     }
 }

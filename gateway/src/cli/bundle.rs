@@ -125,11 +125,22 @@ pub(crate) fn run(context: &Context, command: BundleCommand) -> anyhow::Result<E
                             .iter()
                             .map(|h| h.to_string())
                             .collect();
+                        let kinds: Vec<String> = module
+                            .applies_to
+                            .target_kinds
+                            .iter()
+                            .map(|k| format!("{k:?}").to_lowercase())
+                            .collect();
                         println!(
-                            "module:  {:<16} sha256 {}  hooks {}  targets {}",
+                            "module:  {:<16} sha256 {}  hooks {}  kinds {}  targets {}",
                             module.name,
                             &module.sha256[..16],
                             hooks.join(","),
+                            if kinds.is_empty() {
+                                "*".to_string()
+                            } else {
+                                kinds.join(",")
+                            },
                             module.applies_to.targets.join(",")
                         );
                     }
