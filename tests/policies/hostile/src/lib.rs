@@ -1,12 +1,17 @@
 //! A hostile policy module for tests. The grant's task text picks the misbehaviour, so
 //! one module exercises every limit: `loop`, `bomb`, `recurse`, `trap`, `garbage`.
-//! Any other task is allowed, so the same module also shows the host keeps serving.
+//! `count` returns how many calls this instance has seen (as a TTL cap), to show that
+//! no state survives between decisions. Any other task is allowed, so the same module
+//! also shows the host keeps serving.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use airlock_policy_sdk::*;
 
 struct Hostile;
+
+static CALLS: AtomicU32 = AtomicU32::new(0);
 
 fn misbehave(task: &str) -> Option<Verdict> {
     match task {
@@ -26,6 +31,10 @@ fn misbehave(task: &str) -> Option<Verdict> {
         }
         "recurse" => Some(allow_with(Some(recurse(black_box(u32::MAX)) as u32), false)),
         "trap" => panic!("hostile module panics on purpose"),
+        "count" => Some(allow_with(
+            Some(CALLS.fetch_add(1, Ordering::Relaxed) + 1),
+            false,
+        )),
         "garbage" => Some(Verdict::Deny(Denial {
             reason: String::new(),
             hint: None,

@@ -1,0 +1,520 @@
+//! Signed bundles through the real binary: sign, verify, install, refusals, rollback,
+//! permissions; and hot reload under concurrent decisions.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use airlock::bundle::{ActivePolicy, BundleError, PolicyDir, Reloader};
+use airlock::keys::{PublicKey, SecretKey, TrustedKeys};
+use airlock::policy::types::{
+    Access, Action, Agent, GrantContext, SqlKind, SqlStatement, Target, TargetKind,
+};
+use airlock::policy::{Outcome, PolicySet};
+
+use crate::support::{component, engine, run, tempdir, text, workspace};
+
+/// A bundle source with two modules, a signing key, and a gateway data directory whose
+/// configuration trusts that key.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Self::with_modules(&[
+            (
+                "read-only-sql",
+                "example-policies/read-only-sql",
+                r#"{ hooks = ["check"], target-kinds = ["postgres"] }"#,
+            ),
+            (
+                "task-guard",
+                "example-policies/task-guard",
+                r#"{ hooks = ["authorize"] }"#,
+            ),
+        ])
+    }
+
+    /// `modules`: (name, crate path, applies-to). Fixtures come from the crate's
+    /// `fixtures/` directory when it has one.
+    fn with_modules(modules: &[(&str, &str, &str)]) -> Self {
+        let dir = tempdir();
+        let setup = Setup { dir };
+        let out = run(&["bundle", "keygen", "--out", setup.keys().to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+        let src = setup.src();
+        std::fs::create_dir_all(&src).unwrap();
+        let mut toml = String::from("name = \"test\"\n");
+        for (name, crate_path, applies) in modules {
+            std::fs::copy(component(crate_path), src.join(format!("{name}.wasm"))).unwrap();
+            let fixtures = workspace().join(crate_path).join("fixtures");
+            let fixture_line = if fixtures.is_dir() {
+                format!("fixtures = [{:?}]\n", fixtures.to_str().unwrap())
+            } else {
+                String::new()
+            };
+            toml += &format!(
+                "[[module]]\nname = \"{name}\"\nfile = \"{name}.wasm\"\napplies-to = {applies}\n{fixture_line}"
+            );
+        }
+        std::fs::write(src.join("bundle.toml"), toml).unwrap();
+        std::fs::create_dir(setup.data()).unwrap();
+        std::fs::set_permissions(setup.data(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(
+            setup.data().join("airlock.toml"),
+            format!(
+                "[policy]\ntrusted-keys = [{:?}]\n",
+                setup.public_key().to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        setup
+    }
+
+    fn keys(&self) -> PathBuf {
+        self.dir.path().join("keys")
+    }
+    fn key(&self) -> PathBuf {
+        self.keys().join("bundle-signing.key")
+    }
+    fn public_key(&self) -> PathBuf {
+        self.keys().join("bundle-signing.key.pub")
+    }
+    fn src(&self) -> PathBuf {
+        self.dir.path().join("src")
+    }
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+    fn policy_dir(&self) -> PathBuf {
+        self.data().join("policy")
+    }
+    fn trust(&self) -> TrustedKeys {
+        TrustedKeys::new(vec![
+            PublicKey::from_arg(self.public_key().to_str().unwrap()).unwrap(),
+        ])
+    }
+
+    fn sign(&self, version: u64) -> PathBuf {
+        let out = self
+            .dir
+            .path()
+            .join(format!("bundle-v{version}-{}", rand_suffix()));
+        let output = run(&[
+            "bundle",
+            "sign",
+            self.src().to_str().unwrap(),
+            "--key",
+            self.key().to_str().unwrap(),
+            "--version",
+            &version.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(output.status.success(), "{}", text(&output));
+        out
+    }
+
+    fn verify(&self, bundle: &Path) -> Output {
+        run(&[
+            "bundle",
+            "verify",
+            bundle.to_str().unwrap(),
+            "--trust",
+            self.public_key().to_str().unwrap(),
+        ])
+    }
+
+    fn install(&self, bundle: &Path) -> Output {
+        run(&[
+            "--data",
+            self.data().to_str().unwrap(),
+            "bundle",
+            "install",
+            bundle.to_str().unwrap(),
+        ])
+    }
+
+    fn status(&self) -> String {
+        text(&run(&[
+            "--data",
+            self.data().to_str().unwrap(),
+            "bundle",
+            "status",
+        ]))
+    }
+}
+
+fn rand_suffix() -> String {
+    airlock::fsperm::random_suffix()
+}
+
+fn refused(output: &Output, expected: &str) {
+    let out = text(output);
+    assert!(
+        !output.status.success(),
+        "expected a refusal, got success:\n{out}"
+    );
+    assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+}
+
+#[test]
+fn sign_verify_install_and_status() {
+    let setup = Setup::new();
+    let bundle = setup.sign(1);
+    let out = setup.verify(&bundle);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("ok: test v1 signed by key"),
+        "{}",
+        text(&out)
+    );
+    assert!(setup.status().contains("no bundle installed"));
+    let out = setup.install(&bundle);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = setup.status();
+    assert!(status.contains("bundle:  test v1"), "{status}");
+    assert!(status.contains("read-only-sql"), "{status}");
+    // Everything the gateway wrote is private to it.
+    for path in [setup.policy_dir(), setup.policy_dir().join("cache")] {
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", path.display());
+    }
+    let key_mode = std::fs::metadata(setup.key()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
+}
+
+#[test]
+fn a_tampered_module_byte_is_refused_naming_the_file_and_both_digests() {
+    let setup = Setup::new();
+    let bundle = setup.sign(1);
+    let module = bundle.join("modules/read-only-sql.wasm");
+    let mut bytes = std::fs::read(&module).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&module, &bytes).unwrap();
+    let out = setup.verify(&bundle);
+    refused(
+        &out,
+        "modules/read-only-sql.wasm does not match its digest: manifest says sha256 ",
+    );
+    refused(&out, ", file has ");
+    refused(&setup.install(&bundle), "does not match its digest");
+    assert!(setup.status().contains("no bundle installed"));
+}
+
+#[test]
+fn an_edited_manifest_is_refused() {
+    let setup = Setup::new();
+    let bundle = setup.sign(1);
+    let manifest = bundle.join("manifest.toml");
+    let edited = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("target-kinds = [\"postgres\"]", "target-kinds = [\"ssh\"]");
+    std::fs::write(&manifest, edited).unwrap();
+    refused(
+        &setup.verify(&bundle),
+        "does not verify: manifest.toml was changed after signing",
+    );
+    refused(&setup.install(&bundle), "does not verify");
+}
+
+#[test]
+fn a_signature_by_an_untrusted_key_is_refused() {
+    let setup = Setup::new();
+    let other = tempdir();
+    assert!(
+        run(&["bundle", "keygen", "--out", other.path().to_str().unwrap()])
+            .status
+            .success()
+    );
+    let bundle = setup.dir.path().join("by-stranger");
+    let out = run(&[
+        "bundle",
+        "sign",
+        setup.src().to_str().unwrap(),
+        "--key",
+        other.path().join("bundle-signing.key").to_str().unwrap(),
+        "--version",
+        "1",
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    refused(&setup.verify(&bundle), "which is not trusted (trusted: ");
+    refused(&setup.install(&bundle), "which is not trusted");
+}
+
+#[test]
+fn an_unsigned_bundle_is_refused() {
+    let setup = Setup::new();
+    let bundle = setup.sign(1);
+    std::fs::remove_file(bundle.join("manifest.sig")).unwrap();
+    refused(
+        &setup.verify(&bundle),
+        "is unsigned: manifest.sig is missing",
+    );
+    refused(&setup.install(&bundle), "is unsigned");
+}
+
+#[test]
+fn an_expired_bundle_is_refused() {
+    let setup = Setup::new();
+    let key = SecretKey::read(&setup.key()).unwrap();
+    let bundle = setup.dir.path().join("old");
+    let two_years_ago = SystemTime::now() - Duration::from_secs(2 * 365 * 86_400);
+    airlock::bundle::sign(&setup.src(), &key, 1, &bundle, two_years_ago).unwrap();
+    refused(&setup.verify(&bundle), "bundle test v1 expired at ");
+    refused(&setup.install(&bundle), "expired at");
+}
+
+#[test]
+fn a_rollback_is_refused_and_the_installed_bundle_stays() {
+    let setup = Setup::new();
+    let v1 = setup.sign(1);
+    let v2 = setup.sign(2);
+    assert!(setup.install(&v2).status.success());
+    refused(
+        &setup.install(&v1),
+        "bundle test v1 is not newer than the installed v2; refusing a rollback",
+    );
+    refused(&setup.install(&v2), "not newer than the installed v2");
+    assert!(setup.status().contains("bundle:  test v2"));
+}
+
+#[test]
+fn a_policy_directory_others_can_write_is_refused() {
+    let setup = Setup::new();
+    assert!(setup.install(&setup.sign(1)).status.success());
+    for (path, mode) in [
+        (setup.policy_dir(), 0o777),
+        (setup.policy_dir(), 0o770),
+        (setup.policy_dir().join("cache"), 0o733),
+    ] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        refused(
+            &setup.install(&setup.sign(2)),
+            "lets a group or other users write it; refusing to use it",
+        );
+        let status = setup.status();
+        assert!(status.contains("refusing to use it"), "{status}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    assert!(setup.status().contains("bundle:  test v1"));
+}
+
+#[test]
+fn a_bundle_failing_its_own_fixtures_is_refused() {
+    let setup = Setup::new();
+    let fixtures = setup.src().join("lying-fixtures");
+    std::fs::create_dir(&fixtures).unwrap();
+    std::fs::write(
+        fixtures.join("wrong.toml"),
+        "[[case]]\nname = \"claims DROP is fine\"\ncheck.sql = { text = \"DROP TABLE t\", kind = \"ddl\" }\nexpect = { verdict = \"allow\" }\n",
+    )
+    .unwrap();
+    let toml = std::fs::read_to_string(setup.src().join("bundle.toml")).unwrap();
+    let toml = toml.replacen(
+        "fixtures = [",
+        &format!("fixtures = [{:?}, ", fixtures.to_str().unwrap()),
+        1,
+    );
+    std::fs::write(setup.src().join("bundle.toml"), toml).unwrap();
+    let bundle = setup.sign(1);
+    refused(
+        &setup.install(&bundle),
+        "module `read-only-sql` failed its fixtures: 1 of ",
+    );
+    assert!(setup.status().contains("no bundle installed"));
+}
+
+fn context() -> GrantContext {
+    GrantContext {
+        grant_id: "g-1".into(),
+        agent: Agent {
+            id: "agent-1".into(),
+            labels: vec![],
+        },
+        target: Target {
+            name: "prod-db".into(),
+            kind: TargetKind::Postgres,
+            labels: vec![],
+        },
+        task: "fine".into(),
+        access: Access::Read,
+        now_unix_ms: 0,
+    }
+}
+
+fn update() -> Action {
+    Action::Sql(SqlStatement {
+        text: "UPDATE users SET email = 'x'".into(),
+        kind: SqlKind::Update,
+        tables_read: vec![],
+        tables_written: vec!["users".into()],
+        functions: vec![],
+    })
+}
+
+/// Waits (bounded) until the reloader has activated `version`.
+fn activate(reloader: &mut Reloader, active: &ActivePolicy, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while active.current().bundle().map(|b| b.version) != Some(version) {
+        assert!(Instant::now() < deadline, "v{version} was never activated");
+        reloader.poll().expect("the installed bundle loads");
+    }
+}
+
+#[test]
+fn hot_swap_under_concurrent_decisions_never_mixes_bundles() {
+    // Odd versions hold read-only-sql (UPDATE under read → deny); even versions hold
+    // the hostile module in its benign mode (→ allow). A decision that mixed two
+    // bundles would show a vote from a module its bundle does not have.
+    let deny_setup = Setup::with_modules(&[(
+        "read-only-sql",
+        "example-policies/read-only-sql",
+        r#"{ hooks = ["check"] }"#,
+    )]);
+    let allow_setup = Setup::with_modules(&[(
+        "hostile",
+        "tests/policies/hostile",
+        r#"{ hooks = ["check"] }"#,
+    )]);
+    let allow_src = allow_setup.src();
+    let bundles: Vec<PathBuf> = (1..=4u64)
+        .map(|v| {
+            if v % 2 == 0 {
+                let key = SecretKey::read(&deny_setup.key()).unwrap();
+                let out = deny_setup.dir.path().join(format!("allow-v{v}"));
+                airlock::bundle::sign(&allow_src, &key, v, &out, SystemTime::now()).unwrap();
+                out
+            } else {
+                deny_setup.sign(v)
+            }
+        })
+        .collect();
+
+    assert!(deny_setup.install(&bundles[0]).status.success());
+    let engine = engine();
+    let dir = PolicyDir::open(&deny_setup.policy_dir()).unwrap();
+    let trust = deny_setup.trust();
+    let first = dir
+        .load_current(&engine, &trust, SystemTime::now())
+        .unwrap()
+        .unwrap();
+    let active = Arc::new(ActivePolicy::new(first));
+    let mut reloader = Reloader::new(
+        dir.clone(),
+        engine.clone(),
+        trust,
+        active.clone(),
+        dir.current().unwrap(),
+    );
+
+    let in_flight: Arc<PolicySet> = active.current();
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let active = active.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen = [0usize; 5];
+                for _ in 0..200_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let set = active.current();
+                    let version = set.bundle().unwrap().version;
+                    let decision = set.check(&context(), &update());
+                    assert_eq!(decision.bundle.as_ref().unwrap().version, version);
+                    let voters: Vec<&str> = decision.votes.iter().map(|v| &*v.module).collect();
+                    if version % 2 == 1 {
+                        assert_eq!(voters, ["read-only-sql"], "v{version}");
+                        assert!(
+                            matches!(decision.outcome, Outcome::Deny { .. }),
+                            "v{version}"
+                        );
+                    } else {
+                        assert_eq!(voters, ["hostile"], "v{version}");
+                        assert!(decision.outcome.is_allow(), "v{version}");
+                    }
+                    seen[version as usize] += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+
+    for (i, bundle) in bundles.iter().enumerate().skip(1) {
+        let out = deny_setup.install(bundle);
+        assert!(out.status.success(), "{}", text(&out));
+        activate(&mut reloader, &active, i as u64 + 1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = [0usize; 5];
+    for worker in workers {
+        let counts = worker.join().expect("no decision failed");
+        for (total, n) in seen.iter_mut().zip(counts) {
+            *total += n;
+        }
+    }
+    assert!(
+        seen[1..].iter().all(|&n| n > 0),
+        "every bundle decided: {seen:?}"
+    );
+
+    // A decision holding the old set finishes on it, after three swaps.
+    assert_eq!(in_flight.bundle().unwrap().version, 1);
+    assert!(matches!(
+        in_flight.check(&context(), &update()).outcome,
+        Outcome::Deny { .. }
+    ));
+}
+
+#[test]
+fn the_reloader_keeps_the_active_bundle_when_the_installed_one_is_broken() {
+    let setup = Setup::new();
+    assert!(setup.install(&setup.sign(1)).status.success());
+    let engine = engine();
+    let dir = PolicyDir::open(&setup.policy_dir()).unwrap();
+    let first = dir
+        .load_current(&engine, &setup.trust(), SystemTime::now())
+        .unwrap()
+        .unwrap();
+    let active = Arc::new(ActivePolicy::new(first));
+    let mut reloader = Reloader::new(
+        dir.clone(),
+        engine,
+        setup.trust(),
+        active.clone(),
+        dir.current().unwrap(),
+    );
+    assert_eq!(reloader.poll().unwrap(), None, "nothing new yet");
+
+    // v2 installs cleanly, then its module is corrupted on disk before the gateway
+    // loads it.
+    assert!(setup.install(&setup.sign(2)).status.success());
+    let installed = dir.current().unwrap().unwrap();
+    let module = installed.join("modules/read-only-sql.wasm");
+    let mut bytes = std::fs::read(&module).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&module, bytes).unwrap();
+
+    let err = reloader.poll().unwrap_err();
+    assert!(matches!(err, BundleError::DigestMismatch { .. }), "{err}");
+    assert_eq!(active.current().bundle().unwrap().version, 1);
+    assert!(matches!(
+        active.current().check(&context(), &update()).outcome,
+        Outcome::Deny { ref reason, .. } if reason.contains("UPDATE writes to users")
+    ));
+    assert_eq!(
+        reloader.poll().unwrap(),
+        None,
+        "a refused bundle is reported once"
+    );
+}

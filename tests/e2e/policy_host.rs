@@ -1,0 +1,262 @@
+//! The sandbox: hostile modules are cut off with a deny that names the cause, within
+//! the deadline, and the host keeps deciding correctly afterwards.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use airlock::policy::types::{
+    Access, Action, Agent, Column, Constraints, GrantContext, Rows, SqlKind, SqlStatement, Target,
+    TargetKind, Verdict,
+};
+use airlock::policy::{BundleId, Fault, LoadError, Outcome, PolicySet, Scope};
+
+use crate::support::{component, engine, load, run, tempdir, text};
+
+const HOSTILE: &str = "tests/policies/hostile";
+const READ_ONLY_SQL: &str = "example-policies/read-only-sql";
+
+fn context(task: &str) -> GrantContext {
+    GrantContext {
+        grant_id: "g-1".into(),
+        agent: Agent {
+            id: "agent-1".into(),
+            labels: vec![],
+        },
+        target: Target {
+            name: "prod-db".into(),
+            kind: TargetKind::Postgres,
+            labels: vec![],
+        },
+        task: task.into(),
+        access: Access::Read,
+        now_unix_ms: 1_700_000_000_000,
+    }
+}
+
+fn update() -> Action {
+    Action::Sql(SqlStatement {
+        text: "UPDATE users SET email = 'x'".into(),
+        kind: SqlKind::Update,
+        tables_read: vec![],
+        tables_written: vec!["users".into()],
+        functions: vec![],
+    })
+}
+
+fn allowed() -> Verdict {
+    Verdict::Allow(Constraints {
+        max_ttl_seconds: None,
+        read_only: false,
+    })
+}
+
+#[test]
+fn each_fault_is_a_deny_naming_its_cause_and_the_host_keeps_serving() {
+    let engine = engine();
+    let deadline = engine.limits().deadline;
+    let hostile = load(&engine, HOSTILE);
+    let good = load(&engine, READ_ONLY_SQL);
+    let cases: [(&str, fn(&Fault) -> bool); 5] = [
+        ("loop", |f| matches!(f, Fault::Deadline(_))),
+        ("bomb", |f| matches!(f, Fault::Memory(_))),
+        ("recurse", |f| matches!(f, Fault::StackOverflow)),
+        (
+            "trap",
+            |f| matches!(f, Fault::Trap(why) if why.contains("unreachable")),
+        ),
+        (
+            "garbage",
+            |f| matches!(f, Fault::Malformed(why) if why.contains("empty reason")),
+        ),
+    ];
+    for (task, expected) in cases {
+        let started = Instant::now();
+        let verdict = hostile.check(&context(task), &update());
+        let elapsed = started.elapsed();
+        match &verdict {
+            Err(fault) => assert!(expected(fault), "{task}: unexpected fault {fault:?}"),
+            Ok(v) => panic!("{task}: expected a fault, got {v:?}"),
+        }
+        // Not a speed claim: the runaway call is cut off, not left running. The bound
+        // is generous so a loaded machine cannot make it flaky.
+        assert!(
+            elapsed < deadline * 50,
+            "{task}: took {elapsed:?} with a {deadline:?} deadline"
+        );
+        assert_eq!(hostile.check(&context("fine"), &update()), Ok(allowed()));
+        assert!(matches!(
+            good.check(&context("fine"), &update()),
+            Ok(Verdict::Deny(d)) if d.reason.contains("UPDATE writes to users")
+        ));
+    }
+}
+
+#[test]
+fn a_fault_in_a_bundle_denies_the_combined_verdict_and_names_the_module() {
+    let engine = engine();
+    let set = PolicySet::new(
+        BundleId {
+            name: "test".into(),
+            version: 1,
+        },
+        vec![load(&engine, HOSTILE)],
+    );
+    let decision = set.check(&context("loop"), &update());
+    match &decision.outcome {
+        Outcome::Deny { module, reason, .. } => {
+            assert_eq!(module.as_deref(), Some("hostile"));
+            assert!(
+                reason.contains("policy module `hostile` ran past its 20ms deadline"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected deny, got {other:?}"),
+    }
+    assert_eq!(decision.votes.len(), 1);
+    assert!(set.check(&context("fine"), &update()).outcome.is_allow());
+}
+
+#[test]
+fn a_mask_that_changes_the_shape_withholds_the_result() {
+    let engine = engine();
+    let set = Arc::new(PolicySet::new(
+        BundleId {
+            name: "test".into(),
+            version: 1,
+        },
+        vec![load(&engine, HOSTILE)],
+    ));
+    let columns = vec![Column {
+        name: "email".into(),
+        type_name: "text".into(),
+    }];
+    let rows = Rows {
+        columns: columns.clone(),
+        values: vec![vec![Some("alice@example.com".into())]],
+    };
+    let ctx = context("garbage");
+    let plan = set.mask_plan(&ctx, &columns).unwrap();
+    let err = plan.mask_rows(&ctx, rows.clone()).unwrap_err();
+    assert_eq!(&*err.module, "hostile");
+    assert!(
+        err.to_string()
+            .contains("returned malformed output: mask returned 2 rows for 1; result withheld"),
+        "{err}"
+    );
+    let ctx = context("fine");
+    assert_eq!(
+        set.mask_plan(&ctx, &columns)
+            .unwrap()
+            .mask_rows(&ctx, rows.clone())
+            .unwrap(),
+        rows
+    );
+}
+
+#[test]
+fn no_state_survives_between_decisions() {
+    let engine = engine();
+    let hostile = load(&engine, HOSTILE);
+    for _ in 0..3 {
+        assert_eq!(
+            hostile.check(&context("count"), &update()),
+            Ok(Verdict::Allow(Constraints {
+                max_ttl_seconds: Some(1),
+                read_only: false
+            })),
+            "a fresh instance per decision sees its first call"
+        );
+    }
+}
+
+#[test]
+fn concurrent_decisions_each_get_their_own_instance() {
+    let engine = engine();
+    let module = Arc::new(load(&engine, READ_ONLY_SQL));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let module = module.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    let verdict = module.check(&context("fine"), &update()).unwrap();
+                    assert!(matches!(verdict, Verdict::Deny(_)));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// A component importing WASI's filesystem, written by hand: no Rust toolchain for
+/// WASI is needed to build it.
+const WASI_FS_COMPONENT: &str = r#"
+(component
+  (import "wasi:filesystem/preopens@0.2.0" (instance
+    (export "get-directories" (func (result (list string))))
+  ))
+)
+"#;
+
+#[test]
+fn a_module_importing_wasi_is_refused_at_load_naming_the_import() {
+    let engine = engine();
+    let bytes = wat::parse_str(WASI_FS_COMPONENT).unwrap();
+    let err = engine
+        .load_module("sneaky", &bytes, Scope::everything())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, LoadError::ForbiddenImport { import, .. } if import == "wasi:filesystem/preopens@0.2.0"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("module `sneaky` imports `wasi:filesystem/preopens@0.2.0`"),
+        "{err}"
+    );
+
+    // The CLI says the same and fails.
+    let dir = tempdir();
+    let wasm = dir.path().join("sneaky.wasm");
+    std::fs::write(&wasm, &bytes).unwrap();
+    let fixture = dir.path().join("f.toml");
+    std::fs::write(
+        &fixture,
+        "[[case]]\nname = \"x\"\ncheck = \"ssh-shell\"\nexpect = {}\n",
+    )
+    .unwrap();
+    let output = run(&[
+        "policy",
+        "test",
+        wasm.to_str().unwrap(),
+        fixture.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("imports `wasi:filesystem/preopens@0.2.0`"),
+        "{}",
+        text(&output)
+    );
+}
+
+#[test]
+fn bytes_that_are_not_a_component_are_refused() {
+    let engine = engine();
+    let core_module = wat::parse_str("(module)").unwrap();
+    for bytes in [&b"\0asm garbage"[..], &core_module] {
+        let err = engine
+            .load_module("junk", bytes, Scope::everything())
+            .err()
+            .expect("refused");
+        assert!(matches!(err, LoadError::InvalidComponent { .. }), "{err}");
+    }
+    // A real policy module still loads on the same engine.
+    let bytes = std::fs::read(component(READ_ONLY_SQL)).unwrap();
+    assert!(
+        engine
+            .load_module("good", &bytes, Scope::everything())
+            .is_ok()
+    );
+}

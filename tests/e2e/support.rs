@@ -1,0 +1,85 @@
+//! Shared helpers: the binary, the workspace, built policy components, temp dirs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use airlock::policy::{LoadedModule, PolicyEngine, PolicyLimits, Scope};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("gateway/ has a parent")
+        .to_path_buf()
+}
+
+pub fn airlock() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_airlock"));
+    // Never pick up a developer's own data directory.
+    cmd.env_remove("AIRLOCK_DATA").env("AIRLOCK_LOG", "warn");
+    cmd
+}
+
+/// Runs `airlock ARGS…` and returns its output.
+pub fn run(args: &[&str]) -> Output {
+    airlock().args(args).output().expect("airlock runs")
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Builds the policy crate at `crate_path` (relative to the workspace) once per test
+/// run with `airlock policy build`, and returns the component's path.
+pub fn component(crate_path: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(path) = built.get(crate_path) {
+        return path.clone();
+    }
+    let out_dir = workspace().join("target/e2e-policies");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let name = Path::new(crate_path).file_name().unwrap().to_str().unwrap();
+    let out = out_dir.join(format!("{name}.wasm"));
+    let output = airlock()
+        .arg("policy")
+        .arg("build")
+        .arg(workspace().join(crate_path))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("airlock policy build runs");
+    assert!(
+        output.status.success(),
+        "policy build failed:\n{}",
+        text(&output)
+    );
+    built.insert(crate_path.to_string(), out.clone());
+    out
+}
+
+pub fn engine() -> Arc<PolicyEngine> {
+    PolicyEngine::new(PolicyLimits::default(), None).expect("engine builds")
+}
+
+/// Loads a built component with a scope covering every hook and target.
+pub fn load(engine: &Arc<PolicyEngine>, crate_path: &str) -> LoadedModule {
+    let bytes = std::fs::read(component(crate_path)).unwrap();
+    let name = Path::new(crate_path).file_name().unwrap().to_str().unwrap();
+    engine
+        .load_module(name, &bytes, Scope::everything())
+        .expect("module loads")
+}
+
+/// A private temporary directory (0700), removed when dropped.
+pub fn tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
