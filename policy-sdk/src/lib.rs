@@ -44,6 +44,10 @@ pub use wit_bindgen as __wit_bindgen;
 
 /// Guest bindings generated from `wit/policy.wit`; policy authors use the re-exports.
 #[doc(hidden)]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "generated lowering code for wide records"
+)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",

@@ -116,7 +116,7 @@ fn luhn(digits: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Finds emails, card numbers and phone numbers inside free text and masks each in

@@ -56,7 +56,8 @@ fn each_fault_is_a_deny_naming_its_cause_and_the_host_keeps_serving() {
     let deadline = engine.limits().deadline;
     let hostile = load(&engine, HOSTILE);
     let good = load(&engine, READ_ONLY_SQL);
-    let cases: [(&str, fn(&Fault) -> bool); 5] = [
+    type Expected = fn(&Fault) -> bool;
+    let cases: [(&str, Expected); 5] = [
         ("loop", |f| matches!(f, Fault::Deadline(_))),
         ("bomb", |f| matches!(f, Fault::Memory(_))),
         ("recurse", |f| matches!(f, Fault::StackOverflow)),

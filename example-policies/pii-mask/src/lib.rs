@@ -55,10 +55,10 @@ fn mask_value(kind: Kind, value: &str) -> String {
 /// Masks PII inside free text, or inside a JSON document's strings.
 fn mask_text(value: &str) -> String {
     let trimmed = value.trim_start();
-    if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        if let Ok(masked) = json_strings(value, json_field) {
-            return masked;
-        }
+    if (trimmed.starts_with('{') || trimmed.starts_with('['))
+        && let Ok(masked) = json_strings(value, json_field)
+    {
+        return masked;
     }
     redact_text(value).unwrap_or_else(|| value.to_string())
 }

@@ -102,14 +102,14 @@ impl PolicyDir {
         fsperm::check_private_tree(&self.root)?;
         let verified = verify(src, trust, now)?;
         let manifest = &verified.manifest;
-        if let Some(installed) = self.status()? {
-            if manifest.version <= installed.manifest.version {
-                return Err(BundleError::Rollback {
-                    name: manifest.name.clone(),
-                    version: manifest.version,
-                    installed: installed.manifest.version,
-                });
-            }
+        if let Some(installed) = self.status()?
+            && manifest.version <= installed.manifest.version
+        {
+            return Err(BundleError::Rollback {
+                name: manifest.name.clone(),
+                version: manifest.version,
+                installed: installed.manifest.version,
+            });
         }
         load(engine, &verified)?;
 

@@ -105,14 +105,14 @@ impl Reloader {
             .bundle()
             .map(|b| (**b).clone())
             .expect("a loaded bundle has an id");
-        if let Some(active) = self.active.version() {
-            if id.version <= active {
-                return Err(BundleError::Rollback {
-                    name: id.name,
-                    version: id.version,
-                    installed: active,
-                });
-            }
+        if let Some(active) = self.active.version()
+            && id.version <= active
+        {
+            return Err(BundleError::Rollback {
+                name: id.name,
+                version: id.version,
+                installed: active,
+            });
         }
         self.active.replace(set);
         Ok(Some(id))

@@ -354,12 +354,12 @@ fn run_case(subject: &Subject, defaults: &Given, case: &Case) -> Result<(), Stri
                 values: rows.values.clone(),
             };
             let (masked_columns, out) = mask_rows(subject, &context, rows)?;
-            if let Some(expected) = &case.expect.masked_columns {
-                if masked_columns.as_ref() != Some(expected) {
-                    return Err(format!(
-                        "expected masked columns {expected:?}, got {masked_columns:?}"
-                    ));
-                }
+            if let Some(expected) = &case.expect.masked_columns
+                && masked_columns.as_ref() != Some(expected)
+            {
+                return Err(format!(
+                    "expected masked columns {expected:?}, got {masked_columns:?}"
+                ));
             }
             match &case.expect.rows {
                 Some(expected) if *expected != out.values => {
@@ -442,55 +442,54 @@ fn compare_verdict(expect: &Expect, observed: &Observed) -> Result<(), String> {
         }
         s
     };
-    if let Some(verdict) = expect.verdict {
-        if verdict != observed.verdict {
-            return Err(format!(
-                "expected {}, got {}",
-                format!("{verdict:?}").to_lowercase(),
-                describe()
-            ));
-        }
+    if let Some(verdict) = expect.verdict
+        && verdict != observed.verdict
+    {
+        return Err(format!(
+            "expected {}, got {}",
+            format!("{verdict:?}").to_lowercase(),
+            describe()
+        ));
     }
-    if let Some(part) = &expect.reason_contains {
-        if !observed.reason.contains(part.as_str()) {
-            return Err(format!(
-                "expected a reason containing {part:?}, got {}",
-                describe()
-            ));
-        }
+    if let Some(part) = &expect.reason_contains
+        && !observed.reason.contains(part.as_str())
+    {
+        return Err(format!(
+            "expected a reason containing {part:?}, got {}",
+            describe()
+        ));
     }
-    if let Some(part) = &expect.hint_contains {
-        if !observed
+    if let Some(part) = &expect.hint_contains
+        && !observed
             .hint
             .as_deref()
             .unwrap_or("")
             .contains(part.as_str())
-        {
-            return Err(format!(
-                "expected a hint containing {part:?}, got {:?}",
-                observed.hint
-            ));
-        }
+    {
+        return Err(format!(
+            "expected a hint containing {part:?}, got {:?}",
+            observed.hint
+        ));
     }
     let constraints = observed.constraints.unwrap_or(Constraints {
         max_ttl_seconds: None,
         read_only: false,
     });
-    if let Some(ttl) = expect.max_ttl_seconds {
-        if constraints.max_ttl_seconds != Some(ttl) {
-            return Err(format!(
-                "expected max-ttl-seconds {ttl}, got {:?}",
-                constraints.max_ttl_seconds
-            ));
-        }
+    if let Some(ttl) = expect.max_ttl_seconds
+        && constraints.max_ttl_seconds != Some(ttl)
+    {
+        return Err(format!(
+            "expected max-ttl-seconds {ttl}, got {:?}",
+            constraints.max_ttl_seconds
+        ));
     }
-    if let Some(read_only) = expect.read_only {
-        if constraints.read_only != read_only {
-            return Err(format!(
-                "expected read-only {read_only}, got {}",
-                constraints.read_only
-            ));
-        }
+    if let Some(read_only) = expect.read_only
+        && constraints.read_only != read_only
+    {
+        return Err(format!(
+            "expected read-only {read_only}, got {}",
+            constraints.read_only
+        ));
     }
     Ok(())
 }

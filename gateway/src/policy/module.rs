@@ -167,13 +167,13 @@ fn checked_verdict(verdict: Verdict) -> Result<Verdict, Fault> {
     match &verdict {
         Verdict::Deny(denial) => {
             check("deny", &denial.reason)?;
-            if let Some(hint) = &denial.hint {
-                if hint.len() > MAX_REASON_BYTES {
-                    return Err(Fault::Malformed(format!(
-                        "deny hint of {} bytes (at most {MAX_REASON_BYTES})",
-                        hint.len()
-                    )));
-                }
+            if let Some(hint) = &denial.hint
+                && hint.len() > MAX_REASON_BYTES
+            {
+                return Err(Fault::Malformed(format!(
+                    "deny hint of {} bytes (at most {MAX_REASON_BYTES})",
+                    hint.len()
+                )));
             }
         }
         Verdict::Review(reason) => check("review", reason)?,
