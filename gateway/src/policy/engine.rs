@@ -101,9 +101,10 @@ impl PolicyEngine {
             .total_memories(limits.max_instances)
             .total_tables(limits.max_instances * 4)
             .max_memory_size(limits.memory_bytes)
-            // Keep a little of each slot resident so a fresh instance does not fault in
-            // the module's stack and data pages again on every decision.
-            .linear_memory_keep_resident(128 << 10)
+            // Keep the first 2 MiB of a slot resident (reset by memset, not madvise):
+            // a Rust module's 1 MiB shadow stack and its data sit there, so a fresh
+            // instance does not fault those pages in again on every decision.
+            .linear_memory_keep_resident(2 << 20)
             .table_keep_resident(16 << 10);
         let mut config = Config::new();
         config
