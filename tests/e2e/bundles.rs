@@ -10,12 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use airlock::bundle::{ActivePolicy, BundleError, PolicyDir, Reloader};
 use airlock::keys::{PublicKey, SecretKey, TrustedKeys};
-use airlock::policy::types::{
-    Access, Action, Agent, GrantContext, SqlKind, SqlStatement, Target, TargetKind,
-};
 use airlock::policy::{Outcome, PolicySet};
 
-use crate::support::{component, engine, run, tempdir, text, workspace};
+use crate::support::{
+    component, engine, grant_context, run, tempdir, text, update_users, workspace,
+};
 
 /// A bundle source with two modules, a signing key, and a gateway data directory whose
 /// configuration trusts that key.
@@ -332,34 +331,6 @@ fn a_bundle_failing_its_own_fixtures_is_refused() {
     assert!(setup.status().contains("no bundle installed"));
 }
 
-fn context() -> GrantContext {
-    GrantContext {
-        grant_id: "g-1".into(),
-        agent: Agent {
-            id: "agent-1".into(),
-            labels: vec![],
-        },
-        target: Target {
-            name: "prod-db".into(),
-            kind: TargetKind::Postgres,
-            labels: vec![],
-        },
-        task: "fine".into(),
-        access: Access::Read,
-        now_unix_ms: 0,
-    }
-}
-
-fn update() -> Action {
-    Action::Sql(SqlStatement {
-        text: "UPDATE users SET email = 'x'".into(),
-        kind: SqlKind::Update,
-        tables_read: vec![],
-        tables_written: vec!["users".into()],
-        functions: vec![],
-    })
-}
-
 /// Waits (bounded) until the reloader has activated `version`.
 fn activate(reloader: &mut Reloader, active: &ActivePolicy, version: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -429,7 +400,7 @@ fn hot_swap_under_concurrent_decisions_never_mixes_bundles() {
                     }
                     let set = active.current();
                     let version = set.bundle().unwrap().version;
-                    let decision = set.check(&context(), &update());
+                    let decision = set.check(&grant_context("fine"), &update_users());
                     assert_eq!(decision.bundle.as_ref().unwrap().version, version);
                     let voters: Vec<&str> = decision.votes.iter().map(|v| &*v.module).collect();
                     if version % 2 == 1 {
@@ -471,7 +442,9 @@ fn hot_swap_under_concurrent_decisions_never_mixes_bundles() {
     // A decision holding the old set finishes on it, after three swaps.
     assert_eq!(in_flight.bundle().unwrap().version, 1);
     assert!(matches!(
-        in_flight.check(&context(), &update()).outcome,
+        in_flight
+            .check(&grant_context("fine"), &update_users())
+            .outcome,
         Outcome::Deny { .. }
     ));
 }
@@ -509,7 +482,7 @@ fn the_reloader_keeps_the_active_bundle_when_the_installed_one_is_broken() {
     assert!(matches!(err, BundleError::DigestMismatch { .. }), "{err}");
     assert_eq!(active.current().bundle().unwrap().version, 1);
     assert!(matches!(
-        active.current().check(&context(), &update()).outcome,
+        active.current().check(&grant_context("fine"), &update_users()).outcome,
         Outcome::Deny { ref reason, .. } if reason.contains("UPDATE writes to users")
     ));
     assert_eq!(
@@ -517,4 +490,49 @@ fn the_reloader_keeps_the_active_bundle_when_the_installed_one_is_broken() {
         None,
         "a refused bundle is reported once"
     );
+}
+
+#[test]
+fn a_corrupt_cached_artifact_is_recompiled_and_a_writable_one_refused() {
+    let setup = Setup::new();
+    assert!(setup.install(&setup.sign(1)).status.success());
+    let dir = PolicyDir::open(&setup.policy_dir()).unwrap();
+    let artifacts: Vec<PathBuf> = std::fs::read_dir(dir.cache_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(
+        artifacts.len(),
+        2,
+        "install compiled both modules into the cache"
+    );
+    let engine = airlock::policy::PolicyEngine::new(
+        airlock::policy::PolicyLimits::default(),
+        Some(&dir.cache_dir()),
+    )
+    .unwrap();
+
+    // A truncated artifact does not load: the module is compiled again and the
+    // artifact rewritten, and decisions are unaffected.
+    let victim = &artifacts[0];
+    let original = std::fs::metadata(victim).unwrap().len();
+    std::fs::write(victim, b"not an artifact").unwrap();
+    let set = dir
+        .load_current(&engine, &setup.trust(), SystemTime::now())
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        set.check(&grant_context("fine"), &update_users()).outcome,
+        Outcome::Deny { ref reason, .. } if reason.contains("UPDATE writes to users")
+    ));
+    assert_eq!(std::fs::metadata(victim).unwrap().len(), original);
+
+    // An artifact someone else could have written is native code nobody vouches for.
+    std::fs::set_permissions(victim, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = dir
+        .load_current(&engine, &setup.trust(), SystemTime::now())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("refusing to use it"), "{err}");
 }

@@ -4,44 +4,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use airlock::policy::types::{
-    Access, Action, Agent, Column, Constraints, GrantContext, Rows, SqlKind, SqlStatement, Target,
-    TargetKind, Verdict,
-};
+use airlock::policy::types::{Column, Constraints, Rows, Verdict};
 use airlock::policy::{BundleId, Fault, LoadError, Outcome, PolicySet, Scope};
 
-use crate::support::{component, engine, load, run, tempdir, text};
+use crate::support::{component, engine, grant_context, load, run, tempdir, text, update_users};
 
 const HOSTILE: &str = "tests/policies/hostile";
 const READ_ONLY_SQL: &str = "example-policies/read-only-sql";
-
-fn context(task: &str) -> GrantContext {
-    GrantContext {
-        grant_id: "g-1".into(),
-        agent: Agent {
-            id: "agent-1".into(),
-            labels: vec![],
-        },
-        target: Target {
-            name: "prod-db".into(),
-            kind: TargetKind::Postgres,
-            labels: vec![],
-        },
-        task: task.into(),
-        access: Access::Read,
-        now_unix_ms: 1_700_000_000_000,
-    }
-}
-
-fn update() -> Action {
-    Action::Sql(SqlStatement {
-        text: "UPDATE users SET email = 'x'".into(),
-        kind: SqlKind::Update,
-        tables_read: vec![],
-        tables_written: vec!["users".into()],
-        functions: vec![],
-    })
-}
 
 fn allowed() -> Verdict {
     Verdict::Allow(Constraints {
@@ -72,7 +41,7 @@ fn each_fault_is_a_deny_naming_its_cause_and_the_host_keeps_serving() {
     ];
     for (task, expected) in cases {
         let started = Instant::now();
-        let verdict = hostile.check(&context(task), &update());
+        let verdict = hostile.check(&grant_context(task), &update_users());
         let elapsed = started.elapsed();
         match &verdict {
             Err(fault) => assert!(expected(fault), "{task}: unexpected fault {fault:?}"),
@@ -84,9 +53,12 @@ fn each_fault_is_a_deny_naming_its_cause_and_the_host_keeps_serving() {
             elapsed < deadline * 50,
             "{task}: took {elapsed:?} with a {deadline:?} deadline"
         );
-        assert_eq!(hostile.check(&context("fine"), &update()), Ok(allowed()));
+        assert_eq!(
+            hostile.check(&grant_context("fine"), &update_users()),
+            Ok(allowed())
+        );
         assert!(matches!(
-            good.check(&context("fine"), &update()),
+            good.check(&grant_context("fine"), &update_users()),
             Ok(Verdict::Deny(d)) if d.reason.contains("UPDATE writes to users")
         ));
     }
@@ -102,7 +74,7 @@ fn a_fault_in_a_bundle_denies_the_combined_verdict_and_names_the_module() {
         },
         vec![load(&engine, HOSTILE)],
     );
-    let decision = set.check(&context("loop"), &update());
+    let decision = set.check(&grant_context("loop"), &update_users());
     match &decision.outcome {
         Outcome::Deny { module, reason, .. } => {
             assert_eq!(module.as_deref(), Some("hostile"));
@@ -114,7 +86,11 @@ fn a_fault_in_a_bundle_denies_the_combined_verdict_and_names_the_module() {
         other => panic!("expected deny, got {other:?}"),
     }
     assert_eq!(decision.votes.len(), 1);
-    assert!(set.check(&context("fine"), &update()).outcome.is_allow());
+    assert!(
+        set.check(&grant_context("fine"), &update_users())
+            .outcome
+            .is_allow()
+    );
 }
 
 #[test]
@@ -135,7 +111,7 @@ fn a_mask_that_changes_the_shape_withholds_the_result() {
         columns: columns.clone(),
         values: vec![vec![Some("alice@example.com".into())]],
     };
-    let ctx = context("garbage");
+    let ctx = grant_context("garbage");
     let plan = set.mask_plan(&ctx, &columns).unwrap();
     let err = plan.mask_rows(&ctx, rows.clone()).unwrap_err();
     assert_eq!(&*err.module, "hostile");
@@ -144,7 +120,7 @@ fn a_mask_that_changes_the_shape_withholds_the_result() {
             .contains("returned malformed output: mask returned 2 rows for 1; result withheld"),
         "{err}"
     );
-    let ctx = context("fine");
+    let ctx = grant_context("fine");
     assert_eq!(
         set.mask_plan(&ctx, &columns)
             .unwrap()
@@ -160,7 +136,7 @@ fn no_state_survives_between_decisions() {
     let hostile = load(&engine, HOSTILE);
     for _ in 0..3 {
         assert_eq!(
-            hostile.check(&context("count"), &update()),
+            hostile.check(&grant_context("count"), &update_users()),
             Ok(Verdict::Allow(Constraints {
                 max_ttl_seconds: Some(1),
                 read_only: false
@@ -179,7 +155,9 @@ fn concurrent_decisions_each_get_their_own_instance() {
             let module = module.clone();
             std::thread::spawn(move || {
                 for _ in 0..200 {
-                    let verdict = module.check(&context("fine"), &update()).unwrap();
+                    let verdict = module
+                        .check(&grant_context("fine"), &update_users())
+                        .unwrap();
                     assert!(matches!(verdict, Verdict::Deny(_)));
                 }
             })

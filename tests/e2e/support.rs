@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use airlock::policy::types::{
+    Access, Action, Agent, GrantContext, SqlKind, SqlStatement, Target, TargetKind,
+};
 use airlock::policy::{LoadedModule, PolicyEngine, PolicyLimits, Scope};
 
 pub fn workspace() -> PathBuf {
@@ -82,4 +85,34 @@ pub fn tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     dir
+}
+
+/// A read grant on the postgres target `prod-db`; `task` steers the hostile module.
+pub fn grant_context(task: &str) -> GrantContext {
+    GrantContext {
+        grant_id: "g-1".into(),
+        agent: Agent {
+            id: "agent-1".into(),
+            labels: vec![],
+        },
+        target: Target {
+            name: "prod-db".into(),
+            kind: TargetKind::Postgres,
+            labels: vec![],
+        },
+        task: task.into(),
+        access: Access::Read,
+        now_unix_ms: 1_700_000_000_000,
+    }
+}
+
+/// `UPDATE users …`: denied by read-only-sql under a read grant.
+pub fn update_users() -> Action {
+    Action::Sql(SqlStatement {
+        text: "UPDATE users SET email = 'x'".into(),
+        kind: SqlKind::Update,
+        tables_read: vec![],
+        tables_written: vec!["users".into()],
+        functions: vec![],
+    })
 }

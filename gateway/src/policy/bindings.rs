@@ -6,6 +6,6 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq],
 });
 
-pub(crate) use airlock::policy::host;
+pub(crate) use self::airlock::policy::host;
 /// The contract's data types: grant requests and contexts, actions, verdicts, payloads.
-pub use airlock::policy::types;
+pub use self::airlock::policy::types;
