@@ -53,9 +53,6 @@ pub struct PolicyConfig {
     /// Linear-memory cap per policy instance, in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: usize,
-    /// How often a running gateway looks for a newly installed bundle, in milliseconds.
-    #[serde(default = "default_reload_ms")]
-    pub reload_interval_ms: u64,
 }
 
 fn default_deadline_ms() -> u64 {
@@ -64,9 +61,6 @@ fn default_deadline_ms() -> u64 {
 fn default_memory_mib() -> usize {
     64
 }
-fn default_reload_ms() -> u64 {
-    1000
-}
 
 impl Default for PolicyConfig {
     fn default() -> Self {
@@ -74,7 +68,6 @@ impl Default for PolicyConfig {
             trusted_keys: Vec::new(),
             deadline_ms: default_deadline_ms(),
             memory_mib: default_memory_mib(),
-            reload_interval_ms: default_reload_ms(),
         }
     }
 }
@@ -131,10 +124,6 @@ impl Config {
             ..PolicyLimits::default()
         }
     }
-
-    pub fn reload_interval(&self) -> Duration {
-        Duration::from_millis(self.policy.reload_interval_ms)
-    }
 }
 
 /// The gateway's data directory.
@@ -159,10 +148,6 @@ impl DataDir {
             },
         };
         Ok(DataDir { root })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     pub fn config_file(&self) -> PathBuf {

@@ -536,3 +536,25 @@ fn a_corrupt_cached_artifact_is_recompiled_and_a_writable_one_refused() {
         .expect("refused");
     assert!(err.to_string().contains("refusing to use it"), "{err}");
 }
+
+#[test]
+fn a_spawned_reloader_activates_a_newly_installed_bundle() {
+    let setup = Setup::new();
+    assert!(setup.install(&setup.sign(1)).status.success());
+    let engine = engine();
+    let dir = PolicyDir::open(&setup.policy_dir()).unwrap();
+    let active = Arc::new(ActivePolicy::new(PolicySet::empty()));
+    let handle = Reloader::new(dir, engine, setup.trust(), active.clone(), None)
+        .spawn(Duration::from_millis(20));
+    let wait_for = |version: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while active.current().bundle().map(|b| b.version) != Some(version) {
+            assert!(Instant::now() < deadline, "v{version} was never activated");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(1);
+    assert!(setup.install(&setup.sign(2)).status.success());
+    wait_for(2);
+    drop(handle);
+}

@@ -61,11 +61,12 @@ fn test(
     fixtures: &[PathBuf],
     trust: &[String],
 ) -> anyhow::Result<ExitCode> {
-    let engine = PolicyEngine::new(context.config()?.policy_limits(), None)?;
+    let config = context.config()?;
+    let engine = PolicyEngine::new(config.policy_limits(), None)?;
     let mut tally = Tally::default();
     if subject.is_dir() {
         let trust = if trust.is_empty() {
-            context.config()?.trusted_keys()?
+            config.trusted_keys()?
         } else {
             parse_trust(trust)?
         };
