@@ -99,6 +99,11 @@ impl Setup {
     }
 
     fn sign(&self, version: u64) -> PathBuf {
+        self.sign_with(&self.key(), version)
+    }
+
+    /// Signs the source as `version` with `key` through the CLI.
+    fn sign_with(&self, key: &Path, version: u64) -> PathBuf {
         let out = self
             .dir
             .path()
@@ -108,7 +113,7 @@ impl Setup {
             "sign",
             self.src().to_str().unwrap(),
             "--key",
-            self.key().to_str().unwrap(),
+            key.to_str().unwrap(),
             "--version",
             &version.to_string(),
             "--out",
@@ -231,19 +236,7 @@ fn a_signature_by_an_untrusted_key_is_refused() {
             .status
             .success()
     );
-    let bundle = setup.dir.path().join("by-stranger");
-    let out = run(&[
-        "bundle",
-        "sign",
-        setup.src().to_str().unwrap(),
-        "--key",
-        other.path().join("bundle-signing.key").to_str().unwrap(),
-        "--version",
-        "1",
-        "--out",
-        bundle.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    let bundle = setup.sign_with(&other.path().join("bundle-signing.key"), 1);
     refused(&setup.verify(&bundle), "which is not trusted (trusted: ");
     refused(&setup.install(&bundle), "which is not trusted");
 }

@@ -71,10 +71,6 @@ impl LoadedModule {
         &self.digest
     }
 
-    pub fn scope(&self) -> &Scope {
-        &self.scope
-    }
-
     pub fn applies(&self, hook: Hook, target: &Target) -> bool {
         self.scope.applies(hook, target)
     }
