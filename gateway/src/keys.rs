@@ -34,6 +34,8 @@ pub enum KeyError {
     SecretReadable { path: PathBuf, mode: u32 },
     #[error("{path} already exists; refusing to overwrite a key")]
     Exists { path: PathBuf },
+    #[error("signed-note key: {0}")]
+    NoteKey(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
@@ -98,6 +100,12 @@ impl PublicKey {
     pub fn to_text(&self) -> String {
         format!("{PUB_PREFIX}{}", B64.encode(self.key.as_bytes()))
     }
+
+    /// This key as a C2SP signed-note verifier for notes signed under `name`.
+    pub fn note_verifier(&self, name: &str) -> Result<signed_note::StandardVerifier, KeyError> {
+        signed_note::StandardVerifier::new(&signed_note::new_ed25519_verifier_key(name, &self.key))
+            .map_err(|e| KeyError::NoteKey(e.to_string()))
+    }
 }
 
 /// A secret signing key. Its bytes never appear in `Debug` output or logs.
@@ -132,6 +140,19 @@ impl SecretKey {
 
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
         self.key.sign(message).to_bytes()
+    }
+
+    /// This key as a C2SP signed-note signer under `name` (e.g. a log's origin).
+    pub fn note_signer(&self, name: &str) -> Result<signed_note::StandardSigner, KeyError> {
+        // The signed-note key encoding: algorithm byte 0x01 (Ed25519), then the key.
+        let public = [&[1u8][..], self.public.key.as_bytes()].concat();
+        let secret = [&[1u8][..], &self.key.to_bytes()[..]].concat();
+        let encoded = format!(
+            "PRIVATE+KEY+{name}+{:08x}+{}",
+            signed_note::key_id(name, &public),
+            B64.encode(secret)
+        );
+        signed_note::StandardSigner::new(&encoded).map_err(|e| KeyError::NoteKey(e.to_string()))
     }
 
     /// Reads a secret key file, refusing one that group or others can read.

@@ -14,3 +14,4 @@ pub mod config;
 pub mod fsperm;
 pub mod keys;
 pub mod policy;
+pub mod record;

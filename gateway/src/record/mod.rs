@@ -1,0 +1,46 @@
+//! The record: the gateway's own store (fjall) of agents, targets, grants, sessions and
+//! an append-only, hash-chained, Merkle-tree audit log with signed checkpoints.
+//!
+//! Every write goes through one writer thread, which batches concurrent writes into one
+//! atomic fjall batch and one fsync (group commit) and answers each caller only when
+//! its batch is durable. The async runtime never waits on fjall. If a write or an fsync
+//! fails, the record is poisoned: every later write is refused, and the gateway reports
+//! not-ready, because an action that cannot be recorded must not happen.
+
+mod entry;
+mod export;
+mod store;
+mod tree;
+mod verify;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use entry::{AuditEntry, AuditEvent, GENESIS, entry_hash};
+pub use export::{ExportLine, export_lines, parse_export};
+pub use store::{Space, Spaces};
+pub use tree::{CheckpointError, TreeHead, checkpoint_origin, open_checkpoint, sign_checkpoint};
+pub use verify::{Consistency, VerifyError, VerifyReport, verify_against, verify_log};
+pub use writer::{Receipt, Record, RecordOptions, Write};
+
+/// Why the record could not be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RecordError {
+    #[error("the record at {path} is in use by a running gateway")]
+    Locked { path: String },
+    #[error("record store error: {0}")]
+    Store(String),
+    #[error("the record cannot be written ({0}); refusing every action until an operator fixes it")]
+    NotReady(String),
+    #[error("the record is shutting down")]
+    Closed,
+    #[error(transparent)]
+    Checkpoint(#[from] std::sync::Arc<CheckpointError>),
+}
+
+impl From<fjall::Error> for RecordError {
+    fn from(e: fjall::Error) -> Self {
+        RecordError::Store(e.to_string())
+    }
+}

@@ -1,0 +1,115 @@
+//! The fjall database and its keyspaces.
+
+use std::path::Path;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use tlog_tiles::{Hash, HashReader};
+
+use super::RecordError;
+use crate::fsperm;
+
+/// The state keyspaces callers write through the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    Agents,
+    Targets,
+    Grants,
+    Sessions,
+    Meta,
+}
+
+/// The open database and every keyspace.
+pub struct Spaces {
+    pub(crate) db: Database,
+    pub agents: Keyspace,
+    pub targets: Keyspace,
+    pub grants: Keyspace,
+    pub sessions: Keyspace,
+    pub meta: Keyspace,
+    /// seq (u64 big-endian) → entry bytes.
+    pub audit: Keyspace,
+    /// stored hash index (u64 big-endian) → 32-byte tree hash.
+    pub tree: Keyspace,
+    /// tree size (u64 big-endian) → signed checkpoint note.
+    pub checkpoints: Keyspace,
+}
+
+impl Spaces {
+    /// Opens (creating with 0700 if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, RecordError> {
+        fsperm::create_private_dir(path).map_err(|e| RecordError::Store(e.to_string()))?;
+        fsperm::check_private_tree(path).map_err(|e| RecordError::Store(e.to_string()))?;
+        let db = Database::builder(path).open().map_err(|e| match e {
+            fjall::Error::Locked => RecordError::Locked {
+                path: path.display().to_string(),
+            },
+            e => RecordError::Store(e.to_string()),
+        })?;
+        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        Ok(Spaces {
+            agents: open("agents")?,
+            targets: open("targets")?,
+            grants: open("grants")?,
+            sessions: open("sessions")?,
+            meta: open("meta")?,
+            audit: open("audit")?,
+            tree: open("tree")?,
+            checkpoints: open("checkpoints")?,
+            db,
+        })
+    }
+
+    pub fn space(&self, space: Space) -> &Keyspace {
+        match space {
+            Space::Agents => &self.agents,
+            Space::Targets => &self.targets,
+            Space::Grants => &self.grants,
+            Space::Sessions => &self.sessions,
+            Space::Meta => &self.meta,
+        }
+    }
+
+    /// The number of entries in the audit log (its last seq + 1).
+    pub fn audit_len(&self) -> Result<u64, RecordError> {
+        match self.audit.last_key_value() {
+            None => Ok(0),
+            Some(kv) => {
+                let key = kv.key().map_err(RecordError::from)?;
+                let seq: [u8; 8] = key
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| RecordError::Store("audit key is not 8 bytes".into()))?;
+                Ok(u64::from_be_bytes(seq) + 1)
+            }
+        }
+    }
+
+    /// The newest signed checkpoint, if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<Vec<u8>>, RecordError> {
+        match self.checkpoints.last_key_value() {
+            None => Ok(None),
+            Some(kv) => Ok(Some(kv.value().map_err(RecordError::from)?.to_vec())),
+        }
+    }
+}
+
+impl HashReader for Spaces {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+        indexes
+            .iter()
+            .map(|i| {
+                let value = self
+                    .tree
+                    .get(i.to_be_bytes())
+                    .ok()
+                    .flatten()
+                    .ok_or(tlog_tiles::Error::IndexesNotInTree)?;
+                let bytes: [u8; 32] = value
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| tlog_tiles::Error::MalformedHash)?;
+                Ok(Hash(bytes))
+            })
+            .collect()
+    }
+}
