@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::grants::TargetRecord;
 use crate::keys::{KeyError, PublicKey, TrustedKeys};
 use crate::policy::PolicyLimits;
 
@@ -31,14 +32,125 @@ pub enum ConfigError {
     NoDataDir,
 }
 
-/// `airlock.toml`.
+/// `airlock.toml`. Every section and key has a default, so an empty file (or none)
+/// gives a working development gateway on loopback.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub agent_api: AgentApiConfig,
+    #[serde(default)]
+    pub record: RecordConfig,
+    #[serde(default)]
     pub policy: PolicyConfig,
+    /// Upstream targets; more can be added at run time with `airlock target add`.
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetRecord>,
     #[serde(skip)]
     path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The gateway's name: the origin line of its signed checkpoints.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// The longest grant any request can get, e.g. "1h".
+    #[serde(default = "default_max_ttl")]
+    pub max_grant_ttl: String,
+    /// The gateway-owned secrets file (mode 0600) holding upstream credentials,
+    /// relative to the data directory.
+    #[serde(default = "default_secrets")]
+    pub secrets_file: PathBuf,
+}
+
+fn default_name() -> String {
+    "airlock".into()
+}
+fn default_max_ttl() -> String {
+    "1h".into()
+}
+fn default_secrets() -> PathBuf {
+    "secrets.toml".into()
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            name: default_name(),
+            max_grant_ttl: default_max_ttl(),
+            secrets_file: default_secrets(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AgentApiConfig {
+    /// Where the agent API listens.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// PEM certificate chain and key: with both, the agent API speaks TLS only.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest request body accepted.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Requests per minute per agent (a token bucket with this burst).
+    #[serde(default = "default_rate")]
+    pub requests_per_minute: u32,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7070".into()
+}
+fn default_max_body() -> usize {
+    16 * 1024
+}
+fn default_rate() -> u32 {
+    120
+}
+
+impl Default for AgentApiConfig {
+    fn default() -> Self {
+        AgentApiConfig {
+            listen: default_listen(),
+            tls_cert: None,
+            tls_key: None,
+            max_body_bytes: default_max_body(),
+            requests_per_minute: default_rate(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RecordConfig {
+    /// Sign a checkpoint after this many entries…
+    #[serde(default = "default_cp_every")]
+    pub checkpoint_every: u64,
+    /// …or this long after the last one, e.g. "10s".
+    #[serde(default = "default_cp_interval")]
+    pub checkpoint_interval: String,
+}
+
+fn default_cp_every() -> u64 {
+    10_000
+}
+fn default_cp_interval() -> String {
+    "10s".into()
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        RecordConfig {
+            checkpoint_every: default_cp_every(),
+            checkpoint_interval: default_cp_interval(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,7 +213,66 @@ impl Config {
             return Err(invalid("policy.memory-mib must be between 1 and 4096"));
         }
         config.trusted_keys()?;
+        config.validate().map_err(|reason| invalid(&reason))?;
         Ok(config)
+    }
+
+    /// Checks the values serde cannot: durations, addresses, names, references.
+    fn validate(&self) -> Result<(), String> {
+        let duration = |key: &str, value: &str| {
+            humantime::parse_duration(value)
+                .map_err(|e| format!("{key} = {value:?} is not a duration ({e}); use e.g. \"10m\""))
+        };
+        let max = duration("gateway.max-grant-ttl", &self.gateway.max_grant_ttl)?;
+        if max.is_zero() || max > Duration::from_secs(24 * 3600) {
+            return Err("gateway.max-grant-ttl must be between 1s and 24h".into());
+        }
+        duration(
+            "record.checkpoint-interval",
+            &self.record.checkpoint_interval,
+        )?;
+        if self.record.checkpoint_every == 0 {
+            return Err("record.checkpoint-every must be at least 1".into());
+        }
+        if self.gateway.name.is_empty() || self.gateway.name.contains(['+', ' ', '\n']) {
+            return Err("gateway.name must be non-empty, without spaces or `+`".into());
+        }
+        self.agent_api
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| format!("agent-api.listen = {:?}: {e}", self.agent_api.listen))?;
+        if self.agent_api.tls_cert.is_some() != self.agent_api.tls_key.is_some() {
+            return Err("agent-api.tls-cert and agent-api.tls-key must be set together".into());
+        }
+        if self.agent_api.max_body_bytes == 0 || self.agent_api.requests_per_minute == 0 {
+            return Err("agent-api.max-body-bytes and requests-per-minute must be positive".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, target) in self.targets.iter().enumerate() {
+            if !names.insert(&target.name) {
+                return Err(format!(
+                    "target[{i}].name: `{}` is defined twice",
+                    target.name
+                ));
+            }
+            if target.upstream.is_empty() {
+                return Err(format!("target[{i}] `{}`: upstream is empty", target.name));
+            }
+            if let Some(reference) = &target.credential {
+                check_credential_ref(reference)
+                    .map_err(|e| format!("target[{i}] `{}`: credential: {e}", target.name))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn max_grant_ttl(&self) -> Duration {
+        humantime::parse_duration(&self.gateway.max_grant_ttl).unwrap_or(Duration::from_secs(3600))
+    }
+
+    pub fn checkpoint_interval(&self) -> Duration {
+        humantime::parse_duration(&self.record.checkpoint_interval)
+            .unwrap_or(Duration::from_secs(10))
     }
 
     pub fn trusted_keys(&self) -> Result<TrustedKeys, ConfigError> {
@@ -123,6 +294,17 @@ impl Config {
             memory_bytes: self.policy.memory_mib << 20,
             ..PolicyLimits::default()
         }
+    }
+}
+
+/// A credential reference is `secret:NAME` (a key in the gateway-owned secrets file)
+/// or `env:VAR` (an environment variable of the gateway process). Never the value.
+pub fn check_credential_ref(reference: &str) -> Result<(), String> {
+    match reference.split_once(':') {
+        Some(("secret" | "env", name)) if !name.is_empty() => Ok(()),
+        _ => Err(format!(
+            "`{reference}` is not a credential reference; use `secret:NAME` or `env:VAR`"
+        )),
     }
 }
 
@@ -150,11 +332,29 @@ impl DataDir {
         Ok(DataDir { root })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn config_file(&self) -> PathBuf {
         self.root.join("airlock.toml")
     }
 
     pub fn policy_dir(&self) -> PathBuf {
         self.root.join("policy")
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.root.join("store")
+    }
+
+    /// The admin interface's Unix socket (mode 0600).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.root.join("admin.sock")
+    }
+
+    /// The gateway's own checkpoint-signing key, created on first start.
+    pub fn signing_key(&self) -> PathBuf {
+        self.root.join("gateway-signing.key")
     }
 }

@@ -9,9 +9,12 @@
 //!   keys, signing, verification, atomic install and hot reload.
 //! - [`fsperm`] refuses files and directories that anyone but the gateway could write.
 
+pub mod api;
 pub mod bundle;
 pub mod config;
 pub mod fsperm;
+pub mod grants;
 pub mod keys;
 pub mod policy;
 pub mod record;
+pub mod serve;

@@ -1,8 +1,11 @@
 //! Command-line interface. Errors end here: each command returns `anyhow::Result` and
 //! `main` prints the whole chain of causes.
 
+mod audit;
 mod bundle;
+mod operator;
 mod policy;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +39,20 @@ enum Command {
     /// Policy modules: build from a Rust crate, test against fixtures.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Run the gateway: agent API, admin socket, grant broker, record.
+    Serve,
+    /// Agents (through the running gateway).
+    #[command(subcommand)]
+    Agent(operator::AgentCommand),
+    /// Targets (through the running gateway).
+    #[command(subcommand)]
+    Target(operator::TargetCommand),
+    /// Grants: list, show, approve, deny, revoke (through the running gateway).
+    #[command(subcommand)]
+    Grants(operator::GrantsCommand),
+    /// The tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// Where the gateway's files are, resolved once from the global flags.
@@ -62,8 +79,9 @@ pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -74,6 +92,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bundle(command) => bundle::run(&context, command),
         Command::Policy(command) => policy::run(&context, command),
+        Command::Serve => serve::run(&context),
+        Command::Agent(command) => operator::agent(&context, command),
+        Command::Target(command) => operator::target(&context, command),
+        Command::Grants(command) => operator::grants(&context, command),
+        Command::Audit(command) => audit::run(&context, command),
     };
     match result {
         Ok(code) => code,

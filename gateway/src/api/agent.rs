@@ -1,0 +1,232 @@
+//! The agent API: ask for a grant, read it, end it.
+//!
+//! `POST /v1/grants` → 201 (allowed: the grant with its secret, shown once), 202
+//! (pending an operator's review), or 403 (denied, with the policy's reason and hint).
+//! `GET /v1/grants/{id}` and `DELETE /v1/grants/{id}` work on the agent's own grants
+//! only. Errors are JSON: `{"code": "...", "message": "..."}` with a stable code.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use super::ratelimit::RateLimiter;
+use crate::grants::{AgentRecord, Broker, BrokerError, GrantRecord, GrantRequestBody, GrantStatus};
+
+/// The agent API's shared state.
+pub struct AgentApi {
+    broker: Arc<Broker>,
+    max_body: usize,
+    limiter: RateLimiter,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: serde_json::Value) -> Reply {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("a static response builds")
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
+    reply(status, json!({ "code": code, "message": message.into() }))
+}
+
+fn broker_error(e: BrokerError) -> Reply {
+    match e {
+        BrokerError::Invalid(m) => error(StatusCode::BAD_REQUEST, "invalid_request", m),
+        BrokerError::UnknownTarget(t) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_target",
+            format!("unknown target `{t}`"),
+        ),
+        BrokerError::NotFound(what) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        ),
+        BrokerError::Conflict(m) => error(StatusCode::CONFLICT, "conflict", m),
+        BrokerError::Record(e) => {
+            tracing::error!(error = %e, "grant refused: the record cannot be written");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "record_unavailable",
+                format!("refused: {e}"),
+            )
+        }
+    }
+}
+
+/// A grant as the agent sees it. The secret appears only in the response that issues
+/// it; connection details name the grant id as the user and the secret as password.
+fn grant_json(grant: &GrantRecord, secret: Option<&str>) -> serde_json::Value {
+    let expires = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(grant.expires_ms),
+    )
+    .to_string();
+    let mut body = json!({
+        "id": grant.id,
+        "status": grant.status,
+        "agent": grant.agent,
+        "target": grant.target,
+        "task": grant.task,
+        "access": grant.access,
+        "read_only": grant.read_only,
+        "ttl_seconds": grant.ttl_seconds,
+        "expires_at": expires,
+    });
+    if let Some(reason) = &grant.reason {
+        body["reason"] = json!(reason);
+    }
+    if let Some(hint) = &grant.hint {
+        body["hint"] = json!(hint);
+    }
+    if let Some(secret) = secret {
+        body["secret"] = json!(secret);
+        body["connection"] =
+            json!({ "target": grant.target, "user": grant.id, "password": secret });
+    }
+    body
+}
+
+impl AgentApi {
+    pub fn new(broker: Arc<Broker>, max_body: usize, requests_per_minute: u32) -> Self {
+        AgentApi {
+            broker,
+            max_body,
+            limiter: RateLimiter::new(requests_per_minute),
+        }
+    }
+
+    /// Handles one request; never fails (every error is a JSON response).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
+        Ok(self.route(req).await)
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Reply {
+        let path = req.uri().path().to_string();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/healthz") => {
+                return match self.broker.record().ready() {
+                    Ok(()) => reply(StatusCode::OK, json!({ "status": "ready" })),
+                    Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string()),
+                };
+            }
+            (&Method::GET, "/v1/openapi.json") => {
+                return Response::builder()
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(Full::new(Bytes::from_static(super::OPENAPI.as_bytes())))
+                    .expect("a static response builds");
+            }
+            _ => {}
+        }
+        let Some(agent) = self.authenticate(&req) else {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid agent token is required: Authorization: Bearer airlock_…",
+            );
+        };
+        let span = tracing::info_span!("agent_api", agent = %agent.name, %path);
+        let _enter = span.enter();
+        if !self.limiter.allow(&agent.name) {
+            return error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this agent; slow down",
+            );
+        }
+        let grant_id = path
+            .strip_prefix("/v1/grants/")
+            .filter(|id| !id.contains('/'));
+        match (req.method().clone(), path.as_str(), grant_id) {
+            (Method::POST, "/v1/grants", _) => self.create(&agent, req).await,
+            (Method::GET, _, Some(id)) => self.show(&agent, id).await,
+            (Method::DELETE, _, Some(id)) => match self.broker.end(&agent.name, id).await {
+                Ok(grant) => reply(StatusCode::OK, grant_json(&grant, None)),
+                Err(e) => broker_error(e),
+            },
+            (_, "/v1/grants", _) | (_, _, Some(_)) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed on {path}", req.method()),
+            ),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint: {path}"),
+            ),
+        }
+    }
+
+    fn authenticate(&self, req: &Request<Incoming>) -> Option<AgentRecord> {
+        let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
+        let token = header.strip_prefix("Bearer ")?;
+        self.broker.authenticate_agent(token.trim())
+    }
+
+    async fn create(&self, agent: &AgentRecord, req: Request<Incoming>) -> Reply {
+        let body = match Limited::new(req.into_body(), self.max_body).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("request body is larger than {} bytes", self.max_body),
+                );
+            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.to_string()),
+        };
+        let request: GrantRequestBody = match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    format!("request body is not a grant request: {e}"),
+                );
+            }
+        };
+        match self.broker.request(agent, request).await {
+            Ok(issued) => {
+                let status = match issued.grant.status {
+                    GrantStatus::Active => StatusCode::CREATED,
+                    GrantStatus::Pending => StatusCode::ACCEPTED,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                let mut body = grant_json(&issued.grant, issued.secret.as_deref());
+                if status == StatusCode::FORBIDDEN {
+                    body["code"] = json!("denied");
+                    body["message"] = body["reason"].clone();
+                }
+                reply(status, body)
+            }
+            Err(e) => broker_error(e),
+        }
+    }
+
+    async fn show(&self, agent: &AgentRecord, id: &str) -> Reply {
+        match self.broker.collect(&agent.name, id).await {
+            Ok(Some((grant, secret))) => reply(StatusCode::OK, grant_json(&grant, Some(&secret))),
+            Ok(None) => match self.broker.grant_for(&agent.name, id) {
+                Some(grant) => reply(StatusCode::OK, grant_json(&grant, None)),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("grant `{id}` not found"),
+                ),
+            },
+            Err(e) => broker_error(e),
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! TLS for the agent API, with rustls.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+/// Builds a TLS acceptor from a PEM certificate chain and private key.
+pub fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("agent-api.tls-cert {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "agent-api.tls-cert {}: no certificate in it",
+            cert.display()
+        ));
+    }
+    crate::fsperm::check_private(key).map_err(|e| format!("agent-api.tls-key: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("agent-api.tls-key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("agent-api TLS: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}

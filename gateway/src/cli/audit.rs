@@ -1,0 +1,216 @@
+//! `airlock audit …`: verify, checkpoint, export, tail. They read the store directly
+//! when the gateway is stopped, and ask the running gateway for an export otherwise;
+//! verification always happens here, in the operator's process.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+
+use airlock::api::admin::{AdminRequest, call, export_from};
+use airlock::keys::PublicKey;
+use airlock::record::{
+    AuditEntry, ExportLine, RecordError, Spaces, export_lines, parse_export, verify_against,
+    verify_log,
+};
+
+use super::Context;
+
+#[derive(Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Check the hash chain, the tree leaves and every signed checkpoint; name the
+    /// first entry that does not verify.
+    Verify {
+        /// Also prove the log extends this checkpoint (one you saved elsewhere).
+        #[arg(long, value_name = "CHECKPOINT")]
+        against: Option<PathBuf>,
+        /// Verify an export (JSON Lines) instead of the gateway's store.
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// The gateway's public key (default: DATA/gateway-signing.key.pub).
+        #[arg(long, value_name = "PUBKEY")]
+        key: Option<String>,
+    },
+    /// Print the latest signed checkpoint, to keep outside the gateway.
+    Checkpoint,
+    /// Write entries (and checkpoints) as JSON Lines.
+    Export {
+        /// A sequence number, or an RFC 3339 time.
+        #[arg(long, default_value = "0")]
+        since: String,
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+        format: String,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Print the last entries.
+    Tail {
+        #[arg(short = 'n', default_value = "20")]
+        n: usize,
+    },
+}
+
+/// The log's lines and, when read from the store, each entry's stored tree leaf.
+struct Source {
+    lines: Vec<ExportLine>,
+    leaves: Option<Spaces>,
+}
+
+fn source(context: &Context) -> anyhow::Result<Source> {
+    let data = context.data_dir()?;
+    match Spaces::open(&data.store_dir()) {
+        Ok(spaces) => Ok(Source {
+            lines: export_lines(&spaces, 0)?,
+            leaves: Some(spaces),
+        }),
+        Err(RecordError::Locked { .. }) => {
+            let result = call(
+                &data.admin_socket(),
+                &AdminRequest::AuditExport { since: 0 },
+            )?;
+            Ok(Source {
+                lines: export_from(&result).map_err(anyhow::Error::msg)?,
+                leaves: None,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn entries(lines: &[ExportLine]) -> impl Iterator<Item = (u64, &Vec<u8>)> {
+    lines.iter().filter_map(|l| match l {
+        ExportLine::Entry { seq, bytes } => Some((*seq, bytes)),
+        ExportLine::Checkpoint(_) => None,
+    })
+}
+
+pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Verify {
+            against,
+            export,
+            key,
+        } => {
+            let config = context.config()?;
+            let origin = &config.gateway.name;
+            let key = match key {
+                Some(k) => PublicKey::from_arg(&k)?,
+                None => {
+                    let path = context.data_dir()?.signing_key().with_extension("key.pub");
+                    PublicKey::from_arg(path.to_str().unwrap_or_default())
+                        .with_context(|| "the gateway's public key (pass --key)")?
+                }
+            };
+            let source = match export {
+                Some(file) => Source {
+                    lines: parse_export(
+                        &std::fs::read(&file).with_context(|| file.display().to_string())?,
+                    )
+                    .map_err(anyhow::Error::msg)?,
+                    leaves: None,
+                },
+                None => source(context)?,
+            };
+            let leaf = |seq: u64| {
+                use tlog_tiles::HashReader;
+                source
+                    .leaves
+                    .as_ref()?
+                    .read_hashes(&[tlog_tiles::stored_hash_index(0, seq)])
+                    .ok()
+                    .map(|h| h[0].0)
+            };
+            let report = match verify_log(&source.lines, &leaf, &key, origin) {
+                Ok(report) => report,
+                Err(e) => {
+                    println!("audit log does NOT verify: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            println!(
+                "ok: {} entries and {} signed checkpoints verify; head {} {}",
+                report.entries,
+                report.checkpoints,
+                report.head.size,
+                hex::encode(report.head.root)
+            );
+            if let Some(file) = against {
+                let note = std::fs::read(&file).with_context(|| file.display().to_string())?;
+                match verify_against(&report, &note, &key, origin) {
+                    Ok(c) => println!(
+                        "consistent: the log ({} entries) extends the saved checkpoint ({} entries); the consistency proof ({} hashes) checks",
+                        c.new.size, c.old.size, c.proof_len
+                    ),
+                    Err(e) => {
+                        println!("NOT consistent with {}: {e}", file.display());
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
+        }
+        AuditCommand::Checkpoint => {
+            let data = context.data_dir()?;
+            let note = match Spaces::open(&data.store_dir()) {
+                Ok(spaces) => spaces
+                    .latest_checkpoint()?
+                    .map(|n| String::from_utf8_lossy(&n).into_owned())
+                    .context("no checkpoint has been signed yet")?,
+                Err(RecordError::Locked { .. }) => {
+                    call(&data.admin_socket(), &AdminRequest::AuditCheckpoint)?
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                }
+                Err(e) => return Err(e.into()),
+            };
+            print!("{note}");
+        }
+        AuditCommand::Export {
+            since,
+            format: _,
+            out,
+        } => {
+            let source = source(context)?;
+            let since_seq = since.parse::<u64>().ok();
+            let since_ms = match since_seq {
+                Some(_) => 0,
+                None => humantime::parse_rfc3339_weak(&since)
+                    .with_context(|| {
+                        format!("--since {since}: a sequence number or an RFC 3339 time")
+                    })?
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_millis() as u64,
+            };
+            let mut output: Box<dyn std::io::Write> = match &out {
+                Some(file) => Box::new(
+                    std::fs::File::create(file).with_context(|| file.display().to_string())?,
+                ),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            for line in &source.lines {
+                let keep = match line {
+                    ExportLine::Checkpoint(_) => true,
+                    ExportLine::Entry { seq, bytes } => match since_seq {
+                        Some(s) => *seq >= s,
+                        None => serde_json::from_slice::<AuditEntry>(bytes)
+                            .is_ok_and(|e| e.time_ms >= since_ms),
+                    },
+                };
+                if keep {
+                    output.write_all(&line.to_line())?;
+                    output.write_all(b"\n")?;
+                }
+            }
+        }
+        AuditCommand::Tail { n } => {
+            let source = source(context)?;
+            let all: Vec<_> = entries(&source.lines).collect();
+            for (_, bytes) in &all[all.len().saturating_sub(n)..] {
+                println!("{}", String::from_utf8_lossy(bytes));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,187 @@
+//! The operator's commands that go through the running gateway's admin socket:
+//! `airlock agent …`, `airlock target …`, `airlock grants …`.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Subcommand;
+use serde_json::Value;
+
+use airlock::api::admin::{AdminRequest, call};
+use airlock::grants::TargetRecord;
+use airlock::policy::Kind;
+
+use super::Context;
+
+#[derive(Subcommand)]
+pub(crate) enum AgentCommand {
+    /// Enroll an agent; prints its token once (only a hash is kept).
+    Add {
+        name: String,
+        /// A label, `key=value`. Repeatable.
+        #[arg(long = "label", value_name = "K=V")]
+        labels: Vec<String>,
+    },
+    List,
+    /// Revoke an agent's token and end its live grants.
+    Revoke {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TargetCommand {
+    /// Add a target at run time (kept in the gateway's store).
+    Add {
+        name: String,
+        #[arg(long, value_enum)]
+        kind: KindArg,
+        /// `host:port`, or a URL for HTTP and Kubernetes targets.
+        #[arg(long)]
+        upstream: String,
+        #[arg(long = "label", value_name = "K=V")]
+        labels: Vec<String>,
+        /// Where the gateway finds the upstream credential: `secret:NAME` or `env:VAR`.
+        #[arg(long)]
+        credential: Option<String>,
+    },
+    List,
+    Remove {
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub(crate) enum KindArg {
+    Postgres,
+    Ssh,
+    Http,
+    Kubernetes,
+}
+
+impl From<KindArg> for Kind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Postgres => Kind::Postgres,
+            KindArg::Ssh => Kind::Ssh,
+            KindArg::Http => Kind::Http,
+            KindArg::Kubernetes => Kind::Kubernetes,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum GrantsCommand {
+    List,
+    Show {
+        id: String,
+    },
+    /// Approve a grant waiting for review; its window starts now.
+    Approve {
+        id: String,
+    },
+    /// Deny a grant waiting for review.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// End a grant now; its connections are closed.
+    Revoke {
+        id: String,
+    },
+}
+
+fn labels(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--label {p}: expected key=value"))
+        })
+        .collect()
+}
+
+fn admin(context: &Context, request: AdminRequest) -> anyhow::Result<Value> {
+    Ok(call(&context.data_dir()?.admin_socket(), &request)?)
+}
+
+fn print(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON prints")
+    );
+}
+
+pub(crate) fn agent(context: &Context, command: AgentCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AgentCommand::Add { name, labels: l } => {
+            let result = admin(
+                context,
+                AdminRequest::AgentAdd {
+                    name,
+                    labels: labels(&l)?,
+                },
+            )?;
+            println!(
+                "agent {} enrolled",
+                result["agent"].as_str().unwrap_or_default()
+            );
+            println!("token (shown once; give it to the agent, e.g. as AIRLOCK_TOKEN):");
+            println!("{}", result["token"].as_str().unwrap_or_default());
+        }
+        AgentCommand::List => print(&admin(context, AdminRequest::AgentList)?),
+        AgentCommand::Revoke { name } => {
+            let result = admin(context, AdminRequest::AgentRevoke { name: name.clone() })?;
+            println!(
+                "agent {name} revoked; {} live grants ended",
+                result["grants_ended"]
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        TargetCommand::Add {
+            name,
+            kind,
+            upstream,
+            labels: l,
+            credential,
+        } => {
+            let target = TargetRecord {
+                name: name.clone(),
+                kind: kind.into(),
+                upstream,
+                labels: labels(&l)?,
+                credential,
+            };
+            admin(context, AdminRequest::TargetAdd { target })?;
+            println!("target {name} added");
+        }
+        TargetCommand::List => print(&admin(context, AdminRequest::TargetList)?),
+        TargetCommand::Remove { name } => {
+            admin(context, AdminRequest::TargetRemove { name: name.clone() })?;
+            println!("target {name} removed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn grants(context: &Context, command: GrantsCommand) -> anyhow::Result<ExitCode> {
+    let result = match command {
+        GrantsCommand::List => admin(context, AdminRequest::GrantsList)?,
+        GrantsCommand::Show { id } => admin(context, AdminRequest::GrantsShow { id })?,
+        GrantsCommand::Approve { id } => admin(context, AdminRequest::GrantsApprove { id })?,
+        GrantsCommand::Deny { id, reason } => {
+            admin(context, AdminRequest::GrantsDeny { id, reason })?
+        }
+        GrantsCommand::Revoke { id } => admin(context, AdminRequest::GrantsRevoke { id })?,
+    };
+    print(&result);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,814 @@
+//! The broker itself.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::model::{Access, AgentRecord, GrantRecord, GrantStatus, TargetRecord};
+use super::secret::{hash_secret, new_id, new_secret, secret_matches};
+use crate::bundle::ActivePolicy;
+use crate::policy::types::GrantRequest;
+use crate::policy::{Decision, Outcome};
+use crate::record::{AuditEvent, Record, RecordError, Space, Write};
+
+/// How long an operator has to approve a pending grant.
+const REVIEW_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Longest task description kept.
+const MAX_TASK_BYTES: usize = 2000;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A grant request, as the agent API receives it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequestBody {
+    pub target: String,
+    pub task: String,
+    #[serde(default = "default_access")]
+    pub access: Access,
+    /// `"10m"`, `"90s"`, or a number of seconds.
+    pub ttl: TtlValue,
+}
+
+fn default_access() -> Access {
+    Access::Read
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TtlValue {
+    Seconds(u64),
+    Text(String),
+}
+
+impl TtlValue {
+    fn seconds(&self) -> Result<u64, String> {
+        match self {
+            TtlValue::Seconds(s) => Ok(*s),
+            TtlValue::Text(t) => humantime::parse_duration(t)
+                .map(|d| d.as_secs())
+                .map_err(|e| format!("ttl `{t}` is not a duration ({e}); use e.g. \"10m\"")),
+        }
+    }
+}
+
+/// Why the broker refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("unknown target `{0}`")]
+    UnknownTarget(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
+
+/// Why a grant's credentials were refused at a protocol gateway.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantAuthError {
+    /// Unknown grant or wrong secret: the two are indistinguishable on purpose.
+    #[error("grant id or secret is wrong")]
+    BadCredentials,
+    #[error("this grant is for target `{expected}`, not `{presented}`")]
+    WrongTarget { expected: String, presented: String },
+    #[error("this grant is waiting for an operator's approval")]
+    NotApproved,
+    #[error("this grant has ended ({0})")]
+    Ended(String),
+}
+
+/// A grant a protocol gateway let through, and how it learns the grant ended.
+pub struct LiveGrant {
+    pub grant: GrantRecord,
+    /// Changes to `Some(reason)` when the grant ends: close the connection.
+    pub ended: watch::Receiver<Option<String>>,
+}
+
+/// What a grant request produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct Issued {
+    pub grant: GrantRecord,
+    /// Present only when the grant was allowed outright: shown once, never stored.
+    pub secret: Option<String>,
+}
+
+/// An agent's freshly issued token, shown once.
+pub struct AgentToken {
+    pub agent: AgentRecord,
+    pub token: String,
+}
+
+/// Where a target is defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetSource {
+    Config,
+    Admin,
+}
+
+#[derive(Default)]
+struct State {
+    agents: HashMap<String, AgentRecord>,
+    tokens: HashMap<String, String>,
+    targets: BTreeMap<String, (TargetRecord, TargetSource)>,
+    grants: HashMap<String, GrantRecord>,
+    /// Grants with a state change in flight, so two cannot race.
+    changing: HashSet<String>,
+}
+
+/// The grant broker; share it behind an `Arc`.
+pub struct Broker {
+    record: Record,
+    policy: Arc<ActivePolicy>,
+    max_ttl: Duration,
+    state: RwLock<State>,
+    live: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("state serializes")
+}
+
+fn decision_detail(decision: &Decision) -> serde_json::Value {
+    let votes: Vec<serde_json::Value> = decision
+        .votes
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "module": &*v.module,
+                "digest": &*v.digest,
+                "verdict": match &v.verdict {
+                    Ok(verdict) => format!("{verdict:?}"),
+                    Err(fault) => format!("fault: {fault}"),
+                },
+            })
+        })
+        .collect();
+    let (outcome, reason) = match &decision.outcome {
+        Outcome::Allow(_) => ("allow", None),
+        Outcome::Deny { reason, .. } => ("deny", Some(reason.clone())),
+        Outcome::Review { reason, .. } => ("review", Some(reason.clone())),
+    };
+    serde_json::json!({
+        "outcome": outcome,
+        "reason": reason,
+        "bundle": decision.bundle.as_ref().map(|b| b.to_string()),
+        "votes": votes,
+    })
+}
+
+impl Broker {
+    /// Loads agents, targets and grants from the record; `config_targets` are the
+    /// configuration file's targets, which the admin interface cannot remove.
+    pub fn load(
+        record: Record,
+        policy: Arc<ActivePolicy>,
+        config_targets: Vec<TargetRecord>,
+        max_ttl: Duration,
+    ) -> Result<Self, BrokerError> {
+        let mut state = State::default();
+        let spaces = record.spaces();
+        let corrupt = |what: &str, e: serde_json::Error| {
+            BrokerError::Record(RecordError::Store(format!(
+                "stored {what} is unreadable: {e}"
+            )))
+        };
+        for kv in spaces.agents.iter() {
+            let value = kv.value().map_err(RecordError::from)?;
+            let agent: AgentRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("agent", e))?;
+            state
+                .tokens
+                .insert(agent.token_id.clone(), agent.name.clone());
+            state.agents.insert(agent.name.clone(), agent);
+        }
+        for kv in spaces.grants.iter() {
+            let value = kv.value().map_err(RecordError::from)?;
+            let grant: GrantRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("grant", e))?;
+            state.grants.insert(grant.id.clone(), grant);
+        }
+        for kv in spaces.targets.iter() {
+            let value = kv.value().map_err(RecordError::from)?;
+            let target: TargetRecord =
+                serde_json::from_slice(&value).map_err(|e| corrupt("target", e))?;
+            state
+                .targets
+                .insert(target.name.clone(), (target, TargetSource::Admin));
+        }
+        for target in config_targets {
+            state
+                .targets
+                .insert(target.name.clone(), (target, TargetSource::Config));
+        }
+        Ok(Broker {
+            record,
+            policy,
+            max_ttl,
+            state: RwLock::new(state),
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    // ---- agents ----
+
+    /// Enrolls an agent and returns its token, which is never shown again.
+    pub async fn add_agent(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<AgentToken, BrokerError> {
+        check_name("agent", name)?;
+        if self.state.read().unwrap().agents.contains_key(name) {
+            return Err(BrokerError::Conflict(format!(
+                "agent `{name}` already exists"
+            )));
+        }
+        let token_id = new_id("");
+        let secret = new_secret();
+        let agent = AgentRecord {
+            name: name.to_string(),
+            labels,
+            token_id: token_id.clone(),
+            token_hash: hash_secret(&secret),
+            created_ms: now_ms(),
+            revoked: false,
+        };
+        let write = Write::event(
+            AuditEvent::new("agent.added")
+                .agent(name)
+                .detail(serde_json::json!({ "labels": agent.labels })),
+        )
+        .put(Space::Agents, name, json(&agent));
+        self.record.write_async(write).await?;
+        let mut state = self.state.write().unwrap();
+        state.tokens.insert(token_id.clone(), name.to_string());
+        state.agents.insert(name.to_string(), agent.clone());
+        Ok(AgentToken {
+            agent,
+            token: format!("airlock_{token_id}_{secret}"),
+        })
+    }
+
+    pub fn agents(&self) -> Vec<AgentRecord> {
+        let mut agents: Vec<_> = self
+            .state
+            .read()
+            .unwrap()
+            .agents
+            .values()
+            .cloned()
+            .collect();
+        agents.sort_by(|a, b| a.name.cmp(&b.name));
+        agents
+    }
+
+    /// Revokes an agent: its token stops working and its live grants end.
+    pub async fn revoke_agent(&self, name: &str, by: &str) -> Result<usize, BrokerError> {
+        let mut agent = self
+            .state
+            .read()
+            .unwrap()
+            .agents
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("agent `{name}`")))?;
+        if agent.revoked {
+            return Err(BrokerError::Conflict(format!(
+                "agent `{name}` is already revoked"
+            )));
+        }
+        agent.revoked = true;
+        let write = Write::event(
+            AuditEvent::new("agent.revoked")
+                .agent(name)
+                .detail(serde_json::json!({ "by": by })),
+        )
+        .put(Space::Agents, name, json(&agent));
+        self.record.write_async(write).await?;
+        self.state
+            .write()
+            .unwrap()
+            .agents
+            .insert(name.to_string(), agent);
+        let live: Vec<String> = self
+            .state
+            .read()
+            .unwrap()
+            .grants
+            .values()
+            .filter(|g| g.agent == name && !g.status.is_final())
+            .map(|g| g.id.clone())
+            .collect();
+        let mut ended = 0;
+        for id in live {
+            if self
+                .finish(&id, GrantStatus::Revoked, "its agent was revoked", by)
+                .await
+                .is_ok()
+            {
+                ended += 1;
+            }
+        }
+        Ok(ended)
+    }
+
+    /// The agent a bearer token belongs to, if the token is valid and not revoked.
+    pub fn authenticate_agent(&self, token: &str) -> Option<AgentRecord> {
+        let (token_id, secret) = token.strip_prefix("airlock_")?.split_once('_')?;
+        let state = self.state.read().unwrap();
+        let agent = state.agents.get(state.tokens.get(token_id)?)?;
+        (secret_matches(secret, &agent.token_hash) && !agent.revoked).then(|| agent.clone())
+    }
+
+    // ---- targets ----
+
+    pub fn targets(&self) -> Vec<(TargetRecord, TargetSource)> {
+        self.state
+            .read()
+            .unwrap()
+            .targets
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn target(&self, name: &str) -> Option<TargetRecord> {
+        self.state
+            .read()
+            .unwrap()
+            .targets
+            .get(name)
+            .map(|(t, _)| t.clone())
+    }
+
+    pub async fn add_target(&self, target: TargetRecord, by: &str) -> Result<(), BrokerError> {
+        check_name("target", &target.name)?;
+        if self
+            .state
+            .read()
+            .unwrap()
+            .targets
+            .contains_key(&target.name)
+        {
+            return Err(BrokerError::Conflict(format!(
+                "target `{}` already exists",
+                target.name
+            )));
+        }
+        let write = Write::event(
+            AuditEvent::new("target.added")
+                .target(&target.name)
+                .detail(serde_json::json!({ "kind": target.kind, "upstream": target.upstream, "labels": target.labels, "by": by })),
+        )
+        .put(Space::Targets, target.name.as_str(), json(&target));
+        self.record.write_async(write).await?;
+        self.state
+            .write()
+            .unwrap()
+            .targets
+            .insert(target.name.clone(), (target, TargetSource::Admin));
+        Ok(())
+    }
+
+    pub async fn remove_target(&self, name: &str, by: &str) -> Result<(), BrokerError> {
+        match self.state.read().unwrap().targets.get(name) {
+            None => return Err(BrokerError::NotFound(format!("target `{name}`"))),
+            Some((_, TargetSource::Config)) => {
+                return Err(BrokerError::Conflict(format!(
+                    "target `{name}` is defined in the configuration file; remove it there"
+                )));
+            }
+            Some(_) => {}
+        }
+        let write = Write::event(
+            AuditEvent::new("target.removed")
+                .target(name)
+                .detail(serde_json::json!({ "by": by })),
+        )
+        .delete(Space::Targets, name);
+        self.record.write_async(write).await?;
+        self.state.write().unwrap().targets.remove(name);
+        Ok(())
+    }
+
+    // ---- grants ----
+
+    /// Decides a grant request with the active policy bundle and records the request
+    /// and the decision before answering.
+    pub async fn request(
+        &self,
+        agent: &AgentRecord,
+        body: GrantRequestBody,
+    ) -> Result<Issued, BrokerError> {
+        let target = self
+            .target(&body.target)
+            .ok_or_else(|| BrokerError::UnknownTarget(body.target.clone()))?;
+        if body.task.len() > MAX_TASK_BYTES {
+            return Err(BrokerError::Invalid(format!(
+                "task is {} bytes; at most {MAX_TASK_BYTES}",
+                body.task.len()
+            )));
+        }
+        let ttl = body.ttl.seconds().map_err(BrokerError::Invalid)?;
+        if ttl == 0 || ttl > self.max_ttl.as_secs() {
+            return Err(BrokerError::Invalid(format!(
+                "ttl must be between 1s and {} (the gateway's maximum)",
+                humantime::format_duration(self.max_ttl)
+            )));
+        }
+        let now = now_ms();
+        let request = GrantRequest {
+            agent: agent.policy_agent(),
+            target: target.policy_target(),
+            task: body.task.clone(),
+            access: body.access.into(),
+            ttl_seconds: ttl as u32,
+            now_unix_ms: now,
+        };
+        let decision = self.policy.current().authorize(&request);
+        let id = new_id("g_");
+        let mut grant = GrantRecord {
+            id: id.clone(),
+            agent: agent.name.clone(),
+            target: target.name.clone(),
+            task: body.task.clone(),
+            access: body.access,
+            status: GrantStatus::Denied,
+            ttl_seconds: ttl as u32,
+            created_ms: now,
+            expires_ms: now,
+            secret_hash: String::new(),
+            reason: None,
+            hint: None,
+            read_only: false,
+            bundle: decision.bundle.as_ref().map(|b| b.to_string()),
+            approved_by: None,
+        };
+        let mut secret = None;
+        match &decision.outcome {
+            Outcome::Allow(constraints) => {
+                let ttl = constraints
+                    .max_ttl_seconds
+                    .map_or(ttl, |cap| ttl.min(u64::from(cap)));
+                grant.ttl_seconds = ttl as u32;
+                grant.status = GrantStatus::Active;
+                grant.expires_ms = now + ttl * 1000;
+                grant.read_only = constraints.read_only;
+                let s = new_secret();
+                grant.secret_hash = hash_secret(&s);
+                secret = Some(s);
+            }
+            Outcome::Review { reason, .. } => {
+                grant.status = GrantStatus::Pending;
+                grant.expires_ms = now + REVIEW_WINDOW.as_millis() as u64;
+                grant.reason = Some(reason.clone());
+            }
+            Outcome::Deny { reason, hint, .. } => {
+                grant.reason = Some(reason.clone());
+                grant.hint = hint.clone();
+            }
+        }
+        let requested = AuditEvent::new("grant.requested")
+            .agent(&agent.name)
+            .target(&target.name)
+            .grant(&id)
+            .detail(serde_json::json!({
+                "task": body.task,
+                "access": body.access,
+                "ttl_seconds": ttl,
+            }));
+        let mut decided = decision_detail(&decision);
+        decided["status"] = serde_json::json!(grant.status);
+        decided["expires_ms"] = serde_json::json!(grant.expires_ms);
+        let decided = AuditEvent::new("grant.decided")
+            .agent(&agent.name)
+            .target(&target.name)
+            .grant(&id)
+            .detail(decided);
+        let write =
+            Write::event(requested)
+                .and(decided)
+                .put(Space::Grants, id.as_str(), json(&grant));
+        self.record.write_async(write).await?;
+        self.state.write().unwrap().grants.insert(id, grant.clone());
+        Ok(Issued { grant, secret })
+    }
+
+    /// A grant, if `agent` owns it (an agent cannot see another's grants).
+    pub fn grant_for(&self, agent: &str, id: &str) -> Option<GrantRecord> {
+        self.grant(id).filter(|g| g.agent == agent)
+    }
+
+    pub fn grant(&self, id: &str) -> Option<GrantRecord> {
+        let mut grant = self.state.read().unwrap().grants.get(id).cloned()?;
+        // Report an unswept grant as it is: past its window it is dead.
+        if !grant.status.is_final() && now_ms() >= grant.expires_ms {
+            grant.status = GrantStatus::Expired;
+        }
+        Some(grant)
+    }
+
+    pub fn grants(&self) -> Vec<GrantRecord> {
+        let mut grants: Vec<_> = self
+            .state
+            .read()
+            .unwrap()
+            .grants
+            .values()
+            .cloned()
+            .collect();
+        grants.sort_by_key(|g| g.created_ms);
+        grants
+    }
+
+    /// An operator approves a pending grant; its window starts now. The operator never
+    /// sees a secret: the agent collects one with [`Broker::collect`].
+    pub async fn approve(&self, id: &str, operator: &str) -> Result<GrantRecord, BrokerError> {
+        let _guard = self.begin_change(id)?;
+        let mut grant = self
+            .grant(id)
+            .ok_or_else(|| BrokerError::NotFound(format!("grant `{id}`")))?;
+        if grant.status != GrantStatus::Pending {
+            return Err(BrokerError::Conflict(format!(
+                "grant `{id}` is {:?}, not pending",
+                grant.status
+            )));
+        }
+        grant.status = GrantStatus::Active;
+        grant.expires_ms = now_ms() + u64::from(grant.ttl_seconds) * 1000;
+        grant.approved_by = Some(operator.to_string());
+        let write = Write::event(
+            AuditEvent::new("grant.approved")
+                .agent(&grant.agent)
+                .target(&grant.target)
+                .grant(id)
+                .detail(serde_json::json!({ "by": operator, "expires_ms": grant.expires_ms })),
+        )
+        .put(Space::Grants, id, json(&grant));
+        self.record.write_async(write).await?;
+        self.state
+            .write()
+            .unwrap()
+            .grants
+            .insert(id.to_string(), grant.clone());
+        Ok(grant)
+    }
+
+    /// The agent collects the secret of a grant an operator approved: minted now,
+    /// shown once. `None` if there is nothing to collect (not approved, or collected).
+    pub async fn collect(
+        &self,
+        agent: &str,
+        id: &str,
+    ) -> Result<Option<(GrantRecord, String)>, BrokerError> {
+        let _guard = self.begin_change(id)?;
+        let mut grant = self
+            .grant_for(agent, id)
+            .ok_or_else(|| BrokerError::NotFound(format!("grant `{id}`")))?;
+        if grant.status != GrantStatus::Active
+            || grant.approved_by.is_none()
+            || !grant.secret_hash.is_empty()
+        {
+            return Ok(None);
+        }
+        let secret = new_secret();
+        grant.secret_hash = hash_secret(&secret);
+        let write = Write::event(
+            AuditEvent::new("grant.collected")
+                .agent(agent)
+                .target(&grant.target)
+                .grant(id),
+        )
+        .put(Space::Grants, id, json(&grant));
+        self.record.write_async(write).await?;
+        self.state
+            .write()
+            .unwrap()
+            .grants
+            .insert(id.to_string(), grant.clone());
+        Ok(Some((grant, secret)))
+    }
+
+    /// An operator denies a pending grant.
+    pub async fn deny(
+        &self,
+        id: &str,
+        operator: &str,
+        reason: &str,
+    ) -> Result<GrantRecord, BrokerError> {
+        let pending = self
+            .grant(id)
+            .ok_or_else(|| BrokerError::NotFound(format!("grant `{id}`")))?;
+        if pending.status != GrantStatus::Pending {
+            return Err(BrokerError::Conflict(format!(
+                "grant `{id}` is {:?}, not pending",
+                pending.status
+            )));
+        }
+        self.finish(id, GrantStatus::Denied, reason, operator).await
+    }
+
+    /// An operator revokes a grant; its connections are closed.
+    pub async fn revoke(&self, id: &str, operator: &str) -> Result<GrantRecord, BrokerError> {
+        self.finish(id, GrantStatus::Revoked, "revoked by an operator", operator)
+            .await
+    }
+
+    /// The agent ends its own grant early.
+    pub async fn end(&self, agent: &str, id: &str) -> Result<GrantRecord, BrokerError> {
+        if self.grant_for(agent, id).is_none() {
+            return Err(BrokerError::NotFound(format!("grant `{id}`")));
+        }
+        self.finish(id, GrantStatus::Ended, "ended by its agent", agent)
+            .await
+    }
+
+    /// Ends every grant whose window has passed. Returns how many it ended.
+    pub async fn expire_due(&self) -> usize {
+        let now = now_ms();
+        let due: Vec<String> = self
+            .state
+            .read()
+            .unwrap()
+            .grants
+            .values()
+            .filter(|g| !g.status.is_final() && now >= g.expires_ms)
+            .map(|g| g.id.clone())
+            .collect();
+        let mut ended = 0;
+        for id in due {
+            match self
+                .finish(&id, GrantStatus::Expired, "its window passed", "gateway")
+                .await
+            {
+                Ok(_) => ended += 1,
+                Err(BrokerError::Record(e)) => {
+                    // The grant is dead regardless (checks compare times), but its
+                    // connections are cut only once the end is recorded.
+                    tracing::error!(grant = %id, error = %e, "cannot record grant expiry");
+                }
+                Err(_) => {}
+            }
+        }
+        ended
+    }
+
+    /// Moves a grant to a final status, records it, and closes its connections.
+    async fn finish(
+        &self,
+        id: &str,
+        status: GrantStatus,
+        reason: &str,
+        by: &str,
+    ) -> Result<GrantRecord, BrokerError> {
+        let _guard = self.begin_change(id)?;
+        let mut grant = self
+            .state
+            .read()
+            .unwrap()
+            .grants
+            .get(id)
+            .cloned()
+            .ok_or_else(|| BrokerError::NotFound(format!("grant `{id}`")))?;
+        if grant.status.is_final() {
+            return Err(BrokerError::Conflict(format!(
+                "grant `{id}` has already ended ({:?})",
+                grant.status
+            )));
+        }
+        grant.status = status;
+        grant.reason = Some(reason.to_string());
+        let kind = match status {
+            GrantStatus::Denied => "grant.denied",
+            GrantStatus::Expired => "grant.expired",
+            GrantStatus::Ended => "grant.ended",
+            _ => "grant.revoked",
+        };
+        let write = Write::event(
+            AuditEvent::new(kind)
+                .agent(&grant.agent)
+                .target(&grant.target)
+                .grant(id)
+                .detail(serde_json::json!({ "by": by, "reason": reason })),
+        )
+        .put(Space::Grants, id, json(&grant));
+        self.record.write_async(write).await?;
+        self.state
+            .write()
+            .unwrap()
+            .grants
+            .insert(id.to_string(), grant.clone());
+        if let Some(live) = self.live.lock().unwrap().remove(id) {
+            let _ = live.send(Some(format!(
+                "grant {id} {}: {reason}",
+                status_word(status)
+            )));
+        }
+        Ok(grant)
+    }
+
+    fn begin_change(&self, id: &str) -> Result<ChangeGuard<'_>, BrokerError> {
+        if !self.state.write().unwrap().changing.insert(id.to_string()) {
+            return Err(BrokerError::Conflict(format!(
+                "grant `{id}` is being changed; try again"
+            )));
+        }
+        Ok(ChangeGuard {
+            broker: self,
+            id: id.to_string(),
+        })
+    }
+
+    /// Checks a grant's credentials for `target` and registers a live connection under
+    /// it. The connection must close when `ended` changes.
+    pub fn authenticate_grant(
+        &self,
+        id: &str,
+        secret: &str,
+        target: &str,
+    ) -> Result<LiveGrant, GrantAuthError> {
+        let grant = self.grant(id).ok_or(GrantAuthError::BadCredentials)?;
+        if grant.secret_hash.is_empty() || !secret_matches(secret, &grant.secret_hash) {
+            return Err(GrantAuthError::BadCredentials);
+        }
+        if grant.target != target {
+            return Err(GrantAuthError::WrongTarget {
+                expected: grant.target,
+                presented: target.to_string(),
+            });
+        }
+        match grant.status {
+            GrantStatus::Active => {}
+            GrantStatus::Pending => return Err(GrantAuthError::NotApproved),
+            other => return Err(GrantAuthError::Ended(status_word(other).to_string())),
+        }
+        let mut live = self.live.lock().unwrap();
+        let ended = live
+            .entry(grant.id.clone())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        Ok(LiveGrant { grant, ended })
+    }
+
+    /// How many connections are open under a grant.
+    pub fn live_connections(&self, id: &str) -> usize {
+        self.live
+            .lock()
+            .unwrap()
+            .get(id)
+            .map_or(0, |tx| tx.receiver_count())
+    }
+}
+
+struct ChangeGuard<'a> {
+    broker: &'a Broker,
+    id: String,
+}
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        self.broker.state.write().unwrap().changing.remove(&self.id);
+    }
+}
+
+fn status_word(status: GrantStatus) -> &'static str {
+    match status {
+        GrantStatus::Pending => "is pending",
+        GrantStatus::Active => "is active",
+        GrantStatus::Denied => "was denied",
+        GrantStatus::Revoked => "was revoked",
+        GrantStatus::Expired => "expired",
+        GrantStatus::Ended => "was ended",
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), BrokerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(BrokerError::Invalid(format!(
+            "{what} name `{name}` must be 1-64 characters of letters, digits, `-`, `_` and `.`"
+        )))
+    }
+}

@@ -1,0 +1,152 @@
+//! What the broker keeps: agents, targets, grants.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Kind;
+use crate::policy::types::{self, Label};
+
+/// Read, write or admin, as agents ask for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Read,
+    Write,
+    Admin,
+}
+
+impl From<Access> for types::Access {
+    fn from(a: Access) -> Self {
+        match a {
+            Access::Read => types::Access::Read,
+            Access::Write => types::Access::Write,
+            Access::Admin => types::Access::Admin,
+        }
+    }
+}
+
+impl std::fmt::Display for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::Admin => "admin",
+        })
+    }
+}
+
+/// An enrolled agent. Its token is `airlock_<token_id>_<secret>`; only the secret's
+/// hash is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub token_id: String,
+    pub token_hash: String,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl AgentRecord {
+    pub fn policy_agent(&self) -> types::Agent {
+        types::Agent {
+            id: self.name.clone(),
+            labels: labels(&self.labels),
+        }
+    }
+}
+
+/// A target: where an agent may be let through to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TargetRecord {
+    pub name: String,
+    pub kind: Kind,
+    /// `host:port`, or a URL for HTTP and Kubernetes targets.
+    pub upstream: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Where the gateway finds the upstream credential: `secret:NAME` (the
+    /// gateway-owned secrets file) or `env:VAR`. Never the credential itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+impl TargetRecord {
+    pub fn policy_target(&self) -> types::Target {
+        types::Target {
+            name: self.name.clone(),
+            kind: self.kind.into(),
+            labels: labels(&self.labels),
+        }
+    }
+}
+
+fn labels(map: &BTreeMap<String, String>) -> Vec<Label> {
+    map.iter()
+        .map(|(key, value)| Label {
+            key: key.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+/// Where a grant is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantStatus {
+    /// Waiting for an operator's approval.
+    Pending,
+    /// Usable until `expires_ms`.
+    Active,
+    /// Refused by policy or by an operator.
+    Denied,
+    /// Ended by an operator, or because its agent was revoked.
+    Revoked,
+    /// Its window passed.
+    Expired,
+    /// Ended early by its agent.
+    Ended,
+}
+
+impl GrantStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, GrantStatus::Pending | GrantStatus::Active)
+    }
+}
+
+/// A grant: one agent, one target, one task, one access level, one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantRecord {
+    pub id: String,
+    pub agent: String,
+    pub target: String,
+    pub task: String,
+    pub access: Access,
+    pub status: GrantStatus,
+    /// The window the grant gets once active (the tightest of request, policy, config).
+    pub ttl_seconds: u32,
+    pub created_ms: u64,
+    /// For an active grant, the end of its window; for a pending one, the time by
+    /// which an operator must approve it.
+    pub expires_ms: u64,
+    /// sha256 of the secret; empty for a grant that never had one (denied).
+    #[serde(default)]
+    pub secret_hash: String,
+    /// Why it was denied, sent to review, or ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    /// Read-only by policy.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The bundle that decided it, e.g. `example v7`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+}

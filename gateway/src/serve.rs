@@ -1,0 +1,203 @@
+//! `airlock serve`: the gateway's main job.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::api::admin;
+use crate::api::agent::AgentApi;
+use crate::bundle::{ActivePolicy, PolicyDir, Reloader};
+use crate::config::{Config, DataDir};
+use crate::fsperm;
+use crate::grants::Broker;
+use crate::keys::SecretKey;
+use crate::policy::{PolicyEngine, PolicySet};
+use crate::record::{Record, RecordOptions};
+
+/// How often grants are checked for expiry (their connections are cut within this).
+const EXPIRY_SWEEP: Duration = Duration::from_millis(200);
+/// How often the policy directory is checked for a new bundle.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> ServeError + '_ {
+    move |e| ServeError::Setup(format!("{what}: {e}"))
+}
+
+/// Reads the gateway's checkpoint-signing key, creating it (0600) on first start.
+pub fn signing_key(path: &Path) -> Result<SecretKey, ServeError> {
+    if !path.exists() {
+        let key = SecretKey::generate();
+        key.write(path).map_err(setup("gateway signing key"))?;
+        tracing::info!(key = %path.display(), id = %key.public().id(), "created the gateway's signing key");
+    }
+    SecretKey::read(path).map_err(setup("gateway signing key"))
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    data: DataDir,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    fsperm::create_private_dir(data.root()).map_err(setup("data directory"))?;
+    let key = signing_key(&data.signing_key())?;
+    let record = Record::open(
+        RecordOptions {
+            origin: config.gateway.name.clone(),
+            checkpoint_every: config.record.checkpoint_every,
+            checkpoint_interval: config.checkpoint_interval(),
+            ..RecordOptions::new(data.store_dir())
+        },
+        key,
+    )
+    .map_err(setup("record"))?;
+
+    let trust = config.trusted_keys().map_err(setup("configuration"))?;
+    let policy_dir = PolicyDir::open(&data.policy_dir()).map_err(setup("policy directory"))?;
+    let engine = PolicyEngine::new(config.policy_limits(), Some(&policy_dir.cache_dir()))
+        .map_err(setup("policy engine"))?;
+    let initial = match policy_dir.load_current(&engine, &trust, SystemTime::now()) {
+        Ok(Some(set)) => set,
+        Ok(None) => {
+            tracing::warn!(
+                "no policy bundle is installed: every request is denied until one is (airlock bundle install)"
+            );
+            PolicySet::empty()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the installed policy bundle is refused: every request is denied until a good one is installed");
+            PolicySet::empty()
+        }
+    };
+    if let Some(bundle) = initial.bundle() {
+        tracing::info!(bundle = %bundle, "policy bundle active");
+    }
+    let policy = Arc::new(ActivePolicy::new(initial));
+    let _reloader = Reloader::new(
+        policy_dir.clone(),
+        engine,
+        trust,
+        policy.clone(),
+        policy_dir.current().map_err(setup("policy directory"))?,
+    )
+    .spawn(RELOAD_INTERVAL);
+
+    let broker = Arc::new(
+        Broker::load(
+            record.clone(),
+            policy,
+            config.targets.clone(),
+            config.max_grant_ttl(),
+        )
+        .map_err(setup("grant broker"))?,
+    );
+
+    let addr: SocketAddr = config
+        .agent_api
+        .listen
+        .parse()
+        .map_err(setup("agent-api.listen"))?;
+    let tls = match (&config.agent_api.tls_cert, &config.agent_api.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(crate::api::load_tls(cert, key).map_err(ServeError::Setup)?)
+        }
+        _ if !addr.ip().is_loopback() => {
+            return Err(ServeError::Setup(format!(
+                "refusing to serve the agent API in plain HTTP on {addr}, which is not a loopback address; set agent-api.tls-cert and agent-api.tls-key"
+            )));
+        }
+        _ => None,
+    };
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    match tls {
+        Some(_) => tracing::info!("agent API listening on https://{local}"),
+        None => tracing::warn!(
+            "agent API listening on http://{local}: plain HTTP on loopback, for development only; set agent-api.tls-cert and tls-key"
+        ),
+    }
+    let api = Arc::new(AgentApi::new(
+        broker.clone(),
+        config.agent_api.max_body_bytes,
+        config.agent_api.requests_per_minute,
+    ));
+
+    let admin_path = data.admin_socket();
+    let admin_task = tokio::spawn({
+        let broker = broker.clone();
+        let path = admin_path.clone();
+        async move {
+            if let Err(e) = admin::serve(&path, broker).await {
+                tracing::error!(error = %e, "admin socket failed");
+            }
+        }
+    });
+    tracing::info!(socket = %admin_path.display(), "admin interface listening");
+
+    let expiry_task = tokio::spawn({
+        let broker = broker.clone();
+        async move {
+            loop {
+                tokio::time::sleep(EXPIRY_SWEEP).await;
+                broker.expire_due().await;
+            }
+        }
+    });
+
+    let accept = async {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent API accept failed");
+                    continue;
+                }
+            };
+            let api = api.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| api.clone().handle(req));
+                let http = hyper::server::conn::http1::Builder::new();
+                let result = match tls {
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    },
+                    None => http.serve_connection(TokioIo::new(stream), service).await,
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "agent API connection ended with an error");
+                }
+            });
+        }
+    };
+    tokio::select! {
+        () = accept => {}
+        () = shutdown => tracing::info!("shutting down"),
+    }
+    admin_task.abort();
+    expiry_task.abort();
+    let _ = std::fs::remove_file(&admin_path);
+    drop(broker);
+    drop(api);
+    record.close();
+    Ok(())
+}
