@@ -55,6 +55,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     fsperm::create_private_dir(data.root()).map_err(setup("data directory"))?;
+    // A write past a file-size limit must fail (and be refused, fail closed), not kill
+    // the gateway: handling SIGXFSZ turns it into an EFBIG error from write(2).
+    let _file_size_signal = tokio::signal::unix::signal(
+        tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw()),
+    )?;
     let key = signing_key(&data.signing_key())?;
     let record = Record::open(
         RecordOptions {

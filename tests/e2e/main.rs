@@ -3,5 +3,6 @@
 
 mod bundles;
 mod examples;
+mod gateway;
 mod policy_host;
 mod support;

@@ -1,0 +1,888 @@
+//! The running gateway: `airlock serve` over real HTTP (curl), the admin socket through
+//! the real CLI, the record on disk.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{airlock, component, run, tempdir, text, workspace};
+
+const EXAMPLES: [&str; 6] = [
+    "task-guard",
+    "read-only-sql",
+    "ssh-allowlist",
+    "kube-readonly",
+    "http-allowlist",
+    "pii-mask",
+];
+
+/// A signed example bundle, installed once into a template policy directory (so the
+/// modules compile once per test run), and the key that signed it.
+struct Template {
+    _dir: tempfile::TempDir,
+    policy: PathBuf,
+    public_key: PathBuf,
+}
+
+fn template() -> &'static Template {
+    static TEMPLATE: OnceLock<Template> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = tempdir();
+        let keys = dir.path().join("keys");
+        assert!(
+            run(&["bundle", "keygen", "--out", keys.to_str().unwrap()])
+                .status
+                .success()
+        );
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let manifest =
+            std::fs::read_to_string(workspace().join("example-policies/bundle.toml")).unwrap();
+        let mut toml = manifest;
+        for name in EXAMPLES {
+            let built = component(&format!("example-policies/{name}"));
+            toml = toml
+                .replace(
+                    &format!("\"build/{name}.wasm\""),
+                    &format!("{:?}", built.to_str().unwrap()),
+                )
+                .replace(
+                    &format!("\"{name}/fixtures\""),
+                    &format!(
+                        "{:?}",
+                        workspace()
+                            .join(format!("example-policies/{name}/fixtures"))
+                            .to_str()
+                            .unwrap()
+                    ),
+                );
+        }
+        std::fs::write(src.join("bundle.toml"), toml).unwrap();
+        let bundle = dir.path().join("bundle");
+        let key = keys.join("bundle-signing.key");
+        let out = run(&[
+            "bundle",
+            "sign",
+            src.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--version",
+            "1",
+            "--out",
+            bundle.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let public_key = keys.join("bundle-signing.key.pub");
+        write_config(&data, 0, &public_key, "");
+        let out = run(&[
+            "--data",
+            data.to_str().unwrap(),
+            "bundle",
+            "install",
+            bundle.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        Template {
+            policy: data.join("policy"),
+            public_key,
+            _dir: dir,
+        }
+    })
+}
+
+fn write_config(data: &Path, port: u16, public_key: &Path, extra: &str) {
+    std::fs::write(
+        data.join("airlock.toml"),
+        format!(
+            r#"
+[agent-api]
+listen = "127.0.0.1:{port}"
+max-body-bytes = 4096
+requests-per-minute = 100000
+[record]
+checkpoint-every = 8
+checkpoint-interval = "1s"
+[policy]
+trusted-keys = [{public_key:?}]
+[[target]]
+name = "prod-db"
+kind = "postgres"
+upstream = "127.0.0.1:5432"
+labels = {{ env = "prod" }}
+credential = "secret:prod-db"
+[[target]]
+name = "staging-db"
+kind = "postgres"
+upstream = "127.0.0.1:5433"
+labels = {{ env = "staging" }}
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `airlock serve` on a private data directory; killed when dropped.
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    pub fn start_with(extra_config: &str) -> Self {
+        let template = template();
+        let dir = tempdir();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&template.policy)
+            .arg(data.join("policy"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let port = free_port();
+        write_config(&data, port, &template.public_key, extra_config);
+        let mut gateway = Gateway {
+            dir,
+            port,
+            child: None,
+        };
+        gateway.spawn();
+        gateway
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("gateway.log")
+    }
+
+    fn spawn(&mut self) {
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
+        // The log goes through a pipe, as under a service manager, so a limit put on
+        // the gateway's own files does not also silence its log.
+        let mut child = airlock()
+            .env("AIRLOCK_LOG", "info")
+            .arg("--data")
+            .arg(self.data())
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut log));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, _) = self.http("GET", "/healthz", None, None);
+            if status == 200 && self.data().join("admin.sock").exists() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    /// Stops the gateway: gracefully, or with SIGKILL.
+    pub fn stop(&mut self, kill: bool) {
+        if let Some(mut child) = self.child.take() {
+            if kill {
+                child.kill().unwrap();
+            } else {
+                let _ = Command::new("kill").arg(child.id().to_string()).status();
+            }
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop(false);
+        self.spawn();
+    }
+
+    /// One HTTP request with curl; returns the status and the JSON body (or Null).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-S",
+            "--max-time",
+            "10",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ]);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        if body.is_some() {
+            cmd.args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ]);
+        }
+        cmd.arg(format!("http://127.0.0.1:{}{path}", self.port));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("curl runs");
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().unwrap();
+            if let Some(body) = body {
+                let _ = stdin.write_all(body.as_bytes());
+            }
+        }
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        child.wait().unwrap();
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// `airlock --data DATA ARGS…` (the operator's CLI, over the admin socket).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = airlock();
+        cmd.arg("--data").arg(self.data()).args(args);
+        cmd.output().unwrap()
+    }
+
+    /// Enrolls an agent and returns its token.
+    pub fn agent(&self, name: &str, labels: &[&str]) -> String {
+        let mut args = vec!["agent", "add", name];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        let out = self.cli(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .to_string()
+    }
+
+    pub fn ask(
+        &self,
+        token: &str,
+        target: &str,
+        task: &str,
+        access: &str,
+        ttl: &str,
+    ) -> (u16, Value) {
+        let body =
+            json!({ "target": target, "task": task, "access": access, "ttl": ttl }).to_string();
+        self.http("POST", "/v1/grants", Some(token), Some(&body))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop(true);
+    }
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const TASK: &str = "confirm migration 42 ran";
+
+#[test]
+fn the_grant_lifecycle_over_http() {
+    let gw = Gateway::start();
+    let token = gw.agent("claude", &["team=payments"]);
+
+    // Allowed: 201, the secret once, the policy's 15-minute cap, read-only.
+    let (status, grant) = gw.ask(&token, "prod-db", TASK, "read", "1h");
+    assert_eq!(status, 201, "{grant}");
+    assert_eq!(grant["status"], "active");
+    assert_eq!(grant["ttl_seconds"], 900);
+    assert_eq!(grant["read_only"], true);
+    let secret = grant["secret"].as_str().unwrap();
+    assert!(secret.len() >= 43);
+    assert_eq!(grant["connection"]["user"], grant["id"]);
+    let id = grant["id"].as_str().unwrap().to_string();
+    let (status, again) = gw.http("GET", &format!("/v1/grants/{id}"), Some(&token), None);
+    assert_eq!(status, 200);
+    assert!(
+        again.get("secret").is_none(),
+        "a secret is shown once: {again}"
+    );
+
+    // Denied: 403 with the policy's reason and hint.
+    let (status, denied) = gw.ask(&token, "prod-db", "x", "read", "10m");
+    assert_eq!(status, 403, "{denied}");
+    assert_eq!(denied["code"], "denied");
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("task description")
+    );
+    assert!(denied["hint"].as_str().unwrap().contains("--task"));
+    assert!(denied.get("secret").is_none());
+
+    // Review → the operator approves through the admin socket → the agent collects.
+    let (status, pending) = gw.ask(
+        &token,
+        "prod-db",
+        "fix the broken row in users",
+        "write",
+        "10m",
+    );
+    assert_eq!(status, 202, "{pending}");
+    assert!(pending.get("secret").is_none());
+    let pid = pending["id"].as_str().unwrap().to_string();
+    let (_, polled) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&token), None);
+    assert_eq!(polled["status"], "pending");
+    let out = gw.cli(&["grants", "approve", &pid]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !text(&out).contains("secret"),
+        "the operator never sees a secret"
+    );
+    let (status, approved) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&token), None);
+    assert_eq!(status, 200);
+    assert_eq!(approved["status"], "active");
+    assert!(approved["secret"].as_str().is_some(), "{approved}");
+    let (_, later) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&token), None);
+    assert!(later.get("secret").is_none(), "collected once");
+
+    // The agent ends its task early.
+    let (status, ended) = gw.http("DELETE", &format!("/v1/grants/{id}"), Some(&token), None);
+    assert_eq!(status, 200);
+    assert_eq!(ended["status"], "ended");
+    let (status, _) = gw.http("DELETE", &format!("/v1/grants/{id}"), Some(&token), None);
+    assert_eq!(status, 409, "an ended grant cannot end again");
+
+    // An operator revokes.
+    let out = gw.cli(&["grants", "revoke", &pid]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (_, revoked) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&token), None);
+    assert_eq!(revoked["status"], "revoked");
+
+    // Expiry: a 1-second grant on staging is dead after its window.
+    let (status, short) = gw.ask(&token, "staging-db", TASK, "read", "1s");
+    assert_eq!(status, 201, "{short}");
+    let sid = short["id"].as_str().unwrap().to_string();
+    wait_for("the grant to expire", || {
+        gw.http("GET", &format!("/v1/grants/{sid}"), Some(&token), None)
+            .1["status"]
+            == "expired"
+    });
+    wait_for("the expiry to be recorded", || {
+        text(&gw.cli(&["audit", "tail", "-n", "50"])).contains(&format!("\"grant.expired\""))
+    });
+
+    // Every step is in the record, in order, and the record verifies.
+    let tail = text(&gw.cli(&["audit", "tail", "-n", "100"]));
+    let kinds: Vec<String> = tail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["grant"] == json!(pid))
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "grant.requested",
+            "grant.decided",
+            "grant.approved",
+            "grant.collected",
+            "grant.revoked"
+        ]
+    );
+    let out = gw.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn an_agent_token_reaches_nothing_but_its_own_grants() {
+    let gw = Gateway::start();
+    let alice = gw.agent("alice", &[]);
+    let bob = gw.agent("bob", &[]);
+    let (_, grant) = gw.ask(&alice, "prod-db", TASK, "read", "10m");
+    let id = grant["id"].as_str().unwrap().to_string();
+    let (_, pending) = gw.ask(
+        &alice,
+        "prod-db",
+        "fix the broken row in users",
+        "write",
+        "10m",
+    );
+    let pid = pending["id"].as_str().unwrap().to_string();
+
+    // Another agent's grant is invisible and cannot be ended.
+    assert_eq!(
+        gw.http("GET", &format!("/v1/grants/{id}"), Some(&bob), None)
+            .0,
+        404
+    );
+    assert_eq!(
+        gw.http("DELETE", &format!("/v1/grants/{id}"), Some(&bob), None)
+            .0,
+        404
+    );
+    // No way to approve, extend or widen through the agent API.
+    for (method, path, body) in [
+        ("POST", format!("/v1/grants/{pid}/approve"), None),
+        (
+            "PATCH",
+            format!("/v1/grants/{pid}"),
+            Some(r#"{"status":"active"}"#),
+        ),
+        (
+            "PUT",
+            format!("/v1/grants/{id}"),
+            Some(r#"{"ttl":"24h","access":"admin"}"#),
+        ),
+        ("POST", "/v1/admin/agents".to_string(), Some("{}")),
+    ] {
+        let (status, body) = gw.http(method, &path, Some(&alice), body);
+        assert!(
+            status == 404 || status == 405,
+            "{method} {path} → {status} {body}"
+        );
+    }
+    let (_, still) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&alice), None);
+    assert_eq!(still["status"], "pending");
+    // Bad tokens.
+    for token in [
+        "",
+        "airlock_nope",
+        &alice.replace('_', "-"),
+        &format!("{alice}x"),
+    ] {
+        assert_eq!(
+            gw.http("POST", "/v1/grants", Some(token), Some("{}")).0,
+            401,
+            "{token}"
+        );
+    }
+    // The admin socket is the gateway user's alone: another user cannot even connect.
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .arg("--data")
+        .arg(gw.data())
+        .args(["grants", "approve", &pid])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("cannot reach the gateway's admin socket"),
+        "{}",
+        text(&out)
+    );
+    let (_, still) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&alice), None);
+    assert_eq!(still["status"], "pending");
+
+    // A revoked agent's token stops working and its live grants end.
+    let out = gw.cli(&["agent", "revoke", "alice"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 live grants ended"), "{}", text(&out));
+    assert_eq!(
+        gw.http("GET", &format!("/v1/grants/{id}"), Some(&alice), None)
+            .0,
+        401
+    );
+    let show = text(&gw.cli(&["grants", "show", &id]));
+    assert!(show.contains("\"revoked\""), "{show}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_4xx_and_the_gateway_keeps_serving() {
+    let gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    let huge = format!(
+        r#"{{"target":"prod-db","task":"{}","ttl":"10m"}}"#,
+        "a".repeat(10_000)
+    );
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{not json".into(), 400, "invalid_json"),
+        (
+            r#"{"target":"prod-db","task":"t t t t t t","ttl":"10m","admin":true}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            r#"{"target":"prod-db","task":"confirm things work","ttl":"forever"}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"target":"prod-db","task":"confirm things work","ttl":0}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"target":"prod-db","task":"confirm things work","ttl":"48h"}"#.into(),
+            400,
+            "invalid_request",
+        ),
+        (
+            r#"{"target":"prod-db","task":"confirm things work","ttl":"10m","access":"root"}"#
+                .into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            r#"{"target":"nowhere","task":"confirm things work","ttl":"10m"}"#.into(),
+            404,
+            "unknown_target",
+        ),
+        (huge, 413, "body_too_large"),
+        ("".into(), 400, "invalid_json"),
+    ];
+    for (body, expected, code) in cases {
+        let (status, reply) = gw.http("POST", "/v1/grants", Some(&token), Some(&body));
+        assert_eq!(status, expected, "{body:.80} → {reply}");
+        assert_eq!(reply["code"], code, "{body:.80} → {reply}");
+        assert!(
+            !reply["message"].as_str().unwrap_or("").is_empty(),
+            "{reply}"
+        );
+    }
+    let (status, _) = gw.http("GET", "/v1/nothing", Some(&token), None);
+    assert_eq!(status, 404);
+    let (status, grant) = gw.ask(&token, "prod-db", TASK, "read", "10m");
+    assert_eq!(status, 201, "still serving: {grant}");
+    let (status, doc) = gw.http("GET", "/v1/openapi.json", None, None);
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.0.3");
+}
+
+#[test]
+fn grants_survive_a_restart_and_no_secret_is_left_in_logs_or_store() {
+    let mut gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    let (_, active) = gw.ask(&token, "prod-db", TASK, "read", "10m");
+    let (_, pending) = gw.ask(
+        &token,
+        "prod-db",
+        "fix the broken row in users",
+        "write",
+        "10m",
+    );
+    let aid = active["id"].as_str().unwrap().to_string();
+    let pid = pending["id"].as_str().unwrap().to_string();
+    gw.restart();
+    let (status, after) = gw.http("GET", &format!("/v1/grants/{aid}"), Some(&token), None);
+    assert_eq!(status, 200, "the agent token survives too");
+    assert_eq!(after["status"], "active");
+    assert_eq!(
+        gw.http("GET", &format!("/v1/grants/{pid}"), Some(&token), None)
+            .1["status"],
+        "pending"
+    );
+    assert!(gw.cli(&["grants", "approve", &pid]).status.success());
+    let (_, collected) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&token), None);
+    let secrets = [
+        token.clone(),
+        token.rsplit('_').next().unwrap().to_string(),
+        active["secret"].as_str().unwrap().to_string(),
+        collected["secret"].as_str().unwrap().to_string(),
+    ];
+    gw.stop(false);
+
+    // Raw bytes of every file the gateway wrote, and its log.
+    let mut files = vec![gw.log()];
+    let mut stack = vec![gw.data()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path)
+            } else {
+                files.push(path)
+            }
+        }
+    }
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap();
+        for secret in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a secret is in {}",
+                file.display()
+            );
+        }
+    }
+    // And every value in the store, decompressed.
+    let spaces = airlock::record::Spaces::open(&gw.data().join("store")).unwrap();
+    for space in [
+        &spaces.agents,
+        &spaces.grants,
+        &spaces.targets,
+        &spaces.audit,
+        &spaces.meta,
+    ] {
+        for kv in space.iter() {
+            let value = kv.value().unwrap();
+            for secret in &secrets {
+                assert!(!value.windows(secret.len()).any(|w| w == secret.as_bytes()));
+            }
+        }
+    }
+}
+
+#[test]
+fn audit_verify_names_an_edited_or_deleted_entry() {
+    let mut gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    for _ in 0..5 {
+        gw.ask(&token, "prod-db", TASK, "read", "10m");
+    }
+    gw.stop(false);
+    let ok = gw.cli(&["audit", "verify"]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(text(&ok).contains("ok: 11 entries"), "{}", text(&ok));
+
+    let store = gw.data().join("store");
+    {
+        let spaces = airlock::record::Spaces::open(&store).unwrap();
+        let mut bytes = spaces
+            .audit
+            .get(6u64.to_be_bytes())
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        let at = bytes.iter().position(|&b| b == b'c').unwrap();
+        bytes[at] = b'C';
+        spaces.audit.insert(6u64.to_be_bytes(), bytes).unwrap();
+    }
+    let out = gw.cli(&["audit", "verify"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("does NOT verify: entry 6: was modified"),
+        "{}",
+        text(&out)
+    );
+
+    let fresh = Gateway::start();
+    let token = fresh.agent("claude", &[]);
+    for _ in 0..5 {
+        fresh.ask(&token, "prod-db", TASK, "read", "10m");
+    }
+    let mut fresh = fresh;
+    fresh.stop(false);
+    {
+        let spaces = airlock::record::Spaces::open(&fresh.data().join("store")).unwrap();
+        spaces.audit.remove(4u64.to_be_bytes()).unwrap();
+    }
+    let out = fresh.cli(&["audit", "verify"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("entry 4: is missing"), "{}", text(&out));
+}
+
+#[test]
+fn a_saved_checkpoint_proves_the_log_only_grew() {
+    let gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    for _ in 0..4 {
+        gw.ask(&token, "prod-db", TASK, "read", "10m");
+    }
+    wait_for("a checkpoint", || {
+        gw.cli(&["audit", "checkpoint"]).status.success()
+    });
+    let saved = gw.dir.path().join("saved-checkpoint");
+    std::fs::write(&saved, gw.cli(&["audit", "checkpoint"]).stdout).unwrap();
+    for _ in 0..6 {
+        gw.ask(&token, "prod-db", TASK, "read", "10m");
+    }
+    let out = gw.cli(&["audit", "verify", "--against", saved.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("consistent: the log"), "{}", text(&out));
+
+    // An export verifies on its own, offline.
+    let export = gw.dir.path().join("audit.jsonl");
+    assert!(
+        gw.cli(&["audit", "export", "--out", export.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let key = gw.data().join("gateway-signing.key.pub");
+    let out = run(&[
+        "audit",
+        "verify",
+        "--export",
+        export.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_grant() {
+    let mut gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    let port = gw.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let token = token.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut acknowledged = Vec::new();
+                for _ in 0..500 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let out = Command::new("curl")
+                        .args([
+                            "-s",
+                            "--max-time",
+                            "5",
+                            "-H",
+                            &format!("Authorization: Bearer {token}"),
+                        ])
+                        .args([
+                            "--data-binary",
+                            &json!({"target":"prod-db","task":TASK,"ttl":"10m"}).to_string(),
+                        ])
+                        .arg(format!("http://127.0.0.1:{port}/v1/grants"))
+                        .output()
+                        .unwrap();
+                    if let Ok(grant) = serde_json::from_slice::<Value>(&out.stdout) {
+                        if grant["status"] == "active" {
+                            acknowledged.push(grant["id"].as_str().unwrap().to_string());
+                        }
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    gw.stop(true);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acknowledged: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(
+        acknowledged.len() > 5,
+        "the loop ran: {}",
+        acknowledged.len()
+    );
+
+    let spaces = airlock::record::Spaces::open(&gw.data().join("store")).unwrap();
+    for id in &acknowledged {
+        assert!(
+            spaces.grants.get(id).unwrap().is_some(),
+            "acknowledged grant {id} was lost"
+        );
+    }
+    drop(spaces);
+    let out = gw.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    gw.spawn();
+    let listed = text(&gw.cli(&["grants", "list"]));
+    assert!(acknowledged.iter().all(|id| listed.contains(id.as_str())));
+}
+
+#[test]
+fn when_the_record_cannot_be_written_grants_are_refused() {
+    let gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    let (status, _) = gw.ask(&token, "prod-db", TASK, "read", "10m");
+    assert_eq!(status, 201);
+    // The file-size limit makes every further write to the store fail with EFBIG,
+    // as a full disk would.
+    let limit = Command::new("prlimit")
+        .args(["--pid", &gw.pid().to_string(), "--fsize=1"])
+        .status()
+        .unwrap();
+    assert!(limit.success());
+    let (status, refused) = gw.ask(&token, "prod-db", "the unrecorded request", "read", "10m");
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(refused["code"], "record_unavailable");
+    assert!(refused.get("secret").is_none());
+    assert!(
+        refused["message"].as_str().unwrap().contains("refus"),
+        "{refused}"
+    );
+    let (status, health) = gw.http("GET", "/healthz", None, None);
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["code"], "not_ready");
+    // Still refused: a failed write poisons the record until an operator restarts.
+    assert_eq!(gw.ask(&token, "prod-db", TASK, "read", "10m").0, 503);
+    assert!(
+        gw.log_text().contains("record write failed"),
+        "{}",
+        gw.log_text()
+    );
+
+    let mut gw = gw;
+    gw.stop(true);
+    let spaces = airlock::record::Spaces::open(&gw.data().join("store")).unwrap();
+    for kv in spaces.grants.iter() {
+        let value = kv.value().unwrap();
+        assert!(!String::from_utf8_lossy(&value).contains("the unrecorded request"));
+    }
+}
