@@ -435,7 +435,7 @@ fn the_grant_lifecycle_over_http() {
             == "expired"
     });
     wait_for("the expiry to be recorded", || {
-        text(&gw.cli(&["audit", "tail", "-n", "50"])).contains(&format!("\"grant.expired\""))
+        text(&gw.cli(&["audit", "tail", "-n", "50"])).contains("\"grant.expired\"")
     });
 
     // Every step is in the record, in order, and the record verifies.
@@ -808,10 +808,10 @@ fn kill_9_loses_no_acknowledged_grant() {
                         .arg(format!("http://127.0.0.1:{port}/v1/grants"))
                         .output()
                         .unwrap();
-                    if let Ok(grant) = serde_json::from_slice::<Value>(&out.stdout) {
-                        if grant["status"] == "active" {
-                            acknowledged.push(grant["id"].as_str().unwrap().to_string());
-                        }
+                    if let Ok(grant) = serde_json::from_slice::<Value>(&out.stdout)
+                        && grant["status"] == "active"
+                    {
+                        acknowledged.push(grant["id"].as_str().unwrap().to_string());
                     }
                 }
                 acknowledged

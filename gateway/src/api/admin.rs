@@ -79,28 +79,33 @@ pub struct AdminError {
     pub message: String,
 }
 
-impl AdminResponse {
-    fn ok(result: Value) -> Self {
-        AdminResponse {
-            ok: true,
-            result,
-            error: None,
-        }
-    }
-
-    fn err(code: &str, message: impl Into<String>) -> Self {
-        AdminResponse {
-            ok: false,
-            result: Value::Null,
-            error: Some(AdminError {
-                code: code.into(),
-                message: message.into(),
-            }),
+impl AdminError {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        AdminError {
+            code: code.into(),
+            message: message.into(),
         }
     }
 }
 
-impl From<BrokerError> for AdminResponse {
+impl From<Result<Value, AdminError>> for AdminResponse {
+    fn from(result: Result<Value, AdminError>) -> Self {
+        match result {
+            Ok(result) => AdminResponse {
+                ok: true,
+                result,
+                error: None,
+            },
+            Err(error) => AdminResponse {
+                ok: false,
+                result: Value::Null,
+                error: Some(error),
+            },
+        }
+    }
+}
+
+impl From<BrokerError> for AdminError {
     fn from(e: BrokerError) -> Self {
         let code = match &e {
             BrokerError::Invalid(_) => "invalid_request",
@@ -108,7 +113,7 @@ impl From<BrokerError> for AdminResponse {
             BrokerError::Conflict(_) => "conflict",
             BrokerError::Record(_) => "record_unavailable",
         };
-        AdminResponse::err(code, e.to_string())
+        AdminError::new(code, e.to_string())
     }
 }
 
@@ -136,19 +141,21 @@ async fn connection(stream: UnixStream, broker: Arc<Broker>) -> std::io::Result<
     let (read, mut write) = stream.into_split();
     let mut lines = AsyncBufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
-        let response = if line.len() > MAX_LINE {
-            AdminResponse::err(
+        let result = if line.len() > MAX_LINE {
+            Err(AdminError::new(
                 "too_large",
                 format!("request is larger than {MAX_LINE} bytes"),
-            )
+            ))
         } else {
             match serde_json::from_str::<AdminRequest>(&line) {
                 Ok(request) => handle(&broker, &operator, request).await,
-                Err(e) => {
-                    AdminResponse::err("invalid_request", format!("not an admin request: {e}"))
-                }
+                Err(e) => Err(AdminError::new(
+                    "invalid_request",
+                    format!("not an admin request: {e}"),
+                )),
             }
         };
+        let response = AdminResponse::from(result);
         let mut out = serde_json::to_vec(&response).expect("a response serializes");
         out.push(b'\n');
         write.write_all(&out).await?;
@@ -165,10 +172,14 @@ fn grant_view(grant: &crate::grants::GrantRecord) -> Value {
     view
 }
 
-async fn handle(broker: &Broker, operator: &str, request: AdminRequest) -> AdminResponse {
+async fn handle(
+    broker: &Broker,
+    operator: &str,
+    request: AdminRequest,
+) -> Result<Value, AdminError> {
     let span = tracing::info_span!("admin", %operator);
     let _enter = span.enter();
-    let result: Result<Value, AdminResponse> = match request {
+    match request {
         AdminRequest::AgentAdd { name, labels } => broker
             .add_agent(&name, labels)
             .await
@@ -189,7 +200,7 @@ async fn handle(broker: &Broker, operator: &str, request: AdminRequest) -> Admin
             .as_deref()
             .map(crate::config::check_credential_ref)
         {
-            Some(Err(e)) => Err(AdminResponse::err("invalid_request", e)),
+            Some(Err(e)) => Err(AdminError::new("invalid_request", e)),
             _ => broker
                 .add_target(target, operator)
                 .await
@@ -210,7 +221,7 @@ async fn handle(broker: &Broker, operator: &str, request: AdminRequest) -> Admin
         AdminRequest::GrantsShow { id } => broker
             .grant(&id)
             .map(|g| grant_view(&g))
-            .ok_or_else(|| AdminResponse::err("not_found", format!("grant `{id}` not found"))),
+            .ok_or_else(|| AdminError::new("not_found", format!("grant `{id}` not found"))),
         AdminRequest::GrantsApprove { id } => broker
             .approve(&id, operator)
             .await
@@ -233,24 +244,20 @@ async fn handle(broker: &Broker, operator: &str, request: AdminRequest) -> Admin
                     .map(|l| String::from_utf8_lossy(&l.to_line()).into_owned())
                     .collect::<Vec<_>>())
             })
-            .map_err(|e| AdminResponse::err("record_unavailable", e.to_string())),
+            .map_err(|e| AdminError::new("record_unavailable", e.to_string())),
         AdminRequest::AuditCheckpoint => broker
             .record()
             .spaces()
             .latest_checkpoint()
-            .map_err(|e| AdminResponse::err("record_unavailable", e.to_string()))
+            .map_err(|e| AdminError::new("record_unavailable", e.to_string()))
             .and_then(|cp| {
                 cp.map(|note| json!(String::from_utf8_lossy(&note)))
-                    .ok_or_else(|| AdminResponse::err("not_found", "no checkpoint has been signed yet"))
+                    .ok_or_else(|| AdminError::new("not_found", "no checkpoint has been signed yet"))
             }),
         AdminRequest::Health => match broker.record().ready() {
             Ok(()) => Ok(json!({ "status": "ready" })),
-            Err(e) => Err(AdminResponse::err("not_ready", e.to_string())),
+            Err(e) => Err(AdminError::new("not_ready", e.to_string())),
         },
-    };
-    match result {
-        Ok(value) => AdminResponse::ok(value),
-        Err(response) => response,
     }
 }
 
