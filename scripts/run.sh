@@ -35,6 +35,11 @@ credential = "secret:prod-db"
 TOML
     chmod 600 "$AIRLOCK_DATA/airlock.toml"
 fi
+if [ ! -f "$AIRLOCK_DATA/secrets.toml" ]; then
+    # The gateway's upstream credentials, never the agent's (a placeholder until the
+    # PostgreSQL gateway exists).
+    (umask 077 && echo 'prod-db = "dev-placeholder"' > "$AIRLOCK_DATA/secrets.toml")
+fi
 
 # Versions must only increase: seconds since the epoch do.
 version=$(date +%s)

@@ -259,7 +259,7 @@ impl Config {
                 return Err(format!("target[{i}] `{}`: upstream is empty", target.name));
             }
             if let Some(reference) = &target.credential {
-                check_credential_ref(reference)
+                crate::secrets::parse_reference(reference)
                     .map_err(|e| format!("target[{i}] `{}`: credential: {e}", target.name))?;
             }
         }
@@ -294,17 +294,6 @@ impl Config {
             memory_bytes: self.policy.memory_mib << 20,
             ..PolicyLimits::default()
         }
-    }
-}
-
-/// A credential reference is `secret:NAME` (a key in the gateway-owned secrets file)
-/// or `env:VAR` (an environment variable of the gateway process). Never the value.
-pub fn check_credential_ref(reference: &str) -> Result<(), String> {
-    match reference.split_once(':') {
-        Some(("secret" | "env", name)) if !name.is_empty() => Ok(()),
-        _ => Err(format!(
-            "`{reference}` is not a credential reference; use `secret:NAME` or `env:VAR`"
-        )),
     }
 }
 

@@ -18,6 +18,10 @@ pub enum PermError {
         "{path}: mode {mode:04o} lets a group or other users write it; refusing to use it (chmod go-w)"
     )]
     Writable { path: PathBuf, mode: u32 },
+    #[error(
+        "{path}: mode {mode:04o} lets others read these secrets; refusing to use it (chmod 600)"
+    )]
+    Readable { path: PathBuf, mode: u32 },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -44,6 +48,19 @@ pub fn check_private(path: &Path) -> Result<(), PermError> {
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(PermError::Writable {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that a file holding secrets is the gateway user's and readable by no one else.
+pub fn check_secret(path: &Path) -> Result<(), PermError> {
+    check_private(path)?;
+    let mode = fs::metadata(path).map_err(io_err(path))?.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(PermError::Readable {
             path: path.to_path_buf(),
             mode,
         });

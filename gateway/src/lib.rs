@@ -7,7 +7,13 @@
 //!   decision, hard limits on every call, verdicts combined across a bundle.
 //! - [`bundle`] is the signed bundle format and the gateway-owned policy directory:
 //!   keys, signing, verification, atomic install and hot reload.
-//! - [`fsperm`] refuses files and directories that anyone but the gateway could write.
+//! - [`grants`] is the broker: agents ask for per-task grants, policy decides, operators
+//!   approve, grants expire or are revoked and their connections are cut.
+//! - [`record`] is the gateway's own store and its tamper-evident audit log.
+//! - [`api`] is the agent API (HTTP/JSON) and the admin socket; [`serve`] wires it all.
+//! - [`config`], [`keys`], [`secrets`] and [`fsperm`] are the gateway's configuration, its
+//!   Ed25519 keys, its upstream credentials, and the refusal of any file anyone but the
+//!   gateway could write.
 
 pub mod api;
 pub mod bundle;
@@ -17,4 +23,5 @@ pub mod grants;
 pub mod keys;
 pub mod policy;
 pub mod record;
+pub mod secrets;
 pub mod serve;

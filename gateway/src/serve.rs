@@ -19,6 +19,7 @@ use crate::grants::Broker;
 use crate::keys::SecretKey;
 use crate::policy::{PolicyEngine, PolicySet};
 use crate::record::{Record, RecordOptions};
+use crate::secrets::Secrets;
 
 /// How often grants are checked for expiry (their connections are cut within this).
 const EXPIRY_SWEEP: Duration = Duration::from_millis(200);
@@ -71,6 +72,18 @@ pub async fn run(
         key,
     )
     .map_err(setup("record"))?;
+
+    // Every configured target's credential must resolve now, not at an agent's first
+    // connection: a gateway that cannot reach its upstreams should not start.
+    let secrets_file = data.root().join(&config.gateway.secrets_file);
+    let secrets = Secrets::load(&secrets_file).map_err(setup("gateway.secrets-file"))?;
+    for target in &config.targets {
+        if let Some(reference) = &target.credential {
+            secrets
+                .resolve(reference)
+                .map_err(|e| ServeError::Setup(format!("target `{}`: {e}", target.name)))?;
+        }
+    }
 
     let trust = config.trusted_keys().map_err(setup("configuration"))?;
     let policy_dir = PolicyDir::open(&data.policy_dir()).map_err(setup("policy directory"))?;
@@ -147,7 +160,7 @@ pub async fn run(
         let broker = broker.clone();
         let path = admin_path.clone();
         async move {
-            if let Err(e) = admin::serve(&path, broker).await {
+            if let Err(e) = admin::serve(&path, broker, secrets_file).await {
                 tracing::error!(error = %e, "admin socket failed");
             }
         }

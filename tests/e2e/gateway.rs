@@ -149,6 +149,14 @@ impl Gateway {
     }
 
     pub fn start_with(extra_config: &str) -> Self {
+        let mut gateway = Self::prepare(extra_config);
+        gateway.spawn();
+        gateway
+    }
+
+    /// A data directory ready to serve (bundle installed, configuration and secrets
+    /// written), not started.
+    pub fn prepare(extra_config: &str) -> Self {
         let template = template();
         let dir = tempdir();
         let data = dir.path().join("data");
@@ -164,13 +172,49 @@ impl Gateway {
         assert!(status.success());
         let port = free_port();
         write_config(&data, port, &template.public_key, extra_config);
-        let mut gateway = Gateway {
+        let secrets = data.join("secrets.toml");
+        std::fs::write(&secrets, "prod-db = \"upstream-password-for-tests\"\n").unwrap();
+        std::fs::set_permissions(
+            &secrets,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        Gateway {
             dir,
             port,
             child: None,
-        };
-        gateway.spawn();
-        gateway
+        }
+    }
+
+    /// Runs `airlock serve` expecting it to refuse to start; returns what it said.
+    pub fn refused_start(&self) -> String {
+        let mut child = airlock()
+            .arg("--data")
+            .arg(self.data())
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(!status.success(), "serve was expected to refuse to start");
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return err;
+            }
+            if Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("serve started when it should have refused");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn data(&self) -> PathBuf {
@@ -181,7 +225,7 @@ impl Gateway {
         self.dir.path().join("gateway.log")
     }
 
-    fn spawn(&mut self) {
+    pub fn spawn(&mut self) {
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -885,4 +929,125 @@ fn when_the_record_cannot_be_written_grants_are_refused() {
         let value = kv.value().unwrap();
         assert!(!String::from_utf8_lossy(&value).contains("the unrecorded request"));
     }
+}
+
+#[test]
+fn startup_refuses_a_missing_credential_and_plain_http_off_loopback() {
+    let gw = Gateway::prepare("");
+    std::fs::remove_file(gw.data().join("secrets.toml")).unwrap();
+    let err = gw.refused_start();
+    assert!(
+        err.contains("target `prod-db`: credential secret:prod-db: no key `prod-db` in"),
+        "{err}"
+    );
+
+    let gw = Gateway::prepare("");
+    std::fs::set_permissions(
+        gw.data().join("secrets.toml"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    assert!(
+        gw.refused_start()
+            .contains("lets others read these secrets")
+    );
+
+    let gw = Gateway::prepare("");
+    let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
+        .unwrap()
+        .replace("listen = \"127.0.0.1:", "listen = \"0.0.0.0:");
+    std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
+    let err = gw.refused_start();
+    assert!(
+        err.contains("refusing to serve the agent API in plain HTTP"),
+        "{err}"
+    );
+
+    let gw = Gateway::prepare("");
+    let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
+        .unwrap()
+        .replace(
+            "max-body-bytes = 4096",
+            "max-body-bytes = 4096\nlisten-backlog = 5",
+        );
+    std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
+    let err = gw.refused_start();
+    assert!(err.contains("unknown field `listen-backlog`"), "{err}");
+}
+
+#[test]
+fn the_agent_api_speaks_tls_when_configured() {
+    let gw = Gateway::prepare("");
+    let dir = gw.dir.path();
+    let (cert, key) = (dir.join("api.pem"), dir.join("api.key"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
+        .unwrap()
+        .replace(
+            "max-body-bytes = 4096",
+            &format!("max-body-bytes = 4096\ntls-cert = {cert:?}\ntls-key = {key:?}"),
+        );
+    std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
+    let mut child = airlock()
+        .arg("--data")
+        .arg(gw.data())
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let https = format!("https://127.0.0.1:{}/healthz", gw.port);
+    let curl = |extra: &[&str], url: &str| {
+        Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(extra)
+            .arg(url)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap()
+    };
+    let cacert = ["--cacert", cert.to_str().unwrap()];
+    wait_for("the TLS listener", || curl(&cacert, &https) == "200");
+    // Plain HTTP to the TLS port gets no HTTP answer; an unknown CA is refused.
+    assert_eq!(
+        curl(&[], &format!("http://127.0.0.1:{}/healthz", gw.port)),
+        "000"
+    );
+    assert_eq!(curl(&[], &https), "000");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::grants::{Broker, BrokerError, TargetRecord};
 use crate::record::{ExportLine, export_lines};
+use crate::secrets::Secrets;
 
 /// Longest request line accepted.
 const MAX_LINE: usize = 1 << 20;
@@ -117,23 +118,30 @@ impl From<BrokerError> for AdminError {
     }
 }
 
-/// Serves the admin socket at `path` until the task is dropped.
-pub async fn serve(path: &Path, broker: Arc<Broker>) -> std::io::Result<()> {
+/// Serves the admin socket at `path` until the task is dropped. `secrets_file` is
+/// where targets added at run time must find their credentials.
+pub async fn serve(path: &Path, broker: Arc<Broker>, secrets_file: PathBuf) -> std::io::Result<()> {
+    let secrets_file = Arc::new(secrets_file);
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     loop {
         let (stream, _) = listener.accept().await?;
         let broker = broker.clone();
+        let secrets_file = secrets_file.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, broker).await {
+            if let Err(e) = connection(stream, broker, &secrets_file).await {
                 tracing::warn!(error = %e, "admin connection failed");
             }
         });
     }
 }
 
-async fn connection(stream: UnixStream, broker: Arc<Broker>) -> std::io::Result<()> {
+async fn connection(
+    stream: UnixStream,
+    broker: Arc<Broker>,
+    secrets_file: &Path,
+) -> std::io::Result<()> {
     let operator = match stream.peer_cred() {
         Ok(cred) => format!("uid:{}", cred.uid()),
         Err(_) => "uid:unknown".to_string(),
@@ -148,7 +156,7 @@ async fn connection(stream: UnixStream, broker: Arc<Broker>) -> std::io::Result<
             ))
         } else {
             match serde_json::from_str::<AdminRequest>(&line) {
-                Ok(request) => handle(&broker, &operator, request).await,
+                Ok(request) => handle(&broker, &operator, secrets_file, request).await,
                 Err(e) => Err(AdminError::new(
                     "invalid_request",
                     format!("not an admin request: {e}"),
@@ -175,6 +183,7 @@ fn grant_view(grant: &crate::grants::GrantRecord) -> Value {
 async fn handle(
     broker: &Broker,
     operator: &str,
+    secrets_file: &Path,
     request: AdminRequest,
 ) -> Result<Value, AdminError> {
     let span = tracing::info_span!("admin", %operator);
@@ -195,18 +204,19 @@ async fn handle(
             .await
             .map(|ended| json!({ "agent": name, "grants_ended": ended }))
             .map_err(Into::into),
-        AdminRequest::TargetAdd { target } => match target
-            .credential
-            .as_deref()
-            .map(crate::config::check_credential_ref)
-        {
-            Some(Err(e)) => Err(AdminError::new("invalid_request", e)),
-            _ => broker
+        AdminRequest::TargetAdd { target } => {
+            // The credential must resolve now: a target the gateway cannot reach is refused.
+            if let Some(reference) = &target.credential {
+                Secrets::load(secrets_file)
+                    .and_then(|secrets| secrets.resolve(reference))
+                    .map_err(|e| AdminError::new("invalid_request", e.to_string()))?;
+            }
+            broker
                 .add_target(target, operator)
                 .await
                 .map(|()| json!({ "added": true }))
-                .map_err(Into::into),
-        },
+                .map_err(Into::into)
+        }
         AdminRequest::TargetList => Ok(json!(broker
             .targets()
             .iter()

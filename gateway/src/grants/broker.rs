@@ -279,6 +279,7 @@ impl Broker {
     }
 
     /// Revokes an agent: its token stops working and its live grants end.
+    #[tracing::instrument(skip(self))]
     pub async fn revoke_agent(&self, name: &str, by: &str) -> Result<usize, BrokerError> {
         let mut agent = self
             .state
@@ -411,6 +412,7 @@ impl Broker {
 
     /// Decides a grant request with the active policy bundle and records the request
     /// and the decision before answering.
+    #[tracing::instrument(skip_all, fields(agent = %agent.name, target = %body.target))]
     pub async fn request(
         &self,
         agent: &AgentRecord,
@@ -539,6 +541,7 @@ impl Broker {
 
     /// An operator approves a pending grant; its window starts now. The operator never
     /// sees a secret: the agent collects one with [`Broker::collect`].
+    #[tracing::instrument(skip(self))]
     pub async fn approve(&self, id: &str, operator: &str) -> Result<GrantRecord, BrokerError> {
         let _guard = self.begin_change(id)?;
         let mut grant = self
@@ -572,6 +575,7 @@ impl Broker {
 
     /// The agent collects the secret of a grant an operator approved: minted now,
     /// shown once. `None` if there is nothing to collect (not approved, or collected).
+    #[tracing::instrument(skip(self))]
     pub async fn collect(
         &self,
         agent: &str,
@@ -670,6 +674,7 @@ impl Broker {
     }
 
     /// Moves a grant to a final status, records it, and closes its connections.
+    #[tracing::instrument(skip(self))]
     async fn finish(
         &self,
         id: &str,
