@@ -1,6 +1,21 @@
 #!/usr/bin/env bash
 # Installs what building and testing Airlock needs on a fresh machine. Idempotent.
 set -euo pipefail
+
+# Debian packages: libclang-dev and protobuf-compiler to build pg_query; PostgreSQL 15 and pgbouncer
+# for the tests and the benchmark; curl and openssl as the tests' real clients.
+packages="libclang-dev protobuf-compiler postgresql-15 postgresql-client-15 pgbouncer curl openssl util-linux"
+missing=""
+for p in $packages; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing
+fi
+
 rustup target add wasm32-unknown-unknown >/dev/null
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p airlock-gateway --bin airlock

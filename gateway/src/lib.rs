@@ -22,6 +22,7 @@ pub mod fsperm;
 pub mod grants;
 pub mod keys;
 pub mod policy;
+pub mod proxy;
 pub mod record;
 pub mod secrets;
 pub mod serve;

@@ -1,0 +1,5 @@
+//! Protocol gateways. Each turns its protocol's traffic into the same few policy
+//! actions and uses the shared broker, policy and record: one enforcement model for
+//! every protocol.
+
+pub mod postgres;

@@ -1,0 +1,3 @@
+//! The PostgreSQL gateway.
+
+pub mod classify;
