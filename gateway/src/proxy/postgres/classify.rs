@@ -158,10 +158,13 @@ fn qualified(schema: &str, name: &str) -> String {
     }
 }
 
+/// One text's classification, shared between the cache and its users.
+pub type Classified = Arc<Result<Vec<SqlStatement>, ClassifyError>>;
+
 /// Classifications cached by statement text: an agent's repeated statements are parsed
 /// once. Bounded: when full it starts over.
 pub struct ClassifyCache {
-    entries: Mutex<HashMap<String, Arc<Result<Vec<SqlStatement>, ClassifyError>>>>,
+    entries: Mutex<HashMap<String, Classified>>,
     capacity: usize,
 }
 
@@ -173,7 +176,7 @@ impl ClassifyCache {
         }
     }
 
-    pub fn classify(&self, text: &str) -> Arc<Result<Vec<SqlStatement>, ClassifyError>> {
+    pub fn classify(&self, text: &str) -> Classified {
         if let Some(hit) = self.entries.lock().unwrap().get(text) {
             return hit.clone();
         }
