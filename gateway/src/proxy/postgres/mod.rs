@@ -1,3 +1,4 @@
 //! The PostgreSQL gateway.
 
 pub mod classify;
+pub mod wire;

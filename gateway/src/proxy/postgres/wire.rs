@@ -1,0 +1,321 @@
+//! The PostgreSQL v3 wire protocol: reading and writing messages, in both directions.
+//!
+//! Every message is `tag (1 byte) | length (4 bytes, including itself) | body`, except
+//! the client's first message, which has no tag. Lengths are checked before anything
+//! is allocated: a message over the limit is refused, not buffered.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest message accepted from either side.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+pub const PROTOCOL_V3: i32 = 196_608;
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection closed")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("message of {0} bytes is over the {MAX_MESSAGE}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// One tagged message.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub tag: u8,
+    pub body: Bytes,
+}
+
+/// The client's first message.
+#[derive(Debug)]
+pub enum Startup {
+    Ssl,
+    GssEnc,
+    Cancel { pid: i32, key: i32 },
+    Startup { params: Vec<(String, String)> },
+}
+
+async fn read_len<R: AsyncRead + Unpin>(r: &mut R, header: usize) -> Result<usize, WireError> {
+    let len = match r.read_i32().await {
+        Ok(len) => len,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    };
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l >= header)
+        .ok_or_else(|| WireError::Malformed(format!("length {len}")))?;
+    if len > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len));
+    }
+    Ok(len - header)
+}
+
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Bytes, WireError> {
+    let mut body = BytesMut::zeroed(len);
+    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => WireError::Malformed("truncated message".into()),
+        _ => e.into(),
+    })?;
+    Ok(body.freeze())
+}
+
+/// Reads the client's untagged first message.
+pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<Startup, WireError> {
+    let len = read_len(r, 4).await?;
+    if len < 4 || len > 10_000 {
+        return Err(WireError::Malformed(format!(
+            "startup packet of {len} bytes"
+        )));
+    }
+    let mut body = read_body(r, len).await?;
+    let code = body.get_i32();
+    match code {
+        SSL_REQUEST => Ok(Startup::Ssl),
+        GSSENC_REQUEST => Ok(Startup::GssEnc),
+        CANCEL_REQUEST if body.remaining() == 8 => Ok(Startup::Cancel {
+            pid: body.get_i32(),
+            key: body.get_i32(),
+        }),
+        PROTOCOL_V3 => {
+            let mut params = Vec::new();
+            loop {
+                let key = cstr(&mut body)?;
+                if key.is_empty() {
+                    break;
+                }
+                params.push((key, cstr(&mut body)?));
+            }
+            Ok(Startup::Startup { params })
+        }
+        other => Err(WireError::Malformed(format!(
+            "unsupported protocol version {}.{}",
+            other >> 16,
+            other & 0xffff
+        ))),
+    }
+}
+
+/// Reads one tagged message.
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, WireError> {
+    let tag = match r.read_u8().await {
+        Ok(tag) => tag,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    };
+    let len = read_len(r, 4).await?;
+    Ok(Message {
+        tag,
+        body: read_body(r, len).await?,
+    })
+}
+
+/// Reads a NUL-terminated string from the front of `buf`.
+pub fn cstr(buf: &mut Bytes) -> Result<String, WireError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| WireError::Malformed("string without its NUL".into()))?;
+    let s = std::str::from_utf8(&buf[..end])
+        .map_err(|_| WireError::Malformed("string is not UTF-8".into()))?
+        .to_string();
+    buf.advance(end + 1);
+    Ok(s)
+}
+
+/// Builds one tagged message.
+pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::with_capacity(64);
+    out.put_u8(tag);
+    out.put_i32(0);
+    body(&mut out);
+    let len = (out.len() - 1) as i32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
+}
+
+pub fn put_cstr(out: &mut BytesMut, s: &str) {
+    out.put_slice(s.as_bytes());
+    out.put_u8(0);
+}
+
+/// An ErrorResponse. `severity` is ERROR or FATAL.
+pub fn error_response(severity: &str, code: &str, message: &str, hint: Option<&str>) -> Bytes {
+    self::message(b'E', |out| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            out.put_u8(field);
+            put_cstr(out, value);
+        }
+        if let Some(hint) = hint {
+            out.put_u8(b'H');
+            put_cstr(out, hint);
+        }
+        out.put_u8(0);
+    })
+}
+
+/// ReadyForQuery with a transaction status (`I`, `T` or `E`).
+pub fn ready_for_query(status: u8) -> Bytes {
+    message(b'Z', |out| out.put_u8(status))
+}
+
+/// An Authentication message of the given kind with `data` after it.
+pub fn authentication(kind: i32, data: &[u8]) -> Bytes {
+    message(b'R', |out| {
+        out.put_i32(kind);
+        out.put_slice(data);
+    })
+}
+
+pub async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), WireError> {
+    w.write_all(bytes).await?;
+    Ok(())
+}
+
+/// A column of a RowDescription: name, type OID, and format (0 text, 1 binary).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Field {
+    pub name: String,
+    pub type_oid: u32,
+    pub format: i16,
+}
+
+/// Parses a RowDescription body.
+pub fn row_description(body: &Bytes) -> Result<Vec<Field>, WireError> {
+    let mut b = body.clone();
+    if b.remaining() < 2 {
+        return Err(WireError::Malformed("short RowDescription".into()));
+    }
+    let n = b.get_i16();
+    let mut fields = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let name = cstr(&mut b)?;
+        if b.remaining() < 18 {
+            return Err(WireError::Malformed("short RowDescription field".into()));
+        }
+        b.advance(6); // table OID, column number
+        let type_oid = b.get_u32();
+        b.advance(6); // type size, type modifier
+        let format = b.get_i16();
+        fields.push(Field {
+            name,
+            type_oid,
+            format,
+        });
+    }
+    Ok(fields)
+}
+
+/// Parses a DataRow body into its values (`None` is SQL NULL).
+pub fn data_row(body: &Bytes) -> Result<Vec<Option<Bytes>>, WireError> {
+    let mut b = body.clone();
+    if b.remaining() < 2 {
+        return Err(WireError::Malformed("short DataRow".into()));
+    }
+    let n = b.get_i16();
+    let mut values = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if b.remaining() < 4 {
+            return Err(WireError::Malformed("short DataRow value".into()));
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            values.push(None);
+        } else {
+            let len = len as usize;
+            if b.remaining() < len {
+                return Err(WireError::Malformed("DataRow value past its end".into()));
+            }
+            values.push(Some(b.split_to(len)));
+        }
+    }
+    Ok(values)
+}
+
+/// Builds a DataRow.
+pub fn encode_data_row(values: &[Option<Bytes>]) -> Bytes {
+    message(b'D', |out| {
+        out.put_i16(values.len() as i16);
+        for value in values {
+            match value {
+                None => out.put_i32(-1),
+                Some(v) => {
+                    out.put_i32(v.len() as i32);
+                    out.put_slice(v);
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn startup_and_messages_round_trip() {
+        let mut packet = BytesMut::new();
+        packet.put_i32(0);
+        packet.put_i32(PROTOCOL_V3);
+        for s in ["user", "g_1", "database", "prod-db", ""] {
+            put_cstr(&mut packet, s);
+        }
+        let len = packet.len() as i32;
+        packet[..4].copy_from_slice(&len.to_be_bytes());
+        let Startup::Startup { params } = read_startup(&mut &packet[..]).await.unwrap() else {
+            panic!("startup")
+        };
+        assert_eq!(
+            params,
+            [
+                ("user".into(), "g_1".into()),
+                ("database".into(), "prod-db".into())
+            ]
+        );
+
+        let row = encode_data_row(&[Some(Bytes::from_static(b"a@b.io")), None]);
+        let msg = read_message(&mut &row[..]).await.unwrap();
+        assert_eq!(msg.tag, b'D');
+        assert_eq!(
+            data_row(&msg.body).unwrap(),
+            [Some(Bytes::from_static(b"a@b.io")), None]
+        );
+    }
+
+    #[tokio::test]
+    async fn hostile_lengths_are_refused_before_allocating() {
+        let huge = [b'Q', 0x7f, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            read_message(&mut &huge[..]).await,
+            Err(WireError::TooLarge(_))
+        ));
+        let negative = [b'Q', 0xff, 0xff, 0xff, 0xf0];
+        assert!(matches!(
+            read_message(&mut &negative[..]).await,
+            Err(WireError::Malformed(_))
+        ));
+        let truncated = [b'Q', 0, 0, 0, 100, b'S'];
+        assert!(matches!(
+            read_message(&mut &truncated[..]).await,
+            Err(WireError::Malformed(_))
+        ));
+        let mut bad_row = BytesMut::new();
+        bad_row.put_i16(1);
+        bad_row.put_i32(50);
+        assert!(data_row(&bad_row.freeze()).is_err());
+    }
+}
