@@ -1,4 +1,5 @@
 //! The PostgreSQL gateway.
 
 pub mod classify;
+pub mod scram;
 pub mod wire;
