@@ -72,7 +72,7 @@ async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Bytes,
 /// Reads the client's untagged first message.
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<Startup, WireError> {
     let len = read_len(r, 4).await?;
-    if len < 4 || len > 10_000 {
+    if !(4..=10_000).contains(&len) {
         return Err(WireError::Malformed(format!(
             "startup packet of {len} bytes"
         )));
