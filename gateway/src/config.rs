@@ -44,6 +44,8 @@ pub struct Config {
     #[serde(default)]
     pub record: RecordConfig,
     #[serde(default)]
+    pub postgres: PostgresConfig,
+    #[serde(default)]
     pub policy: PolicyConfig,
     /// Upstream targets; more can be added at run time with `airlock target add`.
     #[serde(default, rename = "target")]
@@ -122,6 +124,27 @@ impl Default for AgentApiConfig {
             tls_key: None,
             max_body_bytes: default_max_body(),
             requests_per_minute: default_rate(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Where agents' PostgreSQL clients connect (user = grant id, password = grant
+    /// secret, database = target name). Loopback only until TLS is configured here.
+    #[serde(default = "default_pg_listen")]
+    pub listen: String,
+}
+
+fn default_pg_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            listen: default_pg_listen(),
         }
     }
 }
@@ -241,6 +264,17 @@ impl Config {
             .listen
             .parse::<std::net::SocketAddr>()
             .map_err(|e| format!("agent-api.listen = {:?}: {e}", self.agent_api.listen))?;
+        let pg: std::net::SocketAddr = self
+            .postgres
+            .listen
+            .parse()
+            .map_err(|e| format!("postgres.listen = {:?}: {e}", self.postgres.listen))?;
+        if !pg.ip().is_loopback() {
+            return Err(format!(
+                "postgres.listen = {:?}: the PostgreSQL listener has no TLS yet, so it listens on loopback only",
+                self.postgres.listen
+            ));
+        }
         if self.agent_api.tls_cert.is_some() != self.agent_api.tls_key.is_some() {
             return Err("agent-api.tls-cert and agent-api.tls-key must be set together".into());
         }

@@ -18,6 +18,8 @@ use crate::fsperm;
 use crate::grants::Broker;
 use crate::keys::SecretKey;
 use crate::policy::{PolicyEngine, PolicySet};
+use crate::proxy::postgres::classify::ClassifyCache;
+use crate::proxy::postgres::session::{self, PgServices};
 use crate::record::{Record, RecordOptions};
 use crate::secrets::Secrets;
 
@@ -118,7 +120,7 @@ pub async fn run(
     let broker = Arc::new(
         Broker::load(
             record.clone(),
-            policy,
+            policy.clone(),
             config.targets.clone(),
             config.max_grant_ttl(),
         )
@@ -154,6 +156,19 @@ pub async fn run(
         config.agent_api.max_body_bytes,
         config.agent_api.requests_per_minute,
     ));
+
+    let pg_listener = TcpListener::bind(&config.postgres.listen).await?;
+    tracing::info!(
+        "PostgreSQL gateway listening on {}",
+        pg_listener.local_addr()?
+    );
+    let pg_services = Arc::new(PgServices {
+        broker: broker.clone(),
+        policy: policy.clone(),
+        classify: ClassifyCache::new(10_000),
+        secrets_file: secrets_file.clone(),
+    });
+    let pg_task = tokio::spawn(session::listen(pg_listener, pg_services));
 
     let admin_path = data.admin_socket();
     let admin_task = tokio::spawn({
@@ -213,6 +228,7 @@ pub async fn run(
     }
     admin_task.abort();
     expiry_task.abort();
+    pg_task.abort();
     let _ = std::fs::remove_file(&admin_path);
     drop(broker);
     drop(api);

@@ -97,10 +97,13 @@ fn template() -> &'static Template {
 }
 
 fn write_config(data: &Path, port: u16, public_key: &Path, extra: &str) {
+    let pg_port = free_port();
     std::fs::write(
         data.join("airlock.toml"),
         format!(
             r#"
+[postgres]
+listen = "127.0.0.1:{pg_port}"
 [agent-api]
 listen = "127.0.0.1:{port}"
 max-body-bytes = 4096
@@ -113,13 +116,13 @@ trusted-keys = [{public_key:?}]
 [[target]]
 name = "prod-db"
 kind = "postgres"
-upstream = "127.0.0.1:5432"
+upstream = "postgres://airlock@127.0.0.1:{{UPSTREAM_PORT}}/app"
 labels = {{ env = "prod" }}
 credential = "secret:prod-db"
 [[target]]
 name = "staging-db"
 kind = "postgres"
-upstream = "127.0.0.1:5433"
+upstream = "postgres://airlock@127.0.0.1:5433/app"
 labels = {{ env = "staging" }}
 {extra}
 "#
@@ -128,7 +131,7 @@ labels = {{ env = "staging" }}
     .unwrap();
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -219,6 +222,26 @@ impl Gateway {
 
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// Points the `prod-db` target at a PostgreSQL server on `port`.
+    pub fn set_upstream_port(&self, port: u16) {
+        let path = self.data().join("airlock.toml");
+        let config = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, config.replace("{UPSTREAM_PORT}", &port.to_string())).unwrap();
+    }
+
+    /// The port of the gateway's PostgreSQL listener.
+    pub fn pg_port(&self) -> u16 {
+        let config = std::fs::read_to_string(self.data().join("airlock.toml")).unwrap();
+        let line = config
+            .lines()
+            .find(|l| l.starts_with("listen = \"127.0.0.1:"))
+            .unwrap();
+        line.trim_start_matches("listen = \"127.0.0.1:")
+            .trim_end_matches('"')
+            .parse()
+            .unwrap()
     }
 
     pub fn log(&self) -> PathBuf {
@@ -955,13 +978,27 @@ fn startup_refuses_a_missing_credential_and_plain_http_off_loopback() {
     let gw = Gateway::prepare("");
     let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
         .unwrap()
-        .replace("listen = \"127.0.0.1:", "listen = \"0.0.0.0:");
+        .replace(
+            "[agent-api]\nlisten = \"127.0.0.1:",
+            "[agent-api]\nlisten = \"0.0.0.0:",
+        );
     std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
     let err = gw.refused_start();
     assert!(
         err.contains("refusing to serve the agent API in plain HTTP"),
         "{err}"
     );
+
+    let gw = Gateway::prepare("");
+    let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
+        .unwrap()
+        .replace(
+            "[postgres]\nlisten = \"127.0.0.1:",
+            "[postgres]\nlisten = \"0.0.0.0:",
+        );
+    std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
+    let err = gw.refused_start();
+    assert!(err.contains("listens on loopback only"), "{err}");
 
     let gw = Gateway::prepare("");
     let config = std::fs::read_to_string(gw.data().join("airlock.toml"))

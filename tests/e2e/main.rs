@@ -5,5 +5,7 @@ mod broker;
 mod bundles;
 mod examples;
 mod gateway;
+mod pg;
 mod policy_host;
+mod postgres;
 mod support;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader as AsyncBufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tracing::Instrument;
 
 use crate::grants::{Broker, BrokerError, TargetRecord};
 use crate::record::{ExportLine, export_lines};
@@ -171,11 +172,12 @@ async fn connection(
     Ok(())
 }
 
-/// A grant for the operator: everything but the secret's hash.
+/// A grant for the operator: everything but what is derived from its secret.
 fn grant_view(grant: &crate::grants::GrantRecord) -> Value {
     let mut view = json!(grant);
     if let Some(fields) = view.as_object_mut() {
         fields.remove("secret_hash");
+        fields.remove("scram_verifier");
     }
     view
 }
@@ -187,7 +189,17 @@ async fn handle(
     request: AdminRequest,
 ) -> Result<Value, AdminError> {
     let span = tracing::info_span!("admin", %operator);
-    let _enter = span.enter();
+    dispatch(broker, operator, secrets_file, request)
+        .instrument(span)
+        .await
+}
+
+async fn dispatch(
+    broker: &Broker,
+    operator: &str,
+    secrets_file: &Path,
+    request: AdminRequest,
+) -> Result<Value, AdminError> {
     match request {
         AdminRequest::AgentAdd { name, labels } => broker
             .add_agent(&name, labels)

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
+use tracing::Instrument;
 
 use super::ratelimit::RateLimiter;
 use crate::grants::{AgentRecord, Broker, BrokerError, GrantRecord, GrantRequestBody, GrantStatus};
@@ -135,7 +136,15 @@ impl AgentApi {
             );
         };
         let span = tracing::info_span!("agent_api", agent = %agent.name, %path);
-        let _enter = span.enter();
+        self.authenticated(agent, req, path).instrument(span).await
+    }
+
+    async fn authenticated(
+        &self,
+        agent: AgentRecord,
+        req: Request<Incoming>,
+        path: String,
+    ) -> Reply {
         if !self.limiter.allow(&agent.name) {
             return error(
                 StatusCode::TOO_MANY_REQUESTS,

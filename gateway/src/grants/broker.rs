@@ -11,7 +11,7 @@ use super::model::{Access, AgentRecord, GrantRecord, GrantStatus, TargetRecord};
 use super::secret::{hash_secret, new_id, new_secret, secret_matches};
 use crate::bundle::ActivePolicy;
 use crate::policy::types::GrantRequest;
-use crate::policy::{Decision, Outcome};
+use crate::policy::{Decision, Kind, Outcome};
 use crate::record::{AuditEvent, Record, RecordError, Space, Write};
 
 /// How long an operator has to approve a pending grant.
@@ -134,6 +134,17 @@ pub struct Broker {
     max_ttl: Duration,
     state: RwLock<State>,
     live: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
+}
+
+/// Mints a fresh secret for `grant`, storing only its hash (and, for a PostgreSQL
+/// target, its SCRAM verifier). Returns the secret, to be shown once.
+fn mint_secret(grant: &mut GrantRecord, kind: Kind) -> String {
+    let secret = new_secret();
+    grant.secret_hash = hash_secret(&secret);
+    if kind == Kind::Postgres {
+        grant.scram_verifier = postgres_protocol::password::scram_sha_256(secret.as_bytes());
+    }
+    secret
 }
 
 fn json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -456,6 +467,7 @@ impl Broker {
             created_ms: now,
             expires_ms: now,
             secret_hash: String::new(),
+            scram_verifier: String::new(),
             reason: None,
             hint: None,
             read_only: false,
@@ -472,9 +484,7 @@ impl Broker {
                 grant.status = GrantStatus::Active;
                 grant.expires_ms = now + ttl * 1000;
                 grant.read_only = constraints.read_only;
-                let s = new_secret();
-                grant.secret_hash = hash_secret(&s);
-                secret = Some(s);
+                secret = Some(mint_secret(&mut grant, target.kind));
             }
             Outcome::Review { reason, .. } => {
                 grant.status = GrantStatus::Pending;
@@ -591,8 +601,8 @@ impl Broker {
         {
             return Ok(None);
         }
-        let secret = new_secret();
-        grant.secret_hash = hash_secret(&secret);
+        let kind = self.target(&grant.target).map_or(Kind::Http, |t| t.kind);
+        let secret = mint_secret(&mut grant, kind);
         let write = Write::event(
             AuditEvent::new("grant.collected")
                 .agent(agent)
@@ -752,6 +762,21 @@ impl Broker {
         if grant.secret_hash.is_empty() || !secret_matches(secret, &grant.secret_hash) {
             return Err(GrantAuthError::BadCredentials);
         }
+        self.admit(id, target)
+    }
+
+    /// The SCRAM verifier of a grant's secret, for a protocol that proves the secret
+    /// without sending it (PostgreSQL). `None` for an unknown grant or one without one.
+    pub fn scram_verifier(&self, id: &str) -> Option<String> {
+        self.grant(id)
+            .map(|g| g.scram_verifier)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Admits a connection under a grant whose secret the caller has already checked
+    /// (directly, or by a SCRAM proof): the grant must be active and for `target`.
+    pub fn admit(&self, id: &str, target: &str) -> Result<LiveGrant, GrantAuthError> {
+        let grant = self.grant(id).ok_or(GrantAuthError::BadCredentials)?;
         if grant.target != target {
             return Err(GrantAuthError::WrongTarget {
                 expected: grant.target,

@@ -136,6 +136,10 @@ pub struct GrantRecord {
     /// sha256 of the secret; empty for a grant that never had one (denied).
     #[serde(default)]
     pub secret_hash: String,
+    /// For PostgreSQL targets: the secret's SCRAM-SHA-256 verifier, in PostgreSQL's
+    /// format, so the gateway can check a client's proof without the secret.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scram_verifier: String,
     /// Why it was denied, sent to review, or ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

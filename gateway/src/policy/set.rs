@@ -154,6 +154,11 @@ impl PolicySet {
         }
     }
 
+    /// True if some masking module applies to `target`.
+    pub fn masks(&self, target: &Target) -> bool {
+        self.maskers(target).next().is_some()
+    }
+
     fn maskers<'a>(
         &'a self,
         target: &'a Target,

@@ -2,4 +2,6 @@
 
 pub mod classify;
 pub mod scram;
+pub mod session;
+pub mod upstream;
 pub mod wire;
