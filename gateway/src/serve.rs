@@ -151,17 +151,16 @@ pub async fn run(
             "agent API listening on http://{local}: plain HTTP on loopback, for development only; set agent-api.tls-cert and tls-key"
         ),
     }
+    let pg_listener = TcpListener::bind(&config.postgres.listen).await?;
+    let pg_addr = pg_listener.local_addr()?;
+    tracing::info!("PostgreSQL gateway listening on {pg_addr}");
     let api = Arc::new(AgentApi::new(
         broker.clone(),
         config.agent_api.max_body_bytes,
         config.agent_api.requests_per_minute,
+        Some(pg_addr),
     ));
 
-    let pg_listener = TcpListener::bind(&config.postgres.listen).await?;
-    tracing::info!(
-        "PostgreSQL gateway listening on {}",
-        pg_listener.local_addr()?
-    );
     let pg_services = Arc::new(PgServices {
         broker: broker.clone(),
         policy: policy.clone(),

@@ -284,3 +284,102 @@ fn malformed_startup_and_garbage_get_errors_and_the_gateway_keeps_serving() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
 }
+
+#[test]
+fn airlock_connect_runs_psql_with_the_grant_and_waits_for_review() {
+    let s = Setup::new();
+    let connect = |args: &[&str]| {
+        crate::support::airlock()
+            .env("AIRLOCK_TOKEN", &s.token)
+            .env("AIRLOCK_URL", format!("http://127.0.0.1:{}", s.gw.port))
+            .arg("connect")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The worked example, end to end.
+    let out = connect(&[
+        "prod-db",
+        "--task",
+        TASK,
+        "--",
+        "-X",
+        "-At",
+        "-c",
+        "SELECT id FROM schema_migrations WHERE id = 42",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+
+    let out = connect(&["prod-db", "--task", TASK, "--print-env"]);
+    let env = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        env.contains("export PGUSER=g_")
+            && env.contains("export PGPASSWORD=")
+            && env.contains("export PGDATABASE=prod-db"),
+        "{env}"
+    );
+
+    // Denied: the policy's reason and hint, and no client runs.
+    let out = connect(&["prod-db", "--task", "x"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("hint: describe the task"),
+        "{}",
+        text(&out)
+    );
+
+    // Write access to prod waits for an operator, then works.
+    let (port, token) = (s.gw.port, s.token.clone());
+    let waiting = std::thread::spawn(move || {
+        crate::support::airlock()
+            .env("AIRLOCK_TOKEN", token)
+            .env("AIRLOCK_URL", format!("http://127.0.0.1:{port}"))
+            .args([
+                "connect",
+                "prod-db",
+                "--access",
+                "write",
+                "--task",
+                "fix the broken name of user 1",
+            ])
+            .args([
+                "--",
+                "-X",
+                "-At",
+                "-c",
+                "UPDATE users SET name = 'Alicia' WHERE id = 1",
+            ])
+            .output()
+            .unwrap()
+    });
+    let mut pending = None;
+    for _ in 0..200 {
+        let list: Value =
+            serde_json::from_slice(&s.gw.cli(&["grants", "list"]).stdout).unwrap_or(Value::Null);
+        pending = list.as_array().and_then(|grants| {
+            grants
+                .iter()
+                .find(|g| g["status"] == "pending")
+                .map(|g| g["id"].as_str().unwrap().to_string())
+        });
+        if pending.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pending = pending.expect("the write grant waits for review");
+    assert!(s.gw.cli(&["grants", "approve", &pending]).status.success());
+    let out = waiting.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("needs an operator's approval"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        s.pg.psql_super("SELECT name FROM users WHERE id = 1", "app")
+            .trim(),
+        "Alicia"
+    );
+}

@@ -24,6 +24,8 @@ pub struct AgentApi {
     broker: Arc<Broker>,
     max_body: usize,
     limiter: RateLimiter,
+    /// Where agents reach the PostgreSQL gateway, for connection details.
+    postgres: Option<std::net::SocketAddr>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -66,8 +68,13 @@ fn broker_error(e: BrokerError) -> Reply {
 }
 
 /// A grant as the agent sees it. The secret appears only in the response that issues
-/// it; connection details name the grant id as the user and the secret as password.
-fn grant_json(grant: &GrantRecord, secret: Option<&str>) -> serde_json::Value {
+/// it; connection details name the grant id as the user and the secret as password,
+/// and for a PostgreSQL target where to connect.
+fn grant_json(
+    grant: &GrantRecord,
+    secret: Option<&str>,
+    postgres: Option<std::net::SocketAddr>,
+) -> serde_json::Value {
     let expires = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(grant.expires_ms),
     )
@@ -93,16 +100,27 @@ fn grant_json(grant: &GrantRecord, secret: Option<&str>) -> serde_json::Value {
         body["secret"] = json!(secret);
         body["connection"] =
             json!({ "target": grant.target, "user": grant.id, "password": secret });
+        if let Some(addr) = postgres.filter(|_| !grant.scram_verifier.is_empty()) {
+            body["connection"]["host"] = json!(addr.ip().to_string());
+            body["connection"]["port"] = json!(addr.port());
+            body["connection"]["database"] = json!(grant.target);
+        }
     }
     body
 }
 
 impl AgentApi {
-    pub fn new(broker: Arc<Broker>, max_body: usize, requests_per_minute: u32) -> Self {
+    pub fn new(
+        broker: Arc<Broker>,
+        max_body: usize,
+        requests_per_minute: u32,
+        postgres: Option<std::net::SocketAddr>,
+    ) -> Self {
         AgentApi {
             broker,
             max_body,
             limiter: RateLimiter::new(requests_per_minute),
+            postgres,
         }
     }
 
@@ -159,7 +177,7 @@ impl AgentApi {
             (Method::POST, "/v1/grants", _) => self.create(&agent, req).await,
             (Method::GET, _, Some(id)) => self.show(&agent, id).await,
             (Method::DELETE, _, Some(id)) => match self.broker.end(&agent.name, id).await {
-                Ok(grant) => reply(StatusCode::OK, grant_json(&grant, None)),
+                Ok(grant) => reply(StatusCode::OK, grant_json(&grant, None, None)),
                 Err(e) => broker_error(e),
             },
             (_, "/v1/grants", _) | (_, _, Some(_)) => error(
@@ -213,7 +231,7 @@ impl AgentApi {
                     GrantStatus::Pending => StatusCode::ACCEPTED,
                     _ => StatusCode::FORBIDDEN,
                 };
-                let mut body = grant_json(&issued.grant, issued.secret.as_deref());
+                let mut body = grant_json(&issued.grant, issued.secret.as_deref(), self.postgres);
                 if status == StatusCode::FORBIDDEN {
                     body["code"] = json!("denied");
                     body["message"] = body["reason"].clone();
@@ -226,9 +244,12 @@ impl AgentApi {
 
     async fn show(&self, agent: &AgentRecord, id: &str) -> Reply {
         match self.broker.collect(&agent.name, id).await {
-            Ok(Some((grant, secret))) => reply(StatusCode::OK, grant_json(&grant, Some(&secret))),
+            Ok(Some((grant, secret))) => reply(
+                StatusCode::OK,
+                grant_json(&grant, Some(&secret), self.postgres),
+            ),
             Ok(None) => match self.broker.grant_for(&agent.name, id) {
-                Some(grant) => reply(StatusCode::OK, grant_json(&grant, None)),
+                Some(grant) => reply(StatusCode::OK, grant_json(&grant, None, None)),
                 None => error(
                     StatusCode::NOT_FOUND,
                     "not_found",

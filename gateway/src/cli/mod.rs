@@ -3,6 +3,7 @@
 
 mod audit;
 mod bundle;
+mod connect;
 mod operator;
 mod policy;
 mod serve;
@@ -53,6 +54,8 @@ enum Command {
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// For agents: ask for a grant and open the target with its ordinary client.
+    Connect(connect::ConnectArgs),
 }
 
 /// Where the gateway's files are, resolved once from the global flags.
@@ -97,6 +100,7 @@ pub fn main() -> ExitCode {
         Command::Target(command) => operator::target(&context, command),
         Command::Grants(command) => operator::grants(&context, command),
         Command::Audit(command) => audit::run(&context, command),
+        Command::Connect(args) => connect::run(args),
     };
     match result {
         Ok(code) => code,

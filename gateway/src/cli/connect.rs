@@ -1,0 +1,182 @@
+//! `airlock connect`: the agent's side. Asks the gateway for a grant with the agent's
+//! token, waits visibly while an operator reviews it, then runs the target's ordinary
+//! client with the grant in its environment only (never on disk).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use clap::Args;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+#[derive(Args)]
+pub(crate) struct ConnectArgs {
+    /// The target's name.
+    target: String,
+    /// What the access is for, in words an operator can check.
+    #[arg(long)]
+    task: String,
+    #[arg(long, default_value = "read", value_parser = ["read", "write", "admin"])]
+    access: String,
+    #[arg(long, default_value = "10m")]
+    ttl: String,
+    /// Print the client's environment variables instead of running the client.
+    #[arg(long)]
+    print_env: bool,
+    /// The agent API (default: $AIRLOCK_URL, else http://127.0.0.1:7070).
+    #[arg(long)]
+    url: Option<String>,
+    /// A file holding the agent token (default: $AIRLOCK_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Arguments for the client (psql), after `--`.
+    #[arg(last = true)]
+    args: Vec<String>,
+}
+
+/// One request to the agent API.
+async fn call(
+    base: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<(u16, Value)> {
+    let authority = base
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+        .with_context(|| format!("agent API URL {base}: only http:// (loopback) is supported by `airlock connect` for now"))?;
+    let stream = tokio::net::TcpStream::connect(authority)
+        .await
+        .with_context(|| format!("cannot reach the agent API at {base}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, authority)
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+fn explain(grant: &Value) -> String {
+    let mut text = grant["reason"]
+        .as_str()
+        .or(grant["message"].as_str())
+        .unwrap_or("refused")
+        .to_string();
+    if let Some(hint) = grant["hint"].as_str() {
+        text += &format!("\nhint: {hint}");
+    }
+    text
+}
+
+pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
+    let token = match &args.token_file {
+        Some(file) => std::fs::read_to_string(file).with_context(|| file.display().to_string())?,
+        None => std::env::var("AIRLOCK_TOKEN")
+            .context("no agent token: set AIRLOCK_TOKEN or pass --token-file")?,
+    };
+    let token = token.trim().to_string();
+    let base = args
+        .url
+        .clone()
+        .or_else(|| std::env::var("AIRLOCK_URL").ok())
+        .unwrap_or_else(|| "http://127.0.0.1:7070".to_string());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let grant = runtime.block_on(async {
+        let body = json!({ "target": args.target, "task": args.task, "access": args.access, "ttl": args.ttl });
+        let (status, grant) = call(&base, &token, "POST", "/v1/grants", Some(body)).await?;
+        match status {
+            201 => Ok(grant),
+            202 => {
+                let id = grant["id"].as_str().unwrap_or_default().to_string();
+                eprintln!("airlock: grant {id} needs an operator's approval: {}", grant["reason"].as_str().unwrap_or(""));
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    let (status, grant) = call(&base, &token, "GET", &format!("/v1/grants/{id}"), None).await?;
+                    match (status, grant["status"].as_str()) {
+                        (200, Some("active")) if grant.get("secret").is_some() => {
+                            eprintln!("airlock: grant {id} approved");
+                            return Ok(grant);
+                        }
+                        (200, Some("pending")) => eprintln!("airlock: waiting for approval of grant {id} (until {})", grant["expires_at"].as_str().unwrap_or("?")),
+                        _ => bail!("grant {id} was not approved: {}", explain(&grant)),
+                    }
+                }
+            }
+            _ => bail!("{}", explain(&grant)),
+        }
+    })?;
+    let connection = &grant["connection"];
+    let (Some(host), Some(port)) = (connection["host"].as_str(), connection["port"].as_u64())
+    else {
+        bail!(
+            "the gateway gave no PostgreSQL connection details for target {}",
+            args.target
+        );
+    };
+    let env = [
+        ("PGHOST", host.to_string()),
+        ("PGPORT", port.to_string()),
+        (
+            "PGUSER",
+            connection["user"].as_str().unwrap_or_default().to_string(),
+        ),
+        (
+            "PGPASSWORD",
+            connection["password"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        (
+            "PGDATABASE",
+            connection["database"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        ("PGSSLMODE", "disable".to_string()),
+    ];
+    eprintln!(
+        "airlock: grant {} on {} ({}), until {}",
+        grant["id"].as_str().unwrap_or("?"),
+        args.target,
+        args.access,
+        grant["expires_at"].as_str().unwrap_or("?")
+    );
+    if args.print_env {
+        for (key, value) in &env {
+            println!("export {key}={value}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let status = std::process::Command::new("psql")
+        .args(&args.args)
+        .envs(env)
+        .status()
+        .context("cannot run psql")?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
