@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, on a fresh machine: build the gateway and the example policies, make a
 # dev signing key, sign the example bundle, install it into a gateway data directory,
-# run the bundle's fixtures, then start the gateway (`airlock serve`) with a demo agent
-# and print the request to try. Ctrl-C stops it.
+# run the bundle's fixtures, start a throwaway PostgreSQL 15 with a small schema holding
+# PII, start the gateway (`airlock serve`) in front of it with a demo agent, and print
+# the exact `airlock connect` line to try. Ctrl-C stops everything.
 #
 #   AIRLOCK_DATA   the gateway's data directory (default: ./.airlock-dev)
 set -euo pipefail
@@ -17,11 +18,43 @@ keys="$AIRLOCK_DATA/dev-keys"
 if [ ! -f "$keys/bundle-signing.key" ]; then
     "$airlock" bundle keygen --out "$keys"
 fi
-if [ ! -f "$AIRLOCK_DATA/airlock.toml" ]; then
-    cat > "$AIRLOCK_DATA/airlock.toml" <<TOML
+# A throwaway PostgreSQL 15 (it refuses to run as root, so it belongs to `postgres`).
+pgbin=/usr/lib/postgresql/15/bin
+pgdir=$(mktemp -d /tmp/airlock-demo-pg.XXXXXX)
+chown postgres:postgres "$pgdir"
+pgport=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+upstream_password=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
+runuser -u postgres -- "$pgbin/initdb" -D "$pgdir/data" -U postgres --auth-local=trust \
+    --auth-host=scram-sha-256 -E UTF8 >/dev/null
+runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -w \
+    -o "-p $pgport -k $pgdir -c listen_addresses=127.0.0.1" start >/dev/null
+cleanup() {
+    [ -n "${gateway:-}" ] && kill "$gateway" 2>/dev/null || true
+    runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -m fast stop >/dev/null 2>&1 || true
+    rm -rf "$pgdir"
+}
+trap cleanup EXIT INT TERM
+superuser() { runuser -u postgres -- psql -X -q -h "$pgdir" -p "$pgport" -v ON_ERROR_STOP=1 "$@"; }
+superuser -d postgres -c "CREATE ROLE airlock LOGIN PASSWORD '$upstream_password'"
+superuser -d postgres -c "CREATE DATABASE app OWNER airlock"
+superuser -d app <<'SQL'
+SET ROLE airlock;
+CREATE TABLE schema_migrations (id int PRIMARY KEY, name text, applied_at timestamptz DEFAULT now());
+INSERT INTO schema_migrations (id, name) VALUES (41, 'add_orders'), (42, 'add_customer_phone');
+CREATE TABLE customers (id int PRIMARY KEY, name text, email text, phone text, card_number text);
+INSERT INTO customers VALUES
+  (1, 'Alice Martin', 'alice@example.com', '+1 (555) 123-4567', '4111 1111 1111 1111'),
+  (2, 'Bob Chen', 'bob.chen@example.org', '+44 20 7946 0958', '5500 0000 0000 0004');
+SQL
+
+# The gateway's configuration and its own upstream credential (never the agent's).
+cat > "$AIRLOCK_DATA/airlock.toml" <<TOML
 # Development configuration written by scripts/run.sh.
 [agent-api]
 listen = "127.0.0.1:7070"
+
+[postgres]
+listen = "127.0.0.1:6432"
 
 [policy]
 trusted-keys = ["$keys/bundle-signing.key.pub"]
@@ -29,17 +62,12 @@ trusted-keys = ["$keys/bundle-signing.key.pub"]
 [[target]]
 name = "prod-db"
 kind = "postgres"
-upstream = "127.0.0.1:5432"
+upstream = "postgres://airlock@127.0.0.1:$pgport/app"
 labels = { env = "prod" }
 credential = "secret:prod-db"
 TOML
-    chmod 600 "$AIRLOCK_DATA/airlock.toml"
-fi
-if [ ! -f "$AIRLOCK_DATA/secrets.toml" ]; then
-    # The gateway's upstream credentials, never the agent's (a placeholder until the
-    # PostgreSQL gateway exists).
-    (umask 077 && echo 'prod-db = "dev-placeholder"' > "$AIRLOCK_DATA/secrets.toml")
-fi
+chmod 600 "$AIRLOCK_DATA/airlock.toml"
+(umask 077 && echo "prod-db = \"$upstream_password\"" > "$AIRLOCK_DATA/secrets.toml")
 
 # Versions must only increase: seconds since the epoch do.
 version=$(date +%s)
@@ -52,7 +80,6 @@ bundle="$AIRLOCK_DATA/signed/example-v$version"
 
 "$airlock" serve &
 gateway=$!
-trap 'kill $gateway 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq 100); do
     [ -S "$AIRLOCK_DATA/admin.sock" ] && break
     sleep 0.1
@@ -61,19 +88,25 @@ agent="demo-$(date +%s)"
 token=$("$airlock" agent add "$agent" --label team=demo | tail -n 1)
 cat <<MESSAGE
 
-The gateway is running: agent API on http://127.0.0.1:7070, admin socket in $AIRLOCK_DATA.
-Agent "$agent" is enrolled. Ask for a grant as that agent:
+Airlock is running: agent API http://127.0.0.1:7070, PostgreSQL gateway 127.0.0.1:6432,
+in front of a throwaway PostgreSQL 15 (port $pgport) whose credential only the gateway holds.
+Agent "$agent" is enrolled. As that agent, confirm migration 42 ran:
 
-  curl -s -X POST http://127.0.0.1:7070/v1/grants \\
-       -H "Authorization: Bearer $token" \\
-       -d '{"target":"prod-db","task":"confirm migration 42 ran","access":"read","ttl":"10m"}'
+  export AIRLOCK_URL=http://127.0.0.1:7070 AIRLOCK_TOKEN=$token
+  $airlock connect prod-db --task "confirm migration 42 ran" -- -c "SELECT * FROM schema_migrations WHERE id = 42"
 
-Ask for access=write instead and the policy sends it to review; approve it as the operator:
+Then see policy and masking at work:
+
+  $airlock connect prod-db --task "look at the customers table" -- -c "SELECT * FROM customers"
+  $airlock connect prod-db --task "look at the customers table" -- -c "UPDATE customers SET name = 'x'"
+
+Ask for --access write and the policy sends it to review; approve it as the operator:
 
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock grants list
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock grants approve GRANT_ID
+  AIRLOCK_DATA=$AIRLOCK_DATA $airlock audit tail
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock audit verify
 
-Ctrl-C stops the gateway.
+Ctrl-C stops the gateway and the database.
 MESSAGE
 wait "$gateway"
