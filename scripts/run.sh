@@ -18,23 +18,15 @@ keys="$AIRLOCK_DATA/dev-keys"
 if [ ! -f "$keys/bundle-signing.key" ]; then
     "$airlock" bundle keygen --out "$keys"
 fi
-# A throwaway PostgreSQL 15 (it refuses to run as root, so it belongs to `postgres`).
-pgbin=/usr/lib/postgresql/15/bin
-pgdir=$(mktemp -d /tmp/airlock-demo-pg.XXXXXX)
-chown postgres:postgres "$pgdir"
-pgport=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A throwaway PostgreSQL 15 with a small schema holding PII.
+. scripts/throwaway-pg.sh
+pg_start
 upstream_password=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
-runuser -u postgres -- "$pgbin/initdb" -D "$pgdir/data" -U postgres --auth-local=trust \
-    --auth-host=scram-sha-256 -E UTF8 >/dev/null
-runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -w \
-    -o "-p $pgport -k $pgdir -c listen_addresses=127.0.0.1" start >/dev/null
 cleanup() {
     [ -n "${gateway:-}" ] && kill "$gateway" 2>/dev/null || true
-    runuser -u postgres -- "$pgbin/pg_ctl" -D "$pgdir/data" -m fast stop >/dev/null 2>&1 || true
-    rm -rf "$pgdir"
+    pg_stop
 }
 trap cleanup EXIT INT TERM
-superuser() { runuser -u postgres -- psql -X -q -h "$pgdir" -p "$pgport" -v ON_ERROR_STOP=1 "$@"; }
 superuser -d postgres -c "CREATE ROLE airlock LOGIN PASSWORD '$upstream_password'"
 superuser -d postgres -c "CREATE DATABASE app OWNER airlock"
 superuser -d app <<'SQL'

@@ -3,7 +3,7 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "policy",
-    additional_derives: [PartialEq],
+    additional_derives: [PartialEq, Eq, Hash],
 });
 
 pub(crate) use self::airlock::policy::host;

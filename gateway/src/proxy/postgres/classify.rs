@@ -22,6 +22,11 @@ pub struct ClassifyError(pub String);
 /// each statement.
 pub fn classify(text: &str) -> Result<Vec<SqlStatement>, ClassifyError> {
     let parsed = pg_query::parse(text).map_err(|e| ClassifyError(e.to_string()))?;
+    if let [raw] = parsed.protobuf.stmts.as_slice() {
+        // One statement: the whole parse is its parse.
+        let node = raw.stmt.as_deref().and_then(|n| n.node.as_ref());
+        return Ok(vec![describe(text.trim(), node, names!(parsed))]);
+    }
     let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
     for raw in &parsed.protobuf.stmts {
         let start = raw.stmt_location.max(0) as usize;
@@ -40,26 +45,55 @@ pub fn classify(text: &str) -> Result<Vec<SqlStatement>, ClassifyError> {
 fn classify_one(text: &str, node: Option<&NodeEnum>) -> Result<SqlStatement, ClassifyError> {
     // Tables and functions, per statement: parse the statement on its own.
     let parsed = pg_query::parse(text).map_err(|e| ClassifyError(e.to_string()))?;
-    let mut tables_read = sorted(parsed.select_tables());
-    let mut tables_written = sorted(
-        parsed
-            .dml_tables()
-            .into_iter()
-            .chain(parsed.ddl_tables())
-            .collect(),
-    );
-    let functions = sorted(parsed.functions());
+    Ok(describe(text, node, names!(parsed)))
+}
+
+/// (tables read, tables written, functions) of a parse. A macro because pg_query does
+/// not export the name of its parse-result type.
+macro_rules! names {
+    ($parsed:expr) => {
+        (
+            sorted($parsed.select_tables()),
+            sorted(
+                $parsed
+                    .dml_tables()
+                    .into_iter()
+                    .chain($parsed.ddl_tables())
+                    .collect(),
+            ),
+            sorted($parsed.functions()),
+        )
+    };
+}
+use names;
+
+/// A statement's action, from its top-level node and the names its parse found.
+fn describe(
+    text: &str,
+    node: Option<&NodeEnum>,
+    (mut tables_read, mut tables_written, functions): (Vec<String>, Vec<String>, Vec<String>),
+) -> SqlStatement {
     let kind = match node {
         None => SqlKind::Other,
         Some(node) => kind_of(node, &mut tables_read, &mut tables_written),
     };
-    Ok(SqlStatement {
+    SqlStatement {
         text: text.to_string(),
         kind,
         tables_read,
         tables_written,
         functions,
-    })
+    }
+}
+
+/// True if the statement changes nothing: no write kind, no table written, no SET.
+/// Such a statement may run while its record entry is being made durable, because its
+/// result is withheld unless the entry becomes durable.
+pub fn changes_nothing(statement: &SqlStatement) -> bool {
+    matches!(
+        statement.kind,
+        SqlKind::Select | SqlKind::Show | SqlKind::Explain | SqlKind::CopyTo | SqlKind::Transaction
+    ) && statement.tables_written.is_empty()
 }
 
 fn sorted(mut names: Vec<String>) -> Vec<String> {

@@ -2,6 +2,7 @@
 //! with the gateway's credential → statements, each classified, decided by policy,
 //! recorded, then relayed, with results masked on the way back.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -227,6 +228,7 @@ async fn serve_session(
         session_id: session_id.clone(),
         tx_status: b'I',
         statements: 0,
+        mask_plans: HashMap::new(),
     };
     let reason = session.serve().await;
     let closed = AuditEvent::new("session.closed")
@@ -300,7 +302,12 @@ struct Session {
     session_id: String,
     tx_status: u8,
     statements: u64,
+    /// Mask plans by row description, for the policy set they were made with: the
+    /// modules are asked which columns they mask once per result shape, not per query.
+    mask_plans: MaskPlans,
 }
+
+type MaskPlans = HashMap<(usize, Vec<Column>), Option<Arc<MaskPlan>>>;
 
 /// A PostgreSQL type OID's name, for masking modules (text-like types by name).
 fn type_name(oid: u32) -> String {
@@ -513,7 +520,7 @@ impl Session {
     /// Relays the upstream's answer to one Query, masking rows, until ReadyForQuery.
     async fn relay_results(&mut self, set: &Arc<crate::policy::PolicySet>) -> Result<(), String> {
         let started = Instant::now();
-        let mut plan: Option<(MaskPlan, Vec<Column>)> = None;
+        let mut plan: Option<(Arc<MaskPlan>, Vec<Column>)> = None;
         let mut pending: Vec<Vec<Option<String>>> = Vec::new();
         let mut rows = 0u64;
         loop {
@@ -538,11 +545,23 @@ impl Session {
                             type_name: type_name(f.type_oid),
                         })
                         .collect();
-                    plan = match set.mask_plan(&self.context, &columns) {
-                        Ok(p) if p.is_empty() => None,
-                        Ok(p) => Some((p, columns)),
-                        Err(e) => return self.withhold(&e.to_string()).await,
+                    let key = (Arc::as_ptr(set) as usize, columns);
+                    let cached = match self.mask_plans.get(&key) {
+                        Some(cached) => cached.clone(),
+                        None => {
+                            let made = match set.mask_plan(&self.context, &key.1) {
+                                Ok(p) if p.is_empty() => None,
+                                Ok(p) => Some(Arc::new(p)),
+                                Err(e) => return self.withhold(&e.to_string()).await,
+                            };
+                            if self.mask_plans.len() >= 256 {
+                                self.mask_plans.clear();
+                            }
+                            self.mask_plans.insert(key.clone(), made.clone());
+                            made
+                        }
                     };
+                    plan = cached.map(|p| (p, key.1));
                     self.client
                         .write_all(&message_bytes(&m))
                         .await
@@ -609,7 +628,7 @@ impl Session {
 
     async fn flush_masked(
         &mut self,
-        plan: &Option<(MaskPlan, Vec<Column>)>,
+        plan: &Option<(Arc<MaskPlan>, Vec<Column>)>,
         pending: &mut Vec<Vec<Option<String>>>,
     ) -> Result<(), String> {
         let Some((plan, columns)) = plan else {
