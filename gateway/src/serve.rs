@@ -166,6 +166,7 @@ pub async fn run(
         policy: policy.clone(),
         classify: ClassifyCache::new(10_000),
         secrets_file: secrets_file.clone(),
+        cancels: Default::default(),
     });
     let pg_task = tokio::spawn(session::listen(pg_listener, pg_services));
 

@@ -33,6 +33,41 @@ pub struct PgServices {
     pub policy: Arc<ActivePolicy>,
     pub classify: ClassifyCache,
     pub secrets_file: std::path::PathBuf,
+    /// The cancel keys the gateway gave its clients → the upstream connection and key
+    /// to cancel. Clients never see an upstream's key.
+    pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
+}
+
+/// A BackendKeyData: (process id, secret key).
+pub type BackendKey = (i32, i32);
+
+/// A random BackendKeyData for a client, registered until the session ends.
+struct CancelKey<'a> {
+    services: &'a PgServices,
+    key: (i32, i32),
+}
+
+impl<'a> CancelKey<'a> {
+    fn register(services: &'a PgServices, upstream: String, upstream_key: (i32, i32)) -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).expect("the OS random number generator is unavailable");
+        let key = (
+            i32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) & 0x7fff_ffff,
+            i32::from_be_bytes(bytes[4..].try_into().expect("4 bytes")),
+        );
+        services
+            .cancels
+            .lock()
+            .unwrap()
+            .insert(key, (upstream, upstream_key));
+        CancelKey { services, key }
+    }
+}
+
+impl Drop for CancelKey<'_> {
+    fn drop(&mut self) {
+        self.services.cancels.lock().unwrap().remove(&self.key);
+    }
 }
 
 async fn fatal(client: &mut TcpStream, code: &str, message: &str) {
@@ -53,7 +88,15 @@ pub async fn run(mut client: TcpStream, services: Arc<PgServices>) {
                     return;
                 }
             }
-            Ok(Startup::Cancel { .. }) => return,
+            Ok(Startup::Cancel { pid, key }) => {
+                let target = services.cancels.lock().unwrap().get(&(pid, key)).cloned();
+                if let Some((upstream, upstream_key)) = target
+                    && let Err(e) = upstream::cancel(&upstream, upstream_key).await
+                {
+                    tracing::warn!(error = %e, "cancel request to the upstream failed");
+                }
+                return;
+            }
             Ok(Startup::Startup { params }) => break params,
             Err(WireError::Closed) => return,
             Err(e) => {
@@ -206,14 +249,15 @@ async fn serve_session(
         fatal(&mut client, "53000", &format!("refused: {e}")).await;
         return;
     }
+    let cancel = CancelKey::register(&services, addr.host_port.clone(), upstream.backend_key);
     let mut hello = Vec::new();
     hello.extend_from_slice(&wire::authentication(0, &[]));
     for p in &upstream.parameters {
         hello.extend_from_slice(p);
     }
     hello.extend_from_slice(&message(b'K', |out| {
-        out.put_i32(0);
-        out.put_i32(0);
+        out.put_i32(cancel.key.0);
+        out.put_i32(cancel.key.1);
     }));
     hello.extend_from_slice(&ready_for_query(b'I'));
     if client.write_all(&hello).await.is_err() {
@@ -231,6 +275,7 @@ async fn serve_session(
         mask_plans: HashMap::new(),
     };
     let reason = session.serve().await;
+    drop(cancel);
     let closed = AuditEvent::new("session.closed")
         .agent(&grant.agent)
         .target(&target.name)
