@@ -517,8 +517,7 @@ impl Broker {
             Write::event(requested)
                 .and(decided)
                 .put(Space::Grants, id.as_str(), json(&grant));
-        self.record.write_async(write).await?;
-        self.state.write().unwrap().grants.insert(id, grant.clone());
+        self.store_grant(write, &grant).await?;
         Ok(Issued { grant, secret })
     }
 
@@ -574,12 +573,7 @@ impl Broker {
                 .detail(serde_json::json!({ "by": operator, "expires_ms": grant.expires_ms })),
         )
         .put(Space::Grants, id, json(&grant));
-        self.record.write_async(write).await?;
-        self.state
-            .write()
-            .unwrap()
-            .grants
-            .insert(id.to_string(), grant.clone());
+        self.store_grant(write, &grant).await?;
         Ok(grant)
     }
 
@@ -610,12 +604,7 @@ impl Broker {
                 .grant(id),
         )
         .put(Space::Grants, id, json(&grant));
-        self.record.write_async(write).await?;
-        self.state
-            .write()
-            .unwrap()
-            .grants
-            .insert(id.to_string(), grant.clone());
+        self.store_grant(write, &grant).await?;
         Ok(Some((grant, secret)))
     }
 
@@ -723,12 +712,7 @@ impl Broker {
                 .detail(serde_json::json!({ "by": by, "reason": reason })),
         )
         .put(Space::Grants, id, json(&grant));
-        self.record.write_async(write).await?;
-        self.state
-            .write()
-            .unwrap()
-            .grants
-            .insert(id.to_string(), grant.clone());
+        self.store_grant(write, &grant).await?;
         if let Some(live) = self.live.lock().unwrap().remove(id) {
             let _ = live.send(Some(format!(
                 "grant {id} {}: {reason}",
@@ -736,6 +720,18 @@ impl Broker {
             )));
         }
         Ok(grant)
+    }
+
+    /// Records a grant change (with the audit entries in `write`) and only then applies
+    /// it in memory.
+    async fn store_grant(&self, write: Write, grant: &GrantRecord) -> Result<(), BrokerError> {
+        self.record.write_async(write).await?;
+        self.state
+            .write()
+            .unwrap()
+            .grants
+            .insert(grant.id.clone(), grant.clone());
+        Ok(())
     }
 
     fn begin_change(&self, id: &str) -> Result<ChangeGuard<'_>, BrokerError> {

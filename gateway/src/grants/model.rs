@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::Kind;
-use crate::policy::types::{self, Label};
+use crate::policy::types;
+use crate::policy::{Kind, labels};
 
 /// Read, write or admin, as agents ask for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,15 +83,6 @@ impl TargetRecord {
             labels: labels(&self.labels),
         }
     }
-}
-
-fn labels(map: &BTreeMap<String, String>) -> Vec<Label> {
-    map.iter()
-        .map(|(key, value)| Label {
-            key: key.clone(),
-            value: value.clone(),
-        })
-        .collect()
 }
 
 /// Where a grant is in its life.

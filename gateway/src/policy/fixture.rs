@@ -22,12 +22,13 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::labels;
 use super::module::LoadedModule;
 use super::scope::Kind;
 use super::set::PolicySet;
 use super::types::{
     Access, Action, Agent, Body, Column, Constraints, GrantContext, GrantRequest, HttpRequest,
-    KubeRequest, Label, Payload, Rows, SqlKind, SqlStatement, Target, Verdict,
+    KubeRequest, Payload, Rows, SqlKind, SqlStatement, Target, Verdict,
 };
 use super::verdict::Outcome;
 
@@ -503,15 +504,6 @@ fn merge(defaults: &Given, over: &Given) -> Given {
         now_unix_ms: over.now_unix_ms.or(defaults.now_unix_ms),
         grant_id: over.grant_id.clone().or_else(|| defaults.grant_id.clone()),
     }
-}
-
-fn labels(map: &BTreeMap<String, String>) -> Vec<Label> {
-    map.iter()
-        .map(|(key, value)| Label {
-            key: key.clone(),
-            value: value.clone(),
-        })
-        .collect()
 }
 
 impl Given {

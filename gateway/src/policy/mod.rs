@@ -26,3 +26,13 @@ pub use module::{Fault, LoadedModule};
 pub use scope::{Hook, Kind, Scope};
 pub use set::{BundleId, MaskError, MaskPlan, PolicySet};
 pub use verdict::{Decision, ModuleVote, Outcome};
+
+/// Labels as the contract carries them, from a `key → value` map (sorted by key).
+pub fn labels(map: &std::collections::BTreeMap<String, String>) -> Vec<types::Label> {
+    map.iter()
+        .map(|(key, value)| types::Label {
+            key: key.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}

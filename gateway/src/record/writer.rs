@@ -94,6 +94,14 @@ struct Health {
     reason: Mutex<Option<String>>,
 }
 
+impl Health {
+    fn poisoned_reason(&self) -> Option<String> {
+        self.poisoned
+            .load(Ordering::Acquire)
+            .then(|| self.reason.lock().unwrap().clone().unwrap_or_default())
+    }
+}
+
 /// The record handle: cheap to clone, shared by every part of the gateway.
 #[derive(Clone)]
 pub struct Record {
@@ -157,17 +165,10 @@ impl Record {
 
     /// `Err(reason)` once a write or fsync has failed.
     pub fn ready(&self) -> Result<(), RecordError> {
-        if self.health.poisoned.load(Ordering::Acquire) {
-            let reason = self
-                .health
-                .reason
-                .lock()
-                .unwrap()
-                .clone()
-                .unwrap_or_default();
-            return Err(RecordError::NotReady(reason));
+        match self.health.poisoned_reason() {
+            Some(reason) => Err(RecordError::NotReady(reason)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn submit(
@@ -260,14 +261,7 @@ impl Writer {
 
     /// Commits a batch as one fjall batch and one fsync, then answers every caller.
     fn commit(&mut self, batch: Vec<Request>) {
-        if self.health.poisoned.load(Ordering::Acquire) {
-            let reason = self
-                .health
-                .reason
-                .lock()
-                .unwrap()
-                .clone()
-                .unwrap_or_default();
+        if let Some(reason) = self.health.poisoned_reason() {
             for request in batch {
                 let _ = request
                     .reply
