@@ -194,6 +194,39 @@ fn an_agent_reads_through_the_gateway_and_policy_decides_every_statement() {
     )));
     assert!(statements.contains(&("DELETE FROM users".into(), "deny".into())));
     assert!(tail.contains("\"session.opened\"") && tail.contains("\"session.closed\""));
+    let results: Vec<Value> = tail
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["kind"] == "sql.result")
+        .collect();
+    assert!(
+        results.iter().any(
+            |r| r["detail"]["commands"] == serde_json::json!(["SELECT 2"])
+                && r["detail"]["rows"] == 2
+        ),
+        "the masked SELECT's summary is recorded: {results:?}"
+    );
+
+    // Sessions: listed, and shown with their statements in order.
+    let sessions: Value = serde_json::from_slice(&s.gw.cli(&["sessions", "list"]).stdout).unwrap();
+    let sessions = sessions.as_array().unwrap();
+    assert!(sessions.len() >= 6, "{sessions:?}");
+    assert!(
+        sessions
+            .iter()
+            .all(|s| s["target"] == "prod-db" && s["grant"] == serde_json::json!(id))
+    );
+    let update = sessions
+        .iter()
+        .find(|session| {
+            let shown = text(
+                &s.gw
+                    .cli(&["sessions", "show", session["id"].as_str().unwrap()]),
+            );
+            shown.contains("UPDATE users SET email")
+        })
+        .expect("the session of the denied UPDATE");
+    assert!(update["closed_ms"].is_u64());
     let out = s.gw.cli(&["audit", "verify"]);
     assert!(out.status.success(), "{}", text(&out));
 }

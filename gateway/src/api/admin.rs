@@ -56,6 +56,11 @@ pub enum AdminRequest {
     GrantsRevoke {
         id: String,
     },
+    SessionsList,
+    /// A session and, in order, every audit entry of it (statements, verdicts, results).
+    SessionsShow {
+        id: String,
+    },
     /// Entries from `since` on, and every checkpoint, as export lines.
     AuditExport {
         since: u64,
@@ -259,6 +264,26 @@ async fn dispatch(
             .await
             .map(|g| grant_view(&g))
             .map_err(Into::into),
+        AdminRequest::SessionsList => broker.sessions().map(|s| json!(s)).map_err(Into::into),
+        AdminRequest::SessionsShow { id } => {
+            let session = broker
+                .sessions()?
+                .into_iter()
+                .find(|s| s.id == id)
+                .ok_or_else(|| AdminError::new("not_found", format!("session `{id}` not found")))?;
+            let mut entries = Vec::new();
+            for kv in broker.record().spaces().audit.iter() {
+                let value = kv
+                    .value()
+                    .map_err(|e| AdminError::new("record_unavailable", e.to_string()))?;
+                if let Ok(entry) = serde_json::from_slice::<Value>(&value)
+                    && entry["detail"]["session"] == json!(id)
+                {
+                    entries.push(entry);
+                }
+            }
+            Ok(json!({ "session": session, "entries": entries }))
+        }
         AdminRequest::AuditExport { since } => export_lines(broker.record().spaces(), since)
             .map(|lines| {
                 json!(lines

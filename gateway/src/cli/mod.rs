@@ -51,6 +51,9 @@ enum Command {
     /// Grants: list, show, approve, deny, revoke (through the running gateway).
     #[command(subcommand)]
     Grants(operator::GrantsCommand),
+    /// Recorded sessions (through the running gateway).
+    #[command(subcommand)]
+    Sessions(operator::SessionsCommand),
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -99,6 +102,7 @@ pub fn main() -> ExitCode {
         Command::Agent(command) => operator::agent(&context, command),
         Command::Target(command) => operator::target(&context, command),
         Command::Grants(command) => operator::grants(&context, command),
+        Command::Sessions(command) => operator::sessions(&context, command),
         Command::Audit(command) => audit::run(&context, command),
         Command::Connect(args) => connect::run(args),
     };

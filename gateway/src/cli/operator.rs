@@ -72,6 +72,14 @@ impl From<KindArg> for Kind {
 }
 
 #[derive(Subcommand)]
+pub(crate) enum SessionsCommand {
+    /// Every recorded session, newest first.
+    List,
+    /// One session and every audit entry of it, in order.
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
 pub(crate) enum GrantsCommand {
     List,
     Show {
@@ -181,6 +189,15 @@ pub(crate) fn grants(context: &Context, command: GrantsCommand) -> anyhow::Resul
             admin(context, AdminRequest::GrantsDeny { id, reason })?
         }
         GrantsCommand::Revoke { id } => admin(context, AdminRequest::GrantsRevoke { id })?,
+    };
+    print(&result);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn sessions(context: &Context, command: SessionsCommand) -> anyhow::Result<ExitCode> {
+    let result = match command {
+        SessionsCommand::List => admin(context, AdminRequest::SessionsList)?,
+        SessionsCommand::Show { id } => admin(context, AdminRequest::SessionsShow { id })?,
     };
     print(&result);
     Ok(ExitCode::SUCCESS)

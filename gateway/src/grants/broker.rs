@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::model::{Access, AgentRecord, GrantRecord, GrantStatus, TargetRecord};
+use super::model::{Access, AgentRecord, GrantRecord, GrantStatus, SessionRecord, TargetRecord};
 use super::secret::{hash_secret, new_id, new_secret, secret_matches};
 use crate::bundle::ActivePolicy;
 use crate::policy::types::GrantRequest;
@@ -790,6 +790,75 @@ impl Broker {
             .or_insert_with(|| watch::channel(None).0)
             .subscribe();
         Ok(LiveGrant { grant, ended })
+    }
+
+    /// Records a session opened under `grant` (state and audit entry, durably) before
+    /// the client is let in.
+    pub async fn open_session(
+        &self,
+        grant: &GrantRecord,
+        protocol: &str,
+    ) -> Result<SessionRecord, BrokerError> {
+        let session = SessionRecord {
+            id: new_id("s_"),
+            grant: grant.id.clone(),
+            agent: grant.agent.clone(),
+            target: grant.target.clone(),
+            protocol: protocol.to_string(),
+            opened_ms: now_ms(),
+            closed_ms: None,
+            statements: 0,
+            end_reason: None,
+        };
+        let write = Write::event(
+            AuditEvent::new("session.opened")
+                .agent(&grant.agent)
+                .target(&grant.target)
+                .grant(&grant.id)
+                .detail(serde_json::json!({ "session": session.id, "protocol": protocol })),
+        )
+        .put(Space::Sessions, session.id.as_str(), json(&session));
+        self.record.write_async(write).await?;
+        Ok(session)
+    }
+
+    /// Records a session's end.
+    pub async fn close_session(
+        &self,
+        mut session: SessionRecord,
+        statements: u64,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        session.closed_ms = Some(now_ms());
+        session.statements = statements;
+        session.end_reason = Some(reason.to_string());
+        let write = Write::event(
+            AuditEvent::new("session.closed")
+                .agent(&session.agent)
+                .target(&session.target)
+                .grant(&session.grant)
+                .detail(serde_json::json!({ "session": session.id, "statements": statements, "reason": reason })),
+        )
+        .put(Space::Sessions, session.id.as_str(), json(&session));
+        self.record.write_async(write).await?;
+        Ok(())
+    }
+
+    /// Every recorded session, newest first.
+    pub fn sessions(&self) -> Result<Vec<SessionRecord>, BrokerError> {
+        let mut sessions = Vec::new();
+        for kv in self.record.spaces().sessions.iter() {
+            let value = kv.value().map_err(RecordError::from)?;
+            sessions.push(
+                serde_json::from_slice::<SessionRecord>(&value).map_err(|e| {
+                    BrokerError::Record(RecordError::Store(format!(
+                        "stored session is unreadable: {e}"
+                    )))
+                })?,
+            );
+        }
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.opened_ms));
+        Ok(sessions)
     }
 
     /// How many connections are open under a grant.

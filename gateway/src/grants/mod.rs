@@ -13,5 +13,5 @@ pub use broker::{
     AgentToken, Broker, BrokerError, GrantAuthError, GrantRequestBody, Issued, LiveGrant,
     TargetSource,
 };
-pub use model::{Access, AgentRecord, GrantRecord, GrantStatus, TargetRecord};
+pub use model::{Access, AgentRecord, GrantRecord, GrantStatus, SessionRecord, TargetRecord};
 pub use secret::{hash_secret, new_id, new_secret, secret_matches};

@@ -145,3 +145,20 @@ pub struct GrantRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
 }
+
+/// One protocol session opened under a grant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub grant: String,
+    pub agent: String,
+    pub target: String,
+    pub protocol: String,
+    pub opened_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_ms: Option<u64>,
+    #[serde(default)]
+    pub statements: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+}

@@ -234,21 +234,14 @@ async fn serve_session(
         access: grant.access.into(),
         now_unix_ms: 0,
     };
-    let session_id = crate::grants::new_id("s_");
-    let opened = AuditEvent::new("session.opened")
-        .agent(&grant.agent)
-        .target(&target.name)
-        .grant(&grant.id)
-        .detail(serde_json::json!({ "session": session_id, "protocol": "postgres" }));
-    if let Err(e) = services
-        .broker
-        .record()
-        .write_async(Write::event(opened))
-        .await
-    {
-        fatal(&mut client, "53000", &format!("refused: {e}")).await;
-        return;
-    }
+    let opened = match services.broker.open_session(&grant, "postgres").await {
+        Ok(session) => session,
+        Err(e) => {
+            fatal(&mut client, "53000", &format!("refused: {e}")).await;
+            return;
+        }
+    };
+    let session_id = opened.id.clone();
     let cancel = CancelKey::register(&services, addr.host_port.clone(), upstream.backend_key);
     let mut hello = Vec::new();
     hello.extend_from_slice(&wire::authentication(0, &[]));
@@ -276,15 +269,9 @@ async fn serve_session(
     };
     let reason = session.serve().await;
     drop(cancel);
-    let closed = AuditEvent::new("session.closed")
-        .agent(&grant.agent)
-        .target(&target.name)
-        .grant(&grant.id)
-        .detail(serde_json::json!({ "session": session_id, "statements": session.statements, "reason": reason }));
     if let Err(e) = services
         .broker
-        .record()
-        .write_async(Write::event(closed))
+        .close_session(opened, session.statements, &reason)
         .await
     {
         tracing::error!(error = %e, "cannot record the session's end");
@@ -568,6 +555,8 @@ impl Session {
         let mut plan: Option<(Arc<MaskPlan>, Vec<Column>)> = None;
         let mut pending: Vec<Vec<Option<String>>> = Vec::new();
         let mut rows = 0u64;
+        let mut bytes = 0u64;
+        let mut commands: Vec<String> = Vec::new();
         loop {
             let m = tokio::select! {
                 m = wire::read_message(&mut self.upstream) => m.map_err(|e| e.to_string())?,
@@ -577,6 +566,7 @@ impl Session {
                     return Err(reason);
                 }
             };
+            bytes += m.body.len() as u64 + 5;
             if m.tag != b'D' && !pending.is_empty() {
                 self.flush_masked(&plan, &mut pending).await?;
             }
@@ -653,13 +643,40 @@ impl Session {
                         }
                     }
                 }
+                b'C' => {
+                    let mut tag = m.body.clone();
+                    commands.push(wire::cstr(&mut tag).unwrap_or_default());
+                    self.client
+                        .write_all(&message_bytes(&m))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
                 b'Z' => {
                     self.tx_status = m.body.first().copied().unwrap_or(b'I');
                     self.client
                         .write_all(&message_bytes(&m))
                         .await
                         .map_err(|e| e.to_string())?;
-                    tracing::debug!(rows, elapsed = ?started.elapsed(), "statement done");
+                    // What came back, after the fact: the statement's own entry was durable
+                    // before any of it was released. A failure here poisons the record, so
+                    // the next statement is refused.
+                    let summary = AuditEvent::new("sql.result")
+                        .agent(&self.context.agent.id)
+                        .target(&self.context.target.name)
+                        .grant(&self.context.grant_id)
+                        .detail(serde_json::json!({
+                            "session": self.session_id,
+                            "commands": commands,
+                            "rows": rows,
+                            "bytes": bytes,
+                            "duration_ms": started.elapsed().as_secs_f64() * 1e3,
+                        }));
+                    let record = self.services.broker.record().clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = record.write_async(Write::event(summary)).await {
+                            tracing::error!(error = %e, "cannot record a statement's result summary");
+                        }
+                    });
                     return Ok(());
                 }
                 _ => self
