@@ -154,6 +154,17 @@ pub async fn run(
     let pg_listener = TcpListener::bind(&config.postgres.listen).await?;
     let pg_addr = pg_listener.local_addr()?;
     tracing::info!("PostgreSQL gateway listening on {pg_addr}");
+    // The addresses actually bound (a configured port 0 picks a free one), for
+    // operators, scripts and tests.
+    let endpoints = serde_json::json!({
+        "agent_api": local.to_string(),
+        "postgres": pg_addr.to_string(),
+    });
+    fsperm::write_private_atomic(
+        &data.root().join("endpoints.json"),
+        endpoints.to_string().as_bytes(),
+    )
+    .map_err(setup("endpoints file"))?;
     let api = Arc::new(AgentApi::new(
         broker.clone(),
         config.agent_api.max_body_bytes,

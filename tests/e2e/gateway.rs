@@ -79,7 +79,7 @@ fn template() -> &'static Template {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let public_key = keys.join("bundle-signing.key.pub");
-        write_config(&data, 0, &public_key, "");
+        write_config(&data, &public_key, "");
         let out = run(&[
             "--data",
             data.to_str().unwrap(),
@@ -96,16 +96,15 @@ fn template() -> &'static Template {
     })
 }
 
-fn write_config(data: &Path, port: u16, public_key: &Path, extra: &str) {
-    let pg_port = free_port();
+fn write_config(data: &Path, public_key: &Path, extra: &str) {
     std::fs::write(
         data.join("airlock.toml"),
         format!(
             r#"
 [postgres]
-listen = "127.0.0.1:{pg_port}"
+listen = "127.0.0.1:0"
 [agent-api]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 max-body-bytes = 4096
 requests-per-minute = 100000
 [record]
@@ -142,7 +141,9 @@ pub fn free_port() -> u16 {
 /// A running `airlock serve` on a private data directory; killed when dropped.
 pub struct Gateway {
     pub dir: tempfile::TempDir,
+    /// The agent API's port, once started.
     pub port: u16,
+    pg_port: u16,
     child: Option<Child>,
 }
 
@@ -173,8 +174,7 @@ impl Gateway {
             .status()
             .unwrap();
         assert!(status.success());
-        let port = free_port();
-        write_config(&data, port, &template.public_key, extra_config);
+        write_config(&data, &template.public_key, extra_config);
         let secrets = data.join("secrets.toml");
         std::fs::write(&secrets, "prod-db = \"upstream-password-for-tests\"\n").unwrap();
         std::fs::set_permissions(
@@ -184,7 +184,8 @@ impl Gateway {
         .unwrap();
         Gateway {
             dir,
-            port,
+            port: 0,
+            pg_port: 0,
             child: None,
         }
     }
@@ -233,15 +234,32 @@ impl Gateway {
 
     /// The port of the gateway's PostgreSQL listener.
     pub fn pg_port(&self) -> u16 {
-        let config = std::fs::read_to_string(self.data().join("airlock.toml")).unwrap();
-        let line = config
-            .lines()
-            .find(|l| l.starts_with("listen = \"127.0.0.1:"))
-            .unwrap();
-        line.trim_start_matches("listen = \"127.0.0.1:")
-            .trim_end_matches('"')
-            .parse()
-            .unwrap()
+        self.pg_port
+    }
+
+    /// Reads the ports the running gateway bound from its `endpoints.json`, written
+    /// once it listens; `false` until then.
+    pub fn read_endpoints(&mut self) -> bool {
+        let Ok(text) = std::fs::read_to_string(self.data().join("endpoints.json")) else {
+            return false;
+        };
+        let Ok(endpoints) = serde_json::from_str::<Value>(&text) else {
+            return false;
+        };
+        let port = |key: &str| {
+            endpoints[key]
+                .as_str()
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse().ok())
+        };
+        match (port("agent_api"), port("postgres")) {
+            (Some(api), Some(pg)) => {
+                self.port = api;
+                self.pg_port = pg;
+                true
+            }
+            _ => false,
+        }
     }
 
     pub fn log(&self) -> PathBuf {
@@ -268,10 +286,13 @@ impl Gateway {
         let mut stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || std::io::copy(&mut stderr, &mut log));
         self.child = Some(child);
+        let _ = std::fs::remove_file(self.data().join("endpoints.json"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, _) = self.http("GET", "/healthz", None, None);
-            if status == 200 && self.data().join("admin.sock").exists() {
+            if self.read_endpoints()
+                && self.http("GET", "/healthz", None, None).0 == 200
+                && self.data().join("admin.sock").exists()
+            {
                 return;
             }
             assert!(
@@ -1014,7 +1035,7 @@ fn startup_refuses_a_missing_credential_and_plain_http_off_loopback() {
 
 #[test]
 fn the_agent_api_speaks_tls_when_configured() {
-    let gw = Gateway::prepare("");
+    let mut gw = Gateway::prepare("");
     let dir = gw.dir.path();
     let (cert, key) = (dir.join("api.pem"), dir.join("api.key"));
     let status = Command::new("openssl")
@@ -1059,6 +1080,7 @@ fn the_agent_api_speaks_tls_when_configured() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    wait_for("the gateway's endpoints", || gw.read_endpoints());
     let https = format!("https://127.0.0.1:{}/healthz", gw.port);
     let curl = |extra: &[&str], url: &str| {
         Command::new("curl")

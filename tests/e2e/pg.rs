@@ -59,29 +59,35 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = crate::gateway::free_port();
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c password_encryption=scram-sha-256",
-            dir.display()
-        );
-        let out = as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-o",
-                &options,
-                "-l",
-                dir.join("log").to_str().unwrap(),
-                "-w",
-                "start",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // A port picked free can be taken before the server binds it (tests run in
+        // parallel): try a few.
+        let mut started = None;
+        for _ in 0..5 {
+            let port = crate::gateway::free_port();
+            let options = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c password_encryption=scram-sha-256",
+                dir.display()
+            );
+            let log = dir.join("log");
+            let out = as_postgres(
+                "pg_ctl",
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-o",
+                    &options,
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "start",
+                ],
+            );
+            if out.status.success() {
+                started = Some(port);
+                break;
+            }
+        }
+        let port = started.expect("PostgreSQL started on one of five free ports");
         let pg = Postgres { dir, port };
         pg.psql_super(
             &format!("CREATE ROLE airlock LOGIN PASSWORD '{UPSTREAM_PASSWORD}'"),

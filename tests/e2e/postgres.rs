@@ -193,6 +193,9 @@ fn an_agent_reads_through_the_gateway_and_policy_decides_every_statement() {
         "deny".into()
     )));
     assert!(statements.contains(&("DELETE FROM users".into(), "deny".into())));
+    // Refusals by the gateway itself are recorded as denials too.
+    assert!(statements.contains(&("COPY users TO STDOUT".into(), "deny".into())));
+    assert!(statements.contains(&("SELEC 1".into(), "deny".into())));
     assert!(tail.contains("\"session.opened\"") && tail.contains("\"session.closed\""));
     let results: Vec<Value> = tail
         .lines()

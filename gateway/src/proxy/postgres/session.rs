@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::classify::ClassifyCache;
+use super::classify::{ClassifyCache, changes_nothing};
 use super::scram::{Exchange, Verifier};
 use super::upstream::{self, UpstreamAddr};
 use super::wire::{
@@ -473,7 +473,18 @@ impl Session {
         let classified = self.services.classify.classify(&text);
         let statements: Vec<SqlStatement> = match &*classified {
             Ok(s) => s.clone(),
-            Err(e) => return self.deny("42601", &e.to_string(), None).await,
+            Err(e) => {
+                let refused = self.statement_event(
+                    &text,
+                    "unparsed",
+                    "deny",
+                    Some(&e.to_string()),
+                    None,
+                    &[],
+                );
+                self.record_or_close(Write::event(refused)).await?;
+                return self.deny("42601", &e.to_string(), None).await;
+            }
         };
         if statements.is_empty() {
             let out = [
@@ -493,40 +504,29 @@ impl Session {
             let mut statement_context = self.context.clone();
             statement_context.now_unix_ms = now_ms();
             let decision = set.check(&statement_context, &Action::Sql(statement.clone()));
-            let (verdict, reason, hint) = match &decision.outcome {
-                Outcome::Allow(_) => ("allow", None, None),
-                Outcome::Deny { reason, hint, .. } => ("deny", Some(reason.clone()), hint.clone()),
-                Outcome::Review { reason, .. } => {
-                    ("deny", Some(format!("needs review: {reason}")), None)
-                }
-            };
-            let votes: Vec<serde_json::Value> = decision
-                .votes
-                .iter()
-                .map(|v| serde_json::json!({ "module": &*v.module, "digest": &*v.digest }))
-                .collect();
-            write.events.push(
-                AuditEvent::new("sql.statement")
-                    .agent(&self.context.agent.id)
-                    .target(&self.context.target.name)
-                    .grant(&self.context.grant_id)
-                    .detail(serde_json::json!({
-                        "session": self.session_id,
-                        "text": statement.text,
-                        "kind": format!("{:?}", statement.kind),
-                        "verdict": verdict,
-                        "reason": reason,
-                        "bundle": decision.bundle.as_ref().map(|b| b.to_string()),
-                        "votes": votes,
-                    })),
-            );
             let unmaskable = statement.kind == crate::policy::types::SqlKind::CopyTo
                 && set.masks(&self.context.target);
-            let reason = reason.or_else(|| {
-                unmaskable.then(|| {
-                    "COPY TO is not masked on this target; read with SELECT instead".to_string()
-                })
-            });
+            let (reason, hint) = match &decision.outcome {
+                Outcome::Allow(_) if unmaskable => (
+                    Some(
+                        "COPY TO is not masked on this target; read with SELECT instead"
+                            .to_string(),
+                    ),
+                    None,
+                ),
+                Outcome::Allow(_) => (None, None),
+                Outcome::Deny { reason, hint, .. } => (Some(reason.clone()), hint.clone()),
+                Outcome::Review { reason, .. } => (Some(format!("needs review: {reason}")), None),
+            };
+            let verdict = if reason.is_some() { "deny" } else { "allow" };
+            write.events.push(self.statement_event(
+                &statement.text,
+                &format!("{:?}", statement.kind),
+                verdict,
+                reason.as_deref(),
+                decision.bundle.as_ref().map(|b| b.to_string()),
+                &decision.votes,
+            ));
             if denial.is_none()
                 && let Some(reason) = reason
             {
@@ -534,19 +534,71 @@ impl Session {
             }
         }
         self.statements += statements.len() as u64;
-        // Recorded before anything runs: if the record cannot be written, nothing does.
-        if let Err(e) = self.services.broker.record().write_async(write).await {
+        // A statement that writes runs only once its entry is durable. A Query whose
+        // statements all change nothing is sent while the entry is made durable (the
+        // fsync overlaps the query), and its result is released only after that.
+        let overlap = denial.is_none() && statements.iter().all(changes_nothing);
+        let record = self.services.broker.record().clone();
+        let recording = tokio::spawn(async move { record.write_async(write).await });
+        if overlap {
+            self.upstream
+                .write_all(&message_bytes(&message))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let recorded = recording.await.map_err(|e| e.to_string())?;
+        if let Err(e) = recorded {
             fatal(&mut self.client, "53000", &format!("refused: {e}")).await;
             return Err(format!("record unavailable: {e}"));
         }
         if let Some((reason, hint)) = denial {
             return self.deny("42501", &reason, hint.as_deref()).await;
         }
-        self.upstream
-            .write_all(&message_bytes(&message))
-            .await
-            .map_err(|e| e.to_string())?;
+        if !overlap {
+            self.upstream
+                .write_all(&message_bytes(&message))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         self.relay_results(&set).await
+    }
+
+    /// The record entry of one statement and its verdict.
+    fn statement_event(
+        &self,
+        text: &str,
+        kind: &str,
+        verdict: &str,
+        reason: Option<&str>,
+        bundle: Option<String>,
+        votes: &[crate::policy::ModuleVote],
+    ) -> AuditEvent {
+        let votes: Vec<serde_json::Value> = votes
+            .iter()
+            .map(|v| serde_json::json!({ "module": &*v.module, "digest": &*v.digest }))
+            .collect();
+        AuditEvent::new("sql.statement")
+            .agent(&self.context.agent.id)
+            .target(&self.context.target.name)
+            .grant(&self.context.grant_id)
+            .detail(serde_json::json!({
+                "session": self.session_id,
+                "text": text,
+                "kind": kind,
+                "verdict": verdict,
+                "reason": reason,
+                "bundle": bundle,
+                "votes": votes,
+            }))
+    }
+
+    /// Writes to the record, or ends the session: nothing goes on unrecorded.
+    async fn record_or_close(&mut self, write: Write) -> Result<(), String> {
+        if let Err(e) = self.services.broker.record().write_async(write).await {
+            fatal(&mut self.client, "53000", &format!("refused: {e}")).await;
+            return Err(format!("record unavailable: {e}"));
+        }
+        Ok(())
     }
 
     /// Relays the upstream's answer to one Query, masking rows, until ReadyForQuery.
