@@ -225,11 +225,20 @@ impl Gateway {
         self.dir.path().join("data")
     }
 
-    /// Points the `prod-db` target at a PostgreSQL server on `port`.
-    pub fn set_upstream_port(&self, port: u16) {
+    /// Replaces `from` (which must be there) with `to` in the gateway's configuration.
+    pub fn edit_config(&self, from: &str, to: &str) {
         let path = self.data().join("airlock.toml");
         let config = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, config.replace("{UPSTREAM_PORT}", &port.to_string())).unwrap();
+        assert!(
+            config.contains(from),
+            "{from:?} is not in the configuration"
+        );
+        std::fs::write(&path, config.replace(from, to)).unwrap();
+    }
+
+    /// Points the `prod-db` target at a PostgreSQL server on `port`.
+    pub fn set_upstream_port(&self, port: u16) {
+        self.edit_config("{UPSTREAM_PORT}", &port.to_string());
     }
 
     /// The port of the gateway's PostgreSQL listener.
@@ -997,13 +1006,10 @@ fn startup_refuses_a_missing_credential_and_plain_http_off_loopback() {
     );
 
     let gw = Gateway::prepare("");
-    let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
-        .unwrap()
-        .replace(
-            "[agent-api]\nlisten = \"127.0.0.1:",
-            "[agent-api]\nlisten = \"0.0.0.0:",
-        );
-    std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
+    gw.edit_config(
+        "[agent-api]\nlisten = \"127.0.0.1:",
+        "[agent-api]\nlisten = \"0.0.0.0:",
+    );
     let err = gw.refused_start();
     assert!(
         err.contains("refusing to serve the agent API in plain HTTP"),
@@ -1011,24 +1017,18 @@ fn startup_refuses_a_missing_credential_and_plain_http_off_loopback() {
     );
 
     let gw = Gateway::prepare("");
-    let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
-        .unwrap()
-        .replace(
-            "[postgres]\nlisten = \"127.0.0.1:",
-            "[postgres]\nlisten = \"0.0.0.0:",
-        );
-    std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
+    gw.edit_config(
+        "[postgres]\nlisten = \"127.0.0.1:",
+        "[postgres]\nlisten = \"0.0.0.0:",
+    );
     let err = gw.refused_start();
     assert!(err.contains("listens on loopback only"), "{err}");
 
     let gw = Gateway::prepare("");
-    let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
-        .unwrap()
-        .replace(
-            "max-body-bytes = 4096",
-            "max-body-bytes = 4096\nlisten-backlog = 5",
-        );
-    std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
+    gw.edit_config(
+        "max-body-bytes = 4096",
+        "max-body-bytes = 4096\nlisten-backlog = 5",
+    );
     let err = gw.refused_start();
     assert!(err.contains("unknown field `listen-backlog`"), "{err}");
 }
@@ -1065,13 +1065,10 @@ fn the_agent_api_speaks_tls_when_configured() {
         .unwrap();
     assert!(status.success());
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let config = std::fs::read_to_string(gw.data().join("airlock.toml"))
-        .unwrap()
-        .replace(
-            "max-body-bytes = 4096",
-            &format!("max-body-bytes = 4096\ntls-cert = {cert:?}\ntls-key = {key:?}"),
-        );
-    std::fs::write(gw.data().join("airlock.toml"), config).unwrap();
+    gw.edit_config(
+        "max-body-bytes = 4096",
+        &format!("max-body-bytes = 4096\ntls-cert = {cert:?}\ntls-key = {key:?}"),
+    );
     let mut child = airlock()
         .arg("--data")
         .arg(gw.data())

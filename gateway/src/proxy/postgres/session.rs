@@ -482,7 +482,13 @@ impl Session {
                     None,
                     &[],
                 );
-                self.record_or_close(Write::event(refused)).await?;
+                let result = self
+                    .services
+                    .broker
+                    .record()
+                    .write_async(Write::event(refused))
+                    .await;
+                self.recorded_or_close(result).await?;
                 return self.deny("42601", &e.to_string(), None).await;
             }
         };
@@ -546,11 +552,8 @@ impl Session {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let recorded = recording.await.map_err(|e| e.to_string())?;
-        if let Err(e) = recorded {
-            fatal(&mut self.client, "53000", &format!("refused: {e}")).await;
-            return Err(format!("record unavailable: {e}"));
-        }
+        let result = recording.await.map_err(|e| e.to_string())?;
+        self.recorded_or_close(result).await?;
         if let Some((reason, hint)) = denial {
             return self.deny("42501", &reason, hint.as_deref()).await;
         }
@@ -592,9 +595,13 @@ impl Session {
             }))
     }
 
-    /// Writes to the record, or ends the session: nothing goes on unrecorded.
-    async fn record_or_close(&mut self, write: Write) -> Result<(), String> {
-        if let Err(e) = self.services.broker.record().write_async(write).await {
+    /// Goes on only if the record write succeeded; otherwise ends the session with
+    /// FATAL: nothing goes on unrecorded.
+    async fn recorded_or_close(
+        &mut self,
+        result: Result<crate::record::Receipt, crate::record::RecordError>,
+    ) -> Result<(), String> {
+        if let Err(e) = result {
             fatal(&mut self.client, "53000", &format!("refused: {e}")).await;
             return Err(format!("record unavailable: {e}"));
         }
