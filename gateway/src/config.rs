@@ -132,9 +132,15 @@ impl Default for AgentApiConfig {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct PostgresConfig {
     /// Where agents' PostgreSQL clients connect (user = grant id, password = grant
-    /// secret, database = target name). Loopback only until TLS is configured here.
+    /// secret, database = target name). Loopback only unless TLS is configured.
     #[serde(default = "default_pg_listen")]
     pub listen: String,
+    /// PEM certificate chain and private key (0600) for clients' SSLRequest.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Refuse clients that do not start TLS. Always on for a non-loopback listener.
+    #[serde(default)]
+    pub require_tls: bool,
 }
 
 fn default_pg_listen() -> String {
@@ -145,6 +151,9 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         PostgresConfig {
             listen: default_pg_listen(),
+            tls_cert: None,
+            tls_key: None,
+            require_tls: false,
         }
     }
 }
@@ -269,11 +278,17 @@ impl Config {
             .listen
             .parse()
             .map_err(|e| format!("postgres.listen = {:?}: {e}", self.postgres.listen))?;
-        if !pg.ip().is_loopback() {
+        if self.postgres.tls_cert.is_some() != self.postgres.tls_key.is_some() {
+            return Err("postgres.tls-cert and postgres.tls-key must be set together".into());
+        }
+        if !pg.ip().is_loopback() && self.postgres.tls_cert.is_none() {
             return Err(format!(
-                "postgres.listen = {:?}: the PostgreSQL listener has no TLS yet, so it listens on loopback only",
+                "postgres.listen = {:?} is not a loopback address: set postgres.tls-cert and postgres.tls-key (clients there must use TLS)",
                 self.postgres.listen
             ));
+        }
+        if self.postgres.require_tls && self.postgres.tls_cert.is_none() {
+            return Err("postgres.require-tls needs postgres.tls-cert and postgres.tls-key".into());
         }
         if self.agent_api.tls_cert.is_some() != self.agent_api.tls_key.is_some() {
             return Err("agent-api.tls-cert and agent-api.tls-key must be set together".into());
@@ -291,6 +306,10 @@ impl Config {
             }
             if target.upstream.is_empty() {
                 return Err(format!("target[{i}] `{}`: upstream is empty", target.name));
+            }
+            if target.kind == crate::policy::Kind::Postgres {
+                crate::proxy::postgres::upstream::UpstreamAddr::parse(&target.upstream)
+                    .map_err(|e| format!("target[{i}] `{}`: {e}", target.name))?;
             }
             if let Some(reference) = &target.credential {
                 crate::secrets::parse_reference(reference)

@@ -19,7 +19,7 @@ use crate::grants::Broker;
 use crate::keys::SecretKey;
 use crate::policy::{PolicyEngine, PolicySet};
 use crate::proxy::postgres::classify::ClassifyCache;
-use crate::proxy::postgres::session::{self, PgServices};
+use crate::proxy::postgres::startup::{self, PgServices};
 use crate::record::{Record, RecordOptions};
 use crate::secrets::Secrets;
 
@@ -134,7 +134,7 @@ pub async fn run(
         .map_err(setup("agent-api.listen"))?;
     let tls = match (&config.agent_api.tls_cert, &config.agent_api.tls_key) {
         (Some(cert), Some(key)) => {
-            Some(crate::api::load_tls(cert, key).map_err(ServeError::Setup)?)
+            Some(crate::api::load_tls("agent-api", cert, key).map_err(ServeError::Setup)?)
         }
         _ if !addr.ip().is_loopback() => {
             return Err(ServeError::Setup(format!(
@@ -151,6 +151,12 @@ pub async fn run(
             "agent API listening on http://{local}: plain HTTP on loopback, for development only; set agent-api.tls-cert and tls-key"
         ),
     }
+    let pg_tls = match (&config.postgres.tls_cert, &config.postgres.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(crate::api::load_tls("postgres", cert, key).map_err(ServeError::Setup)?)
+        }
+        _ => None,
+    };
     let pg_listener = TcpListener::bind(&config.postgres.listen).await?;
     let pg_addr = pg_listener.local_addr()?;
     tracing::info!("PostgreSQL gateway listening on {pg_addr}");
@@ -177,9 +183,11 @@ pub async fn run(
         policy: policy.clone(),
         classify: ClassifyCache::new(10_000),
         secrets_file: secrets_file.clone(),
+        require_tls: config.postgres.require_tls || !pg_addr.ip().is_loopback(),
+        tls: pg_tls,
         cancels: Default::default(),
     });
-    let pg_task = tokio::spawn(session::listen(pg_listener, pg_services));
+    let pg_task = tokio::spawn(startup::listen(pg_listener, pg_services));
 
     let admin_path = data.admin_socket();
     let admin_task = tokio::spawn({

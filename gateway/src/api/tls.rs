@@ -1,4 +1,4 @@
-//! TLS for the agent API, with rustls.
+//! TLS for the gateway's listeners (agent API, PostgreSQL), with rustls.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,20 +7,21 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-/// Builds a TLS acceptor from a PEM certificate chain and private key.
-pub fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+/// Builds a TLS acceptor from a PEM certificate chain and private key; `section` names
+/// the configuration section in errors.
+pub fn load_tls(section: &str, cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect())
-        .map_err(|e| format!("agent-api.tls-cert {}: {e}", cert.display()))?;
+        .map_err(|e| format!("{section}.tls-cert {}: {e}", cert.display()))?;
     if certs.is_empty() {
         return Err(format!(
-            "agent-api.tls-cert {}: no certificate in it",
+            "{section}.tls-cert {}: no certificate in it",
             cert.display()
         ));
     }
-    crate::fsperm::check_private(key).map_err(|e| format!("agent-api.tls-key: {e}"))?;
+    crate::fsperm::check_private(key).map_err(|e| format!("{section}.tls-key: {e}"))?;
     let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("agent-api.tls-key {}: {e}", key.display()))?;
+        .map_err(|e| format!("{section}.tls-key {}: {e}", key.display()))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -28,6 +29,6 @@ pub fn load_tls(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     .map_err(|e| e.to_string())?
     .with_no_client_auth()
     .with_single_cert(certs, key)
-    .map_err(|e| format!("agent-api TLS: {e}"))?;
+    .map_err(|e| format!("{section} TLS: {e}"))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -125,6 +125,7 @@ impl PolicySet {
         columns: &[Column],
     ) -> Result<MaskPlan, MaskError> {
         let mut modules = Vec::new();
+        let mut masked = Vec::new();
         for (index, module) in self.maskers(&context.target) {
             let wanted = module
                 .mask_columns(context, columns)
@@ -134,11 +135,15 @@ impl PolicySet {
                 })?;
             if !wanted.is_empty() {
                 modules.push(index);
+                masked.extend(wanted);
             }
         }
+        masked.sort_unstable();
+        masked.dedup();
         Ok(MaskPlan {
             set: self.clone(),
             modules,
+            columns: masked,
         })
     }
 
@@ -186,12 +191,19 @@ fn mask_one(
 pub struct MaskPlan {
     set: Arc<PolicySet>,
     modules: Vec<usize>,
+    columns: Vec<u32>,
 }
 
 impl MaskPlan {
     /// True when no module masks any of the columns: rows need no Wasm call at all.
     pub fn is_empty(&self) -> bool {
         self.modules.is_empty()
+    }
+
+    /// The columns (by index, ascending) that some planned module masks; values of the
+    /// others are not theirs to change.
+    pub fn columns(&self) -> &[u32] {
+        &self.columns
     }
 
     /// Masks one batch of rows with each planned module in bundle order.

@@ -1,7 +1,12 @@
-//! The PostgreSQL gateway.
+//! The PostgreSQL gateway: `startup` lets a client in, `session` and `extended` turn its
+//! messages into checked, recorded statements, `masking` rewrites rows on the way back.
 
 pub mod classify;
+mod conn;
+mod extended;
+mod masking;
 pub mod scram;
-pub mod session;
+mod session;
+pub mod startup;
 pub mod upstream;
 pub mod wire;

@@ -1,37 +1,101 @@
 //! The gateway's own connection to the upstream server, logged in with the credential
 //! the gateway holds for the target. The agent never sees it.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use bytes::{BufMut, Bytes};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::conn::Conn;
 use super::wire::{self, Message, WireError, message, put_cstr};
 use crate::secrets::Credential;
 
 /// Where and as whom the gateway logs in upstream, from a target's
-/// `upstream = "postgres://USER@HOST:PORT/DATABASE"`.
+/// `upstream = "postgres://USER@HOST:PORT/DATABASE[?sslmode=…&sslrootcert=…]"`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddr {
     pub host_port: String,
     pub user: String,
     pub database: String,
+    /// TLS to the upstream, verifying its certificate against this CA file
+    /// (`sslmode=verify-full&sslrootcert=PATH`).
+    pub tls_root: Option<PathBuf>,
 }
 
 impl UpstreamAddr {
+    /// Parses a target's upstream. Plain text is the default only on loopback; anywhere
+    /// else the target must say `sslmode=verify-full` (or, knowingly, `disable`).
     pub fn parse(upstream: &str) -> Result<Self, String> {
-        let bad = || format!("upstream `{upstream}` is not postgres://USER@HOST:PORT/DATABASE");
+        let bad = || {
+            format!(
+                "upstream `{upstream}` is not postgres://USER@HOST:PORT/DATABASE[?sslmode=verify-full&sslrootcert=PATH]"
+            )
+        };
         let rest = upstream.strip_prefix("postgres://").ok_or_else(bad)?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (user, rest) = rest.split_once('@').ok_or_else(bad)?;
         let (host_port, database) = rest.split_once('/').ok_or_else(bad)?;
         if user.is_empty() || host_port.is_empty() || database.is_empty() || user.contains(':') {
             return Err(bad());
         }
+        let (mut sslmode, mut root) = (None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("sslmode", v)) => sslmode = Some(v),
+                Some(("sslrootcert", v)) => root = Some(PathBuf::from(v)),
+                _ => return Err(format!("upstream `{upstream}`: unknown parameter `{pair}`")),
+            }
+        }
+        let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+        let loopback = host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let tls_root = match (sslmode, root) {
+            (Some("verify-full"), Some(root)) => Some(root),
+            (Some("verify-full"), None) => {
+                return Err(format!(
+                    "upstream `{upstream}`: sslmode=verify-full needs sslrootcert=PATH (the CA that signed the server's certificate)"
+                ));
+            }
+            (Some("disable"), None) => None,
+            (None, None) if loopback => None,
+            (None, None) => {
+                return Err(format!(
+                    "upstream `{upstream}` is not on loopback: add ?sslmode=verify-full&sslrootcert=PATH (or sslmode=disable to accept plain text)"
+                ));
+            }
+            (Some(mode), _) => {
+                return Err(format!(
+                    "upstream `{upstream}`: sslmode={mode} is not supported: use verify-full or disable"
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "upstream `{upstream}`: sslrootcert needs sslmode=verify-full"
+                ));
+            }
+        };
         Ok(UpstreamAddr {
             host_port: host_port.to_string(),
             user: user.to_string(),
             database: database.to_string(),
+            tls_root,
         })
+    }
+
+    fn host(&self) -> &str {
+        self.host_port
+            .rsplit_once(':')
+            .map_or(self.host_port.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']'])
     }
 }
 
@@ -40,6 +104,8 @@ impl UpstreamAddr {
 pub enum UpstreamError {
     #[error("cannot connect to the upstream {0}: {1}")]
     Connect(String, std::io::Error),
+    #[error("TLS to the upstream {0}: {1}")]
+    Tls(String, String),
     #[error("upstream protocol: {0}")]
     Wire(#[from] WireError),
     #[error("the upstream refused the gateway's login: {0}")]
@@ -52,7 +118,7 @@ pub enum UpstreamError {
 
 /// A logged-in upstream connection.
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub conn: Conn,
     /// ParameterStatus messages to pass on to the client.
     pub parameters: Vec<Bytes>,
     /// The upstream's BackendKeyData (process id, secret key), for cancelling.
@@ -80,10 +146,14 @@ pub async fn connect(
     addr: &UpstreamAddr,
     password: Option<&Credential>,
 ) -> Result<Upstream, UpstreamError> {
-    let mut stream = TcpStream::connect(&addr.host_port)
+    let stream = TcpStream::connect(&addr.host_port)
         .await
         .map_err(|e| UpstreamError::Connect(addr.host_port.clone(), e))?;
     stream.set_nodelay(true).ok();
+    let mut conn = match &addr.tls_root {
+        Some(root) => Conn::new(start_tls(stream, addr, root).await?),
+        None => Conn::new(stream),
+    };
     let mut startup = bytes::BytesMut::new();
     startup.put_i32(0);
     startup.put_i32(wire::PROTOCOL_V3);
@@ -98,7 +168,7 @@ pub async fn connect(
     startup.put_u8(0);
     let len = startup.len() as i32;
     startup[..4].copy_from_slice(&len.to_be_bytes());
-    wire::write_all(&mut stream, &startup).await?;
+    conn.send_now(&startup).await.map_err(WireError::from)?;
 
     let password = || {
         password
@@ -109,7 +179,7 @@ pub async fn connect(
     let mut parameters = Vec::new();
     let mut backend_key = (0, 0);
     loop {
-        let Message { tag, body } = wire::read_message(&mut stream).await?;
+        let Message { tag, body } = conn.read_message().await?;
         match tag {
             b'R' => {
                 let kind =
@@ -164,7 +234,7 @@ pub async fn connect(
                     other => return Err(UpstreamError::Unsupported(other)),
                 };
                 if let Some(reply) = reply {
-                    wire::write_all(&mut stream, &reply).await?;
+                    conn.send_now(&reply).await.map_err(WireError::from)?;
                 }
             }
             b'S' => parameters.push(message(b'S', |out| out.put_slice(&body))),
@@ -181,7 +251,7 @@ pub async fn connect(
             }
             b'Z' => {
                 return Ok(Upstream {
-                    stream,
+                    conn,
                     parameters,
                     backend_key,
                 });
@@ -189,6 +259,54 @@ pub async fn connect(
             _ => {}
         }
     }
+}
+
+/// Asks for TLS (SSLRequest) and verifies the server's certificate against `root` and
+/// the upstream's host name. A server that declines TLS is refused.
+async fn start_tls(
+    mut stream: TcpStream,
+    addr: &UpstreamAddr,
+    root: &std::path::Path,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
+    let tls_error = |e: String| UpstreamError::Tls(addr.host_port.clone(), e);
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(root)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| tls_error(format!("sslrootcert {}: {e}", root.display())))?;
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| tls_error(format!("sslrootcert {}: {e}", root.display())))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| tls_error(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from(addr.host().to_string())
+        .map_err(|e| tls_error(format!("server name: {e}")))?;
+    let mut request = bytes::BytesMut::new();
+    request.put_i32(8);
+    request.put_i32(wire::SSL_REQUEST);
+    stream
+        .write_all(&request)
+        .await
+        .map_err(|e| UpstreamError::Connect(addr.host_port.clone(), e))?;
+    let answer = stream
+        .read_u8()
+        .await
+        .map_err(|e| UpstreamError::Connect(addr.host_port.clone(), e))?;
+    if answer != b'S' {
+        return Err(tls_error(
+            "the server does not offer TLS, and the target requires it".into(),
+        ));
+    }
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| tls_error(e.to_string()))
 }
 
 /// Asks the upstream to cancel the query running on the connection with `key`.
@@ -199,7 +317,7 @@ pub async fn cancel(host_port: &str, key: (i32, i32)) -> std::io::Result<()> {
     packet.put_i32(wire::CANCEL_REQUEST);
     packet.put_i32(key.0);
     packet.put_i32(key.1);
-    tokio::io::AsyncWriteExt::write_all(&mut stream, &packet).await
+    stream.write_all(&packet).await
 }
 
 #[cfg(test)]
@@ -213,14 +331,27 @@ mod tests {
             UpstreamAddr {
                 host_port: "127.0.0.1:5432".into(),
                 user: "airlock".into(),
-                database: "app".into()
+                database: "app".into(),
+                tls_root: None,
             }
+        );
+        assert_eq!(
+            UpstreamAddr::parse(
+                "postgres://a@db.internal:5432/app?sslmode=verify-full&sslrootcert=/ca.pem"
+            )
+            .unwrap()
+            .tls_root,
+            Some("/ca.pem".into())
         );
         for bad in [
             "127.0.0.1:5432",
             "postgres://127.0.0.1:5432/app",
             "postgres://u@h:1/",
             "postgres://u:pw@h:1/db",
+            "postgres://u@db.internal:5432/app",
+            "postgres://u@h:1/db?sslmode=require",
+            "postgres://u@h:1/db?sslmode=verify-full",
+            "postgres://u@127.0.0.1:1/db?password=x",
         ] {
             assert!(UpstreamAddr::parse(bad).is_err(), "{bad}");
         }

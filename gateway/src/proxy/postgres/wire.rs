@@ -5,7 +5,6 @@
 //! is allocated: a message over the limit is refused, not buffered.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Largest message accepted from either side.
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -44,12 +43,8 @@ pub enum Startup {
     Startup { params: Vec<(String, String)> },
 }
 
-async fn read_len<R: AsyncRead + Unpin>(r: &mut R, header: usize) -> Result<usize, WireError> {
-    let len = match r.read_i32().await {
-        Ok(len) => len,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(e.into()),
-    };
+/// The body length a message header announces, checked before anything is allocated.
+fn body_len(len: i32, header: usize) -> Result<usize, WireError> {
     let len = usize::try_from(len)
         .ok()
         .filter(|&l| l >= header)
@@ -60,32 +55,31 @@ async fn read_len<R: AsyncRead + Unpin>(r: &mut R, header: usize) -> Result<usiz
     Ok(len - header)
 }
 
-async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Bytes, WireError> {
-    let mut body = BytesMut::zeroed(len);
-    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => WireError::Malformed("truncated message".into()),
-        _ => e.into(),
-    })?;
-    Ok(body.freeze())
-}
-
-/// Reads the client's untagged first message.
-pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<Startup, WireError> {
-    let len = read_len(r, 4).await?;
+/// Takes the client's untagged first message off the front of `buf`, or `None` if it
+/// has not fully arrived.
+pub fn parse_startup(buf: &mut BytesMut) -> Result<Option<Startup>, WireError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = body_len(i32::from_be_bytes(buf[..4].try_into().expect("4 bytes")), 4)?;
     if !(4..=10_000).contains(&len) {
         return Err(WireError::Malformed(format!(
             "startup packet of {len} bytes"
         )));
     }
-    let mut body = read_body(r, len).await?;
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    buf.advance(4);
+    let mut body = buf.split_to(len).freeze();
     let code = body.get_i32();
     match code {
-        SSL_REQUEST => Ok(Startup::Ssl),
-        GSSENC_REQUEST => Ok(Startup::GssEnc),
-        CANCEL_REQUEST if body.remaining() == 8 => Ok(Startup::Cancel {
+        SSL_REQUEST => Ok(Some(Startup::Ssl)),
+        GSSENC_REQUEST => Ok(Some(Startup::GssEnc)),
+        CANCEL_REQUEST if body.remaining() == 8 => Ok(Some(Startup::Cancel {
             pid: body.get_i32(),
             key: body.get_i32(),
-        }),
+        })),
         PROTOCOL_V3 => {
             let mut params = Vec::new();
             loop {
@@ -95,7 +89,7 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<Startup, Wi
                 }
                 params.push((key, cstr(&mut body)?));
             }
-            Ok(Startup::Startup { params })
+            Ok(Some(Startup::Startup { params }))
         }
         other => Err(WireError::Malformed(format!(
             "unsupported protocol version {}.{}",
@@ -105,18 +99,26 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<Startup, Wi
     }
 }
 
-/// Reads one tagged message.
-pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, WireError> {
-    let tag = match r.read_u8().await {
-        Ok(tag) => tag,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(e.into()),
-    };
-    let len = read_len(r, 4).await?;
-    Ok(Message {
+/// Takes one tagged message off the front of `buf`; `Err(n)` if it has not fully
+/// arrived, where `n` is how many bytes the whole message takes, so the caller can
+/// reserve room for it once.
+pub fn parse_message(buf: &mut BytesMut) -> Result<Result<Message, usize>, WireError> {
+    if buf.len() < 5 {
+        return Ok(Err(5));
+    }
+    let len = body_len(
+        i32::from_be_bytes(buf[1..5].try_into().expect("4 bytes")),
+        4,
+    )?;
+    if buf.len() < 5 + len {
+        return Ok(Err(5 + len));
+    }
+    let tag = buf[0];
+    buf.advance(5);
+    Ok(Ok(Message {
         tag,
-        body: read_body(r, len).await?,
-    })
+        body: buf.split_to(len).freeze(),
+    }))
 }
 
 /// Reads a NUL-terminated string from the front of `buf`.
@@ -179,11 +181,6 @@ pub fn authentication(kind: i32, data: &[u8]) -> Bytes {
         out.put_i32(kind);
         out.put_slice(data);
     })
-}
-
-pub async fn write_all<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), WireError> {
-    w.write_all(bytes).await?;
-    Ok(())
 }
 
 /// A column of a RowDescription: name, type OID, and format (0 text, 1 binary).
@@ -266,8 +263,8 @@ pub fn encode_data_row(values: &[Option<Bytes>]) -> Bytes {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn startup_and_messages_round_trip() {
+    #[test]
+    fn startup_and_messages_round_trip() {
         let mut packet = BytesMut::new();
         packet.put_i32(0);
         packet.put_i32(PROTOCOL_V3);
@@ -276,7 +273,7 @@ mod tests {
         }
         let len = packet.len() as i32;
         packet[..4].copy_from_slice(&len.to_be_bytes());
-        let Startup::Startup { params } = read_startup(&mut &packet[..]).await.unwrap() else {
+        let Some(Startup::Startup { params }) = parse_startup(&mut packet).unwrap() else {
             panic!("startup")
         };
         assert_eq!(
@@ -288,7 +285,9 @@ mod tests {
         );
 
         let row = encode_data_row(&[Some(Bytes::from_static(b"a@b.io")), None]);
-        let msg = read_message(&mut &row[..]).await.unwrap();
+        let mut buf = BytesMut::from(&row[..]);
+        let msg = parse_message(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
         assert_eq!(msg.tag, b'D');
         assert_eq!(
             data_row(&msg.body).unwrap(),
@@ -296,23 +295,22 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn hostile_lengths_are_refused_before_allocating() {
-        let huge = [b'Q', 0x7f, 0xff, 0xff, 0xff];
+    #[test]
+    fn hostile_lengths_are_refused_before_allocating() {
+        let mut huge = BytesMut::from(&[b'Q', 0x7f, 0xff, 0xff, 0xff][..]);
         assert!(matches!(
-            read_message(&mut &huge[..]).await,
+            parse_message(&mut huge),
             Err(WireError::TooLarge(_))
         ));
-        let negative = [b'Q', 0xff, 0xff, 0xff, 0xf0];
+        let mut negative = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xf0][..]);
         assert!(matches!(
-            read_message(&mut &negative[..]).await,
+            parse_message(&mut negative),
             Err(WireError::Malformed(_))
         ));
-        let truncated = [b'Q', 0, 0, 0, 100, b'S'];
-        assert!(matches!(
-            read_message(&mut &truncated[..]).await,
-            Err(WireError::Malformed(_))
-        ));
+        let mut partial = BytesMut::from(&[b'Q', 0, 0, 0, 100, b'S'][..]);
+        assert!(matches!(parse_message(&mut partial), Ok(Err(101))));
+        let mut startup = BytesMut::from(&[0, 0, 0x7f, 0xff, 0, 3, 0, 0][..]);
+        assert!(parse_startup(&mut startup).is_err());
         let mut bad_row = BytesMut::new();
         bad_row.put_i16(1);
         bad_row.put_i32(50);

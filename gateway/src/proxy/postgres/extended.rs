@@ -1,0 +1,355 @@
+//! The extended query protocol: Parse, Bind, Describe, Execute, Close, Sync, Flush.
+//!
+//! Messages are taken in batches up to Sync (or Flush). A batch is decided whole before
+//! any of it is sent: each Parse is classified and checked (verdicts cached by statement
+//! text for the session), each Execute is checked again (a bundle may have rotated since
+//! its Parse) and gets its own record entry with its parameters. Any refusal refuses the
+//! whole batch and nothing in it runs. When masking applies, the gateway describes each
+//! portal itself before it runs, so the rows of every Execute are masked by their own
+//! row description and formats.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use super::classify::changes_nothing;
+use super::session::{Expect, Session, message_bytes};
+use super::startup::fatal;
+use super::wire::{self, Message, error_response, message, put_cstr, ready_for_query};
+use crate::policy::types::SqlStatement;
+use crate::record::Write;
+
+/// Largest batch (bytes of messages up to Sync or Flush) held before deciding it.
+const MAX_BATCH: usize = wire::MAX_MESSAGE;
+
+/// Parameter values kept in the record, each cut to this many bytes.
+const PARAM_RECORDED: usize = 256;
+
+/// What to do with client messages after an error in an extended-protocol batch: drop
+/// them up to Sync, as PostgreSQL does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discard {
+    No,
+    /// The gateway refused: it answers the Sync itself.
+    Local,
+    /// The upstream failed and skips to Sync too: the Sync goes upstream.
+    Upstream,
+}
+
+/// A statement prepared through this gateway: its classification (`None` for an empty
+/// query, which runs nothing).
+pub struct Prepared {
+    statement: Option<SqlStatement>,
+}
+
+/// A portal bound through this gateway: its statement and parameters, for the record.
+#[derive(Clone)]
+pub struct Portal {
+    prepared: Arc<Prepared>,
+    params: serde_json::Value,
+}
+
+/// A refusal of a batch: SQLSTATE, message, hint.
+type Refusal = (&'static str, String, Option<String>);
+
+impl Session {
+    /// Takes a batch starting with `first`, decides it, and runs it or refuses it.
+    pub async fn extended(&mut self, first: Message) -> Result<(), String> {
+        let mut batch = vec![first];
+        let mut size = 0;
+        while !matches!(batch.last().map(|m| m.tag), Some(b'S' | b'H')) {
+            let m = self.read_client().await?;
+            match m.tag {
+                b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' => {}
+                b'X' => {
+                    let _ = self.upstream.send_now(&message_bytes(&m)).await;
+                    return Err("client terminated".into());
+                }
+                other => {
+                    let reason = format!(
+                        "message type {:?} inside an extended-query batch: send Sync first",
+                        other as char
+                    );
+                    fatal(&mut self.client, "08P01", &reason).await;
+                    return Err(reason);
+                }
+            }
+            size += m.body.len() + 5;
+            if size > MAX_BATCH {
+                let reason = format!("more than {MAX_BATCH} bytes of messages without a Sync");
+                fatal(&mut self.client, "54000", &reason).await;
+                return Err(reason);
+            }
+            batch.push(m);
+        }
+        let synced = batch.last().is_some_and(|m| m.tag == b'S');
+        match self.discard {
+            Discard::No => self.run_batch(batch, synced).await,
+            _ if !synced => Ok(()),
+            Discard::Local => {
+                self.discard = Discard::No;
+                self.client
+                    .send(&ready_for_query(self.tx_status))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Discard::Upstream => {
+                self.discard = Discard::No;
+                let sync = message(b'S', |_| {});
+                self.upstream
+                    .send_now(&sync)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let set = self.services.policy.current();
+                self.relay(&set, VecDeque::from([Expect::Sync])).await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn run_batch(&mut self, batch: Vec<Message>, synced: bool) -> Result<(), String> {
+        let set = self.services.policy.current();
+        let masks = set.masks(&self.context.target);
+        let saved = (self.prepared.clone(), self.portals.clone());
+        let mut write = Write::default();
+        let mut out = BytesMut::new();
+        let mut expects = VecDeque::new();
+        let mut read_only = true;
+        let mut executes = 0;
+        let mut refusal: Option<Refusal> = None;
+        for m in &batch {
+            let mut body = m.body.clone();
+            let step = match m.tag {
+                b'P' => self
+                    .parse(&set, &mut body, &mut write)
+                    .map(|()| Expect::Complete),
+                b'B' => self.bind(&mut body).map(|()| Expect::Complete),
+                b'D' => describe(&mut body),
+                b'E' => {
+                    match self.execute(&set, &mut body, &mut write, &mut read_only) {
+                        Ok(portal) if masks => {
+                            // Describe the portal first: its row description, with the
+                            // formats Bind chose, is what its rows are masked by.
+                            out.extend_from_slice(&message(b'D', |o| {
+                                o.extend_from_slice(b"P");
+                                put_cstr(o, &portal);
+                            }));
+                            expects.push_back(Expect::DescribePortal { injected: true });
+                            executes += 1;
+                            Ok(Expect::Execute)
+                        }
+                        Ok(_) => {
+                            executes += 1;
+                            Ok(Expect::Execute)
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                b'C' => self.close(&mut body).map(|()| Expect::Complete),
+                b'S' => Ok(Expect::Sync),
+                _ => {
+                    out.extend_from_slice(&message_bytes(m));
+                    continue;
+                }
+            };
+            match step {
+                Ok(expect) => {
+                    out.extend_from_slice(&message_bytes(m));
+                    expects.push_back(expect);
+                }
+                Err(e) => {
+                    refusal = Some(e);
+                    break;
+                }
+            }
+        }
+        self.statements += write.events.len() as u64;
+        if let Some((code, reason, hint)) = refusal {
+            (self.prepared, self.portals) = saved;
+            let result = self.services.broker.record().write_async(write).await;
+            self.recorded_or_close(result).await?;
+            return self
+                .refuse(
+                    error_response("ERROR", code, &reason, hint.as_deref()),
+                    synced,
+                )
+                .await;
+        }
+        self.forward_recorded(write, &out, read_only).await?;
+        self.unsynced = !synced;
+        if expects.is_empty() {
+            return Ok(());
+        }
+        let summary = self.relay(&set, expects).await?;
+        if executes > 0 {
+            self.record_result(summary);
+        }
+        Ok(())
+    }
+
+    /// Parse: classified and checked now, so a denied statement is never prepared.
+    fn parse(
+        &mut self,
+        set: &Arc<crate::policy::PolicySet>,
+        body: &mut Bytes,
+        write: &mut Write,
+    ) -> Result<(), Refusal> {
+        let name = wire::cstr(body).map_err(malformed)?;
+        let text = wire::cstr(body).map_err(malformed)?;
+        let classified = self.services.classify.classify(&text);
+        let statement = match &*classified {
+            Err(e) => {
+                write
+                    .events
+                    .push(self.unparsed_event(&text, &e.to_string()));
+                return Err(("42601", e.to_string(), None));
+            }
+            Ok(all) if all.len() > 1 => {
+                let reason = "cannot insert multiple commands into a prepared statement";
+                write.events.push(self.unparsed_event(&text, reason));
+                return Err(("42601", reason.into(), None));
+            }
+            Ok(all) => all.first().cloned(),
+        };
+        if let Some(statement) = &statement {
+            let checked = self.check(set, statement);
+            if let Some((reason, hint)) = &checked.denial {
+                write
+                    .events
+                    .push(self.statement_event(statement, &checked, None));
+                return Err(("42501", reason.clone(), hint.clone()));
+            }
+        }
+        self.prepared.insert(name, Arc::new(Prepared { statement }));
+        Ok(())
+    }
+
+    /// Bind: only to a statement prepared through this gateway, whose verdict it knows.
+    fn bind(&mut self, body: &mut Bytes) -> Result<(), Refusal> {
+        let portal = wire::cstr(body).map_err(malformed)?;
+        let name = wire::cstr(body).map_err(malformed)?;
+        let Some(prepared) = self.prepared.get(&name).cloned() else {
+            return Err((
+                "26000",
+                format!(
+                    "prepared statement \"{name}\" does not exist (statements must be prepared with Parse through this gateway)"
+                ),
+                None,
+            ));
+        };
+        let params = bind_params(body).map_err(malformed)?;
+        self.portals.insert(portal, Portal { prepared, params });
+        Ok(())
+    }
+
+    /// Execute: checked again (cached), and recorded with its parameters. Returns the
+    /// portal's name.
+    fn execute(
+        &mut self,
+        set: &Arc<crate::policy::PolicySet>,
+        body: &mut Bytes,
+        write: &mut Write,
+        read_only: &mut bool,
+    ) -> Result<String, Refusal> {
+        let name = wire::cstr(body).map_err(malformed)?;
+        let Some(portal) = self.portals.get(&name).cloned() else {
+            return Err(("34000", format!("portal \"{name}\" does not exist"), None));
+        };
+        if let Some(statement) = &portal.prepared.statement {
+            let checked = self.check(set, statement);
+            write
+                .events
+                .push(self.statement_event(statement, &checked, Some(&portal.params)));
+            if let Some((reason, hint)) = &checked.denial {
+                return Err(("42501", reason.clone(), hint.clone()));
+            }
+            *read_only &= changes_nothing(statement);
+        }
+        Ok(name)
+    }
+
+    /// Close of a statement or portal.
+    fn close(&mut self, body: &mut Bytes) -> Result<(), Refusal> {
+        if body.remaining() < 1 {
+            return Err(malformed("short Close"));
+        }
+        let kind = body.get_u8();
+        let name = wire::cstr(body).map_err(malformed)?;
+        match kind {
+            b'S' => {
+                self.prepared.remove(&name);
+            }
+            b'P' => {
+                self.portals.remove(&name);
+            }
+            _ => return Err(malformed("Close of neither a statement nor a portal")),
+        }
+        Ok(())
+    }
+}
+
+/// Describe of a statement or a portal: relayed as it is.
+fn describe(body: &mut Bytes) -> Result<Expect, Refusal> {
+    match body.first() {
+        Some(b'S') => Ok(Expect::DescribeStatement),
+        Some(b'P') => Ok(Expect::DescribePortal { injected: false }),
+        _ => Err(malformed("Describe of neither a statement nor a portal")),
+    }
+}
+
+/// A Bind's parameter values for the record: text values as text, binary ones in hex,
+/// each cut short.
+fn bind_params(body: &mut Bytes) -> Result<serde_json::Value, String> {
+    let short = || "short Bind".to_string();
+    if body.remaining() < 2 {
+        return Err(short());
+    }
+    let formats: Vec<i16> = (0..body.get_i16())
+        .map(|_| {
+            (body.remaining() >= 2)
+                .then(|| body.get_i16())
+                .ok_or_else(short)
+        })
+        .collect::<Result<_, _>>()?;
+    if body.remaining() < 2 {
+        return Err(short());
+    }
+    let count = body.get_i16();
+    let mut values = Vec::with_capacity(count.max(0) as usize);
+    for i in 0..count.max(0) as usize {
+        if body.remaining() < 4 {
+            return Err(short());
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            values.push(serde_json::Value::Null);
+            continue;
+        }
+        let len = len as usize;
+        if body.remaining() < len {
+            return Err(short());
+        }
+        let value = body.split_to(len);
+        let binary = match formats.as_slice() {
+            [] => false,
+            [one] => *one == 1,
+            many => many.get(i).is_some_and(|f| *f == 1),
+        };
+        let kept = &value[..len.min(PARAM_RECORDED)];
+        let mut text = if binary {
+            format!("\\x{}", hex::encode(kept))
+        } else {
+            String::from_utf8_lossy(kept).into_owned()
+        };
+        if len > PARAM_RECORDED {
+            text.push('…');
+        }
+        values.push(text.into());
+    }
+    Ok(values.into())
+}
+
+fn malformed(e: impl std::fmt::Display) -> Refusal {
+    ("08P01", format!("malformed message: {e}"), None)
+}

@@ -1,0 +1,368 @@
+//! A client's way in: TLS negotiation, SCRAM-SHA-256 with the grant's secret, admission
+//! by the broker, and the upstream login with the gateway's own credential. What is
+//! left is a [`Session`] relaying statements.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::BufMut;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+
+use super::classify::ClassifyCache;
+use super::conn::Conn;
+use super::scram::{Exchange, Verifier};
+use super::session::Session;
+use super::upstream::{self, UpstreamAddr};
+use super::wire::{self, Startup, WireError, error_response, message, ready_for_query};
+use crate::bundle::ActivePolicy;
+use crate::grants::{Broker, GrantAuthError, TargetRecord};
+use crate::policy::Kind;
+use crate::policy::types::GrantContext;
+use crate::secrets::Secrets;
+
+/// What every PostgreSQL session shares.
+pub struct PgServices {
+    pub broker: Arc<Broker>,
+    pub policy: Arc<ActivePolicy>,
+    pub classify: ClassifyCache,
+    pub secrets_file: std::path::PathBuf,
+    /// TLS for clients that ask for it (SSLRequest).
+    pub tls: Option<TlsAcceptor>,
+    /// Refuse clients that do not ask for TLS.
+    pub require_tls: bool,
+    /// The cancel keys the gateway gave its clients → the upstream connection and key
+    /// to cancel. Clients never see an upstream's key.
+    pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
+}
+
+/// A BackendKeyData: (process id, secret key).
+pub type BackendKey = (i32, i32);
+
+/// A random BackendKeyData for a client, registered until the session ends.
+pub(super) struct CancelKey<'a> {
+    services: &'a PgServices,
+    key: BackendKey,
+}
+
+impl<'a> CancelKey<'a> {
+    fn register(services: &'a PgServices, upstream: String, upstream_key: BackendKey) -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).expect("the OS random number generator is unavailable");
+        let key = (
+            i32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) & 0x7fff_ffff,
+            i32::from_be_bytes(bytes[4..].try_into().expect("4 bytes")),
+        );
+        services
+            .cancels
+            .lock()
+            .unwrap()
+            .insert(key, (upstream, upstream_key));
+        CancelKey { services, key }
+    }
+}
+
+impl Drop for CancelKey<'_> {
+    fn drop(&mut self) {
+        self.services.cancels.lock().unwrap().remove(&self.key);
+    }
+}
+
+/// Sends a FATAL ErrorResponse; the caller then closes the connection.
+pub(super) async fn fatal(client: &mut Conn, code: &str, message: &str) {
+    let _ = client
+        .send_now(&error_response("FATAL", code, message, None))
+        .await;
+}
+
+/// Accepts PostgreSQL clients on `listener` until the task is dropped.
+pub async fn listen(listener: tokio::net::TcpListener, services: Arc<PgServices>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(run(stream, services.clone()));
+            }
+            Err(e) => tracing::warn!(error = %e, "PostgreSQL accept failed"),
+        }
+    }
+}
+
+/// Runs one client connection to its end.
+async fn run(stream: TcpStream, services: Arc<PgServices>) {
+    stream.set_nodelay(true).ok();
+    let mut client = Conn::new(stream);
+    let mut tls = false;
+    let params = loop {
+        match client.read_startup().await {
+            Ok(Startup::Ssl) => {
+                let Some(acceptor) = services.tls.as_ref().filter(|_| !tls) else {
+                    // No TLS configured (a loopback-only listener): the client may go on
+                    // in plain text (SCRAM never sends the secret) or give up, as its
+                    // sslmode says.
+                    if client.send_now(b"N").await.is_err() {
+                        return;
+                    }
+                    continue;
+                };
+                if client.send_now(b"S").await.is_err() {
+                    return;
+                }
+                let stream = match client.into_stream() {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::info!(error = %e, "PostgreSQL client refused before TLS");
+                        return;
+                    }
+                };
+                match acceptor.accept(stream).await {
+                    Ok(stream) => client = Conn::new(stream),
+                    Err(e) => {
+                        tracing::info!(error = %e, "PostgreSQL TLS handshake failed");
+                        return;
+                    }
+                }
+                tls = true;
+            }
+            Ok(Startup::GssEnc) => {
+                if client.send_now(b"N").await.is_err() {
+                    return;
+                }
+            }
+            Ok(Startup::Cancel { pid, key }) => {
+                let target = services.cancels.lock().unwrap().get(&(pid, key)).cloned();
+                if let Some((upstream, upstream_key)) = target
+                    && let Err(e) = upstream::cancel(&upstream, upstream_key).await
+                {
+                    tracing::warn!(error = %e, "cancel request to the upstream failed");
+                }
+                return;
+            }
+            Ok(Startup::Startup { params }) => break params,
+            Err(WireError::Closed) => return,
+            Err(e) => {
+                fatal(
+                    &mut client,
+                    "08P01",
+                    &format!("invalid startup packet: {e}"),
+                )
+                .await;
+                return;
+            }
+        }
+    };
+    if services.require_tls && !tls {
+        fatal(
+            &mut client,
+            "28000",
+            "this gateway accepts PostgreSQL connections over TLS only: connect with sslmode=require (or verify-full)",
+        )
+        .await;
+        return;
+    }
+    let param = |k: &str| {
+        params
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let (Some(grant_id), Some(database)) = (param("user"), param("database")) else {
+        fatal(
+            &mut client,
+            "28000",
+            "the user must be the grant id and the database the target name",
+        )
+        .await;
+        return;
+    };
+    let target = match services.broker.target(&database) {
+        Some(t) if t.kind == Kind::Postgres => t,
+        _ => {
+            fatal(
+                &mut client,
+                "3D000",
+                &format!("database \"{database}\" does not exist: there is no PostgreSQL target of that name"),
+            )
+            .await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("postgres", grant = %grant_id, target = %target.name);
+    serve_session(client, services, grant_id, target)
+        .instrument(span)
+        .await;
+}
+
+async fn serve_session(
+    mut client: Conn,
+    services: Arc<PgServices>,
+    grant_id: String,
+    target: TargetRecord,
+) {
+    if let Err(e) = authenticate(&mut client, &services, &grant_id).await {
+        tracing::info!(error = %e, "PostgreSQL authentication failed");
+        fatal(
+            &mut client,
+            "28P01",
+            &format!("password authentication failed for grant \"{grant_id}\""),
+        )
+        .await;
+        return;
+    }
+    let live = match services.broker.admit(&grant_id, &target.name) {
+        Ok(live) => live,
+        Err(e) => {
+            let code = match e {
+                GrantAuthError::BadCredentials => "28P01",
+                _ => "28000",
+            };
+            fatal(&mut client, code, &e.to_string()).await;
+            return;
+        }
+    };
+    let credential = match (&target.credential, Secrets::load(&services.secrets_file)) {
+        (None, _) => None,
+        (Some(reference), Ok(secrets)) => match secrets.resolve(reference) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "upstream credential unavailable");
+                fatal(
+                    &mut client,
+                    "08006",
+                    "the gateway cannot log in upstream (its credential is unavailable)",
+                )
+                .await;
+                return;
+            }
+        },
+        (Some(_), Err(e)) => {
+            tracing::error!(error = %e, "secrets file unavailable");
+            fatal(
+                &mut client,
+                "08006",
+                "the gateway cannot log in upstream (its secrets are unavailable)",
+            )
+            .await;
+            return;
+        }
+    };
+    let addr = match UpstreamAddr::parse(&target.upstream) {
+        Ok(addr) => addr,
+        Err(e) => {
+            fatal(&mut client, "08006", &e).await;
+            return;
+        }
+    };
+    let upstream = match upstream::connect(&addr, credential.as_ref()).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = %e, "upstream login failed");
+            fatal(
+                &mut client,
+                "08006",
+                &format!("the gateway cannot reach the upstream database: {e}"),
+            )
+            .await;
+            return;
+        }
+    };
+    let grant = live.grant.clone();
+    let context = GrantContext {
+        grant_id: grant.id.clone(),
+        agent: services
+            .broker
+            .agents()
+            .into_iter()
+            .find(|a| a.name == grant.agent)
+            .map(|a| a.policy_agent())
+            .unwrap_or_else(|| crate::policy::types::Agent {
+                id: grant.agent.clone(),
+                labels: vec![],
+            }),
+        target: target.policy_target(),
+        task: grant.task.clone(),
+        access: grant.access.into(),
+        now_unix_ms: 0,
+    };
+    let opened = match services.broker.open_session(&grant, "postgres").await {
+        Ok(session) => session,
+        Err(e) => {
+            fatal(&mut client, "53000", &format!("refused: {e}")).await;
+            return;
+        }
+    };
+    let cancel = CancelKey::register(&services, addr.host_port.clone(), upstream.backend_key);
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&wire::authentication(0, &[]));
+    for p in &upstream.parameters {
+        hello.extend_from_slice(p);
+    }
+    hello.extend_from_slice(&message(b'K', |out| {
+        out.put_i32(cancel.key.0);
+        out.put_i32(cancel.key.1);
+    }));
+    hello.extend_from_slice(&ready_for_query(b'I'));
+    if client.send_now(&hello).await.is_err() {
+        return;
+    }
+    let mut session = Session::new(
+        client,
+        upstream.conn,
+        services.clone(),
+        context,
+        live,
+        opened.id.clone(),
+    );
+    let reason = session.serve().await;
+    drop(cancel);
+    if let Err(e) = services
+        .broker
+        .close_session(opened, session.statements(), &reason)
+        .await
+    {
+        tracing::error!(error = %e, "cannot record the session's end");
+    }
+}
+
+/// SCRAM-SHA-256 with the grant's secret. An unknown grant runs the same exchange
+/// against a verifier nothing matches, so it looks like a wrong secret.
+async fn authenticate(
+    client: &mut Conn,
+    services: &PgServices,
+    grant_id: &str,
+) -> Result<(), String> {
+    let verifier = services
+        .broker
+        .scram_verifier(grant_id)
+        .and_then(|v| Verifier::parse(&v))
+        .unwrap_or_else(Verifier::impossible);
+    client
+        .send_now(&wire::authentication(10, b"SCRAM-SHA-256\0\0"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let first = client.read_message().await.map_err(|e| e.to_string())?;
+    if first.tag != b'p' {
+        return Err("expected a SASLInitialResponse".into());
+    }
+    let mut body = first.body.clone();
+    let mechanism = wire::cstr(&mut body).map_err(|e| e.to_string())?;
+    if mechanism != "SCRAM-SHA-256" || body.len() < 4 {
+        return Err(format!("mechanism {mechanism} is not offered"));
+    }
+    let data = std::str::from_utf8(&body[4..]).map_err(|e| e.to_string())?;
+    let (exchange, server_first) = Exchange::start(verifier, data).map_err(|e| e.to_string())?;
+    client
+        .send_now(&wire::authentication(11, server_first.as_bytes()))
+        .await
+        .map_err(|e| e.to_string())?;
+    let last = client.read_message().await.map_err(|e| e.to_string())?;
+    if last.tag != b'p' {
+        return Err("expected a SASLResponse".into());
+    }
+    let data = std::str::from_utf8(&last.body).map_err(|e| e.to_string())?;
+    let server_final = exchange.finish(data).map_err(|e| e.to_string())?;
+    client
+        .send_now(&wire::authentication(12, server_final.as_bytes()))
+        .await
+        .map_err(|e| e.to_string())
+}
