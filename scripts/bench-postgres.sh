@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # pgbench -S (-c 8 -j 2) against one throwaway PostgreSQL 15, side by side in one run:
 # direct, through pgbouncer in session mode, and through Airlock with policy, masking
-# and a durable record of every statement. Simple query protocol (-M simple): the one
-# Airlock's PostgreSQL gateway speaks so far.
+# and a durable record of every statement; for each query mode (simple, extended,
+# prepared).
 #
 #   scripts/bench-postgres.sh [SECONDS-PER-RUN]   (default 15)
 set -euo pipefail
@@ -17,8 +17,9 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 pg_start "-c max_connections=100 -c shared_buffers=256MB"
 work=$(mktemp -d /tmp/airlock-bench.XXXXXX)
 chmod 700 "$work"
+gateways=()
 cleanup() {
-    [ -n "${gateway:-}" ] && kill "$gateway" 2>/dev/null || true
+    for g in "${gateways[@]}"; do kill "$g" 2>/dev/null || true; done
     [ -f "$pgdir/pgbouncer.pid" ] && kill "$(cat "$pgdir/pgbouncer.pid")" 2>/dev/null || true
     pg_stop
     rm -rf "$work"
@@ -48,18 +49,24 @@ INI
 chown postgres:postgres "$pgdir/pgbouncer.ini"
 runuser -u postgres -- pgbouncer -d "$pgdir/pgbouncer.ini"
 
-# Airlock: the example bundle, the bench database as a target, one agent, one grant.
-data=$work/data
-mkdir -m 700 "$data"
+# Airlock: the example bundle, the bench database as a target, one agent, one grant;
+# one gateway per durability mode (strict, batched).
 "$airlock" bundle keygen --out "$work/keys" >/dev/null
-api=$(free_port)
-agw=$(free_port)
-cat > "$data/airlock.toml" <<TOML
+"$airlock" bundle sign example-policies --key "$work/keys/bundle-signing.key" --version 1 --out "$work/bundle" >/dev/null
+# start_gateway DURABILITY: sets gw_port, gw_user, gw_secret.
+start_gateway() {
+    local data=$work/$1 api
+    mkdir -m 700 "$data"
+    api=$(free_port)
+    gw_port=$(free_port)
+    cat > "$data/airlock.toml" <<TOML
 [agent-api]
 listen = "127.0.0.1:$api"
 requests-per-minute = 100000
 [postgres]
-listen = "127.0.0.1:$agw"
+listen = "127.0.0.1:$gw_port"
+[record]
+durability = "$1"
 [policy]
 trusted-keys = ["$work/keys/bundle-signing.key.pub"]
 [[target]]
@@ -69,38 +76,52 @@ upstream = "postgres://bench@127.0.0.1:$pgport/bench"
 labels = { env = "staging" }
 credential = "secret:bench"
 TOML
-(umask 077 && echo "bench = \"$password\"" > "$data/secrets.toml")
-"$airlock" bundle sign example-policies --key "$work/keys/bundle-signing.key" --version 1 --out "$work/bundle" >/dev/null
-"$airlock" --data "$data" bundle install "$work/bundle" >/dev/null
-AIRLOCK_LOG=warn "$airlock" --data "$data" serve 2>"$work/gateway.log" &
-gateway=$!
-for _ in $(seq 100); do [ -S "$data/admin.sock" ] && break; sleep 0.1; done
-token=$("$airlock" --data "$data" agent add bench | tail -n 1)
-grant=$(curl -s -X POST "http://127.0.0.1:$api/v1/grants" -H "Authorization: Bearer $token" \
-    -d '{"target":"bench","task":"benchmark read-only queries","access":"read","ttl":"10m"}')
-grant_id=$(echo "$grant" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-secret=$(echo "$grant" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+    (umask 077 && echo "bench = \"$password\"" > "$data/secrets.toml")
+    "$airlock" --data "$data" bundle install "$work/bundle" >/dev/null
+    AIRLOCK_LOG=warn "$airlock" --data "$data" serve 2>"$data/gateway.log" &
+    gateways+=($!)
+    for _ in $(seq 100); do [ -S "$data/admin.sock" ] && break; sleep 0.1; done
+    local token grant
+    token=$("$airlock" --data "$data" agent add bench | tail -n 1)
+    grant=$(curl -s -X POST "http://127.0.0.1:$api/v1/grants" -H "Authorization: Bearer $token" \
+        -d '{"target":"bench","task":"benchmark read-only queries","access":"read","ttl":"10m"}')
+    gw_user=$(echo "$grant" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    gw_secret=$(echo "$grant" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+}
+start_gateway strict
+strict=("$gw_port" "$gw_user" "$gw_secret")
+start_gateway batched
+batched=("$gw_port" "$gw_user" "$gw_secret")
 
 run() {
-    local label=$1 port=$2 user=$3 pass=$4 db=$5 out tps lat
-    out=$(PGPASSWORD=$pass pgbench -S -M simple -c 8 -j 2 -T "$secs" -n -h 127.0.0.1 -p "$port" -U "$user" "$db" 2>&1)
+    local label=$1 mode=$2 port=$3 user=$4 pass=$5 db=$6 out tps lat
+    out=$(PGPASSWORD=$pass pgbench -S -M "$mode" -c 8 -j 2 -T "$secs" -n -h 127.0.0.1 -p "$port" -U "$user" "$db" 2>&1)
     tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
     lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
-    [ -n "$tps" ] || { echo "$label failed:"; echo "$out"; exit 1; }
-    echo "$label $tps $lat"
+    [ -n "$tps" ] || { echo "$label $mode failed:"; echo "$out"; exit 1; }
+    echo "$label $mode $tps $lat"
 }
-echo "pgbench -S -M simple -c 8 -j 2 -T $secs, scale 10, PostgreSQL 15, $(nproc) cores"
-direct=$(run direct "$pgport" bench "$password" bench)
-bouncer=$(run pgbouncer "$bport" bench "$password" bench)
-air=$(run airlock "$agw" "$grant_id" "$secret" bench)
-statements=$("$airlock" --data "$data" audit tail -n 1000000 | grep -c '"sql.statement"' || true)
-python3 - "$direct" "$bouncer" "$air" "$statements" <<'PY'
+echo "pgbench -S -c 8 -j 2 -T $secs, scale 10, PostgreSQL 15, $(nproc) cores"
+results=()
+for mode in simple extended prepared; do
+    results+=("$(run direct "$mode" "$pgport" bench "$password" bench)")
+    results+=("$(run pgbouncer "$mode" "$bport" bench "$password" bench)")
+    results+=("$(run airlock-strict "$mode" "${strict[@]}" bench)")
+    results+=("$(run airlock-batched "$mode" "${batched[@]}" bench)")
+done
+statements=0
+for mode in strict batched; do
+    n=$("$airlock" --data "$work/$mode" audit tail -n 100000000 | grep -c '"sql.statement"' || true)
+    statements=$((statements + n))
+done
+python3 - "$statements" "${results[@]}" <<'PY'
 import sys
-rows = [a.split() for a in sys.argv[1:4]]
-base = float(rows[0][1])
-print("| path | TPS | avg latency | ratio to direct |")
-print("| --- | ---: | ---: | ---: |")
-for name, tps, lat in rows:
-    print(f"| {name} | {float(tps):,.0f} | {lat} ms | {float(tps) / base:.2f} |")
-print(f"statements recorded durably by Airlock during its run: {sys.argv[4]}")
+print("| mode | path | TPS | avg latency | ratio to direct |")
+print("| --- | --- | ---: | ---: | ---: |")
+base = {}
+for row in sys.argv[2:]:
+    name, mode, tps, lat = row.split()
+    base.setdefault(mode, float(tps))
+    print(f"| {mode} | {name} | {float(tps):,.0f} | {lat} ms | {float(tps) / base[mode]:.2f} |")
+print(f"statements recorded durably by Airlock during its runs: {sys.argv[1]}")
 PY

@@ -167,6 +167,23 @@ pub struct RecordConfig {
     /// …or this long after the last one, e.g. "10s".
     #[serde(default = "default_cp_interval")]
     pub checkpoint_interval: String,
+    /// When a statement's record entry must be durable: `strict` (before its result is
+    /// released) or `batched` (queued before it runs, durable within the writer's next
+    /// group commit; a record failure cuts every session).
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+/// When an action's record entry must be durable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Before the action's result is released (the fsync may overlap the action when
+    /// the action changes nothing).
+    #[default]
+    Strict,
+    /// Queued, in order, before the action runs; durable within the next group commit.
+    Batched,
 }
 
 fn default_cp_every() -> u64 {
@@ -181,6 +198,7 @@ impl Default for RecordConfig {
         RecordConfig {
             checkpoint_every: default_cp_every(),
             checkpoint_interval: default_cp_interval(),
+            durability: Durability::Strict,
         }
     }
 }

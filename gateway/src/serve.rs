@@ -183,11 +183,22 @@ pub async fn run(
         policy: policy.clone(),
         classify: ClassifyCache::new(10_000),
         secrets_file: secrets_file.clone(),
+        durability: config.record.durability,
         require_tls: config.postgres.require_tls || !pg_addr.ip().is_loopback(),
         tls: pg_tls,
         cancels: Default::default(),
     });
     let pg_task = tokio::spawn(startup::listen(pg_listener, pg_services));
+    // A record that cannot be written ends every session: nothing goes on unrecorded.
+    let failure_task = tokio::spawn({
+        let (failure, broker) = (record.failure(), broker.clone());
+        async move {
+            let reason = failure.await;
+            broker.cut_all(&format!(
+                "the gateway's record is unavailable ({reason}), so nothing more can be recorded"
+            ));
+        }
+    });
 
     let admin_path = data.admin_socket();
     let admin_task = tokio::spawn({
@@ -247,7 +258,11 @@ pub async fn run(
     }
     admin_task.abort();
     expiry_task.abort();
+    failure_task.abort();
     pg_task.abort();
+    // Open sessions end as PostgreSQL's own do on shutdown (57P01), before the record
+    // closes under them.
+    broker.cut_all("the gateway is shutting down");
     let _ = std::fs::remove_file(&admin_path);
     drop(broker);
     drop(api);

@@ -1022,7 +1022,22 @@ fn startup_refuses_a_missing_credential_and_plain_http_off_loopback() {
         "[postgres]\nlisten = \"0.0.0.0:",
     );
     let err = gw.refused_start();
-    assert!(err.contains("listens on loopback only"), "{err}");
+    assert!(
+        err.contains("is not a loopback address: set postgres.tls-cert"),
+        "{err}"
+    );
+
+    // An upstream off loopback must say how TLS to it is verified.
+    let gw = Gateway::prepare("");
+    gw.edit_config(
+        "postgres://airlock@127.0.0.1:5433/app",
+        "postgres://airlock@db.internal:5433/app",
+    );
+    let err = gw.refused_start();
+    assert!(
+        err.contains("is not on loopback: add ?sslmode=verify-full"),
+        "{err}"
+    );
 
     let gw = Gateway::prepare("");
     gw.edit_config(
@@ -1037,34 +1052,7 @@ fn startup_refuses_a_missing_credential_and_plain_http_off_loopback() {
 fn the_agent_api_speaks_tls_when_configured() {
     let mut gw = Gateway::prepare("");
     let dir = gw.dir.path();
-    let (cert, key) = (dir.join("api.pem"), dir.join("api.key"));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (ca, cert, key) = crate::support::test_certificates(dir, "api");
     gw.edit_config(
         "max-body-bytes = 4096",
         &format!("max-body-bytes = 4096\ntls-cert = {cert:?}\ntls-key = {key:?}"),
@@ -1096,7 +1084,7 @@ fn the_agent_api_speaks_tls_when_configured() {
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap()
     };
-    let cacert = ["--cacert", cert.to_str().unwrap()];
+    let cacert = ["--cacert", ca.to_str().unwrap()];
     wait_for("the TLS listener", || curl(&cacert, &https) == "200");
     // Plain HTTP to the TLS port gets no HTTP answer; an unknown CA is refused.
     assert_eq!(

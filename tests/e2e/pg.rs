@@ -4,7 +4,7 @@
 //! user. Loopback TCP needs SCRAM-SHA-256; the Unix socket in the cluster's own
 //! directory is trusted for the `postgres` superuser that sets the cluster up.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -28,6 +28,15 @@ fn as_postgres(program: &str, args: &[&str]) -> Output {
 
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_with_tls(None)
+    }
+
+    /// A cluster that also offers TLS with this certificate and key.
+    pub fn start_tls(cert: &Path, key: &Path) -> Self {
+        Self::start_with_tls(Some((cert, key)))
+    }
+
+    fn start_with_tls(tls: Option<(&Path, &Path)>) -> Self {
         let dir =
             std::env::temp_dir().join(format!("airlock-pg-{}", airlock::fsperm::random_suffix()));
         std::fs::create_dir(&dir).unwrap();
@@ -59,13 +68,28 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut ssl = String::new();
+        if let Some((cert, key)) = tls {
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, data.join(to)).unwrap();
+                assert!(
+                    Command::new("chown")
+                        .arg("postgres:postgres")
+                        .arg(data.join(to))
+                        .status()
+                        .unwrap()
+                        .success()
+                );
+            }
+            ssl = " -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key".into();
+        }
         // A port picked free can be taken before the server binds it (tests run in
         // parallel): try a few.
         let mut started = None;
         for _ in 0..5 {
             let port = crate::gateway::free_port();
             let options = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c password_encryption=scram-sha-256",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c password_encryption=scram-sha-256{ssl}",
                 dir.display()
             );
             let log = dir.join("log");

@@ -5,12 +5,37 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 
 use crate::gateway::Gateway;
 use crate::pg::Postgres;
-use crate::support::text;
+use crate::support::{tempdir, test_certificates, text};
 
 const TASK: &str = "confirm migration 42 ran";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The `sql.statement` entries of the record, as (text, verdict, params).
+fn recorded_statements(gw: &Gateway) -> Vec<(String, String, Value)> {
+    text(&gw.cli(&["audit", "tail", "-n", "100000"]))
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["kind"] == "sql.statement")
+        .map(|e| {
+            (
+                e["detail"]["text"].as_str().unwrap().to_string(),
+                e["detail"]["verdict"].as_str().unwrap().to_string(),
+                e["detail"]["params"].clone(),
+            )
+        })
+        .collect()
+}
 
 struct Setup {
     pg: Postgres,
@@ -21,8 +46,13 @@ struct Setup {
 impl Setup {
     fn new() -> Self {
         let pg = Postgres::start();
-        let mut gw = Gateway::prepare("");
+        let gw = Gateway::prepare("");
         gw.set_upstream_port(pg.port);
+        Self::start(pg, gw)
+    }
+
+    /// Starts a prepared gateway in front of `pg` and enrolls the agent.
+    fn start(pg: Postgres, mut gw: Gateway) -> Self {
         gw.spawn();
         let token = gw.agent("claude", &[]);
         Setup { pg, gw, token }
@@ -40,6 +70,11 @@ impl Setup {
 
     /// `psql` through the gateway, as the agent would run it.
     fn psql(&self, user: &str, password: &str, database: &str, sql: &str) -> Output {
+        self.psql_tls(user, password, database, "sslmode=disable", sql)
+    }
+
+    /// `psql` through the gateway with the given TLS settings.
+    fn psql_tls(&self, user: &str, password: &str, database: &str, tls: &str, sql: &str) -> Output {
         Command::new("psql")
             .env("PGPASSWORD", password)
             .env("PGCONNECT_TIMEOUT", "10")
@@ -52,7 +87,7 @@ impl Setup {
                 "VERBOSITY=verbose",
             ])
             .arg(format!(
-                "host=127.0.0.1 port={} user={user} dbname={database} sslmode=disable",
+                "host=127.0.0.1 port={} user={user} dbname={database} {tls}",
                 self.gw.pg_port()
             ))
             .args(["-c", sql])
@@ -173,16 +208,9 @@ fn an_agent_reads_through_the_gateway_and_policy_decides_every_statement() {
 
     // Every statement is in the record, and it verifies.
     let tail = text(&s.gw.cli(&["audit", "tail", "-n", "200"]));
-    let statements: Vec<(String, String)> = tail
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["kind"] == "sql.statement")
-        .map(|e| {
-            (
-                e["detail"]["text"].as_str().unwrap().to_string(),
-                e["detail"]["verdict"].as_str().unwrap().to_string(),
-            )
-        })
+    let statements: Vec<(String, String)> = recorded_statements(&s.gw)
+        .into_iter()
+        .map(|(text, verdict, _)| (text, verdict))
         .collect();
     assert!(statements.contains(&(
         "SELECT id FROM schema_migrations WHERE id = 42".into(),
@@ -483,4 +511,258 @@ fn a_million_rows_stream_through_masking_with_bounded_memory() {
         .and_then(|v| v.parse().ok())
         .unwrap();
     assert!(peak_kb < 400 * 1024, "gateway peak RSS {peak_kb} kB");
+}
+
+/// tokio-postgres speaks the extended protocol (Parse/Bind/Execute, pipelined, with
+/// binary results): checked at Parse, masked by the portal's formats, recorded per
+/// Execute with its parameters.
+#[test]
+fn tokio_postgres_prepared_statements_are_checked_masked_and_recorded() {
+    let s = Setup::new();
+    let (id, secret) = s.grant("prod-db");
+    let config = format!(
+        "host=127.0.0.1 port={} user={id} password={secret} dbname=prod-db",
+        s.gw.pg_port()
+    );
+    runtime().block_on(async {
+        let (mut client, connection) = tokio_postgres::connect(&config, NoTls).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let by_id = client
+            .prepare("SELECT id, email, name FROM users WHERE id = $1")
+            .await
+            .unwrap();
+        let row = client.query_one(&by_id, &[&1i32]).await.unwrap();
+        assert_eq!(
+            (
+                row.get::<_, i32>(0),
+                row.get::<_, &str>(1),
+                row.get::<_, &str>(2)
+            ),
+            (1, "***@example.com", "Alice")
+        );
+        // Pipelined: both are in flight at once.
+        let (bob, migrations) = tokio::join!(
+            client.query_one(&by_id, &[&2i32]),
+            client.query(
+                "SELECT id FROM schema_migrations WHERE id > $1 ORDER BY id",
+                &[&0i32]
+            ),
+        );
+        assert_eq!(bob.unwrap().get::<_, &str>(1), "***@example.com");
+        let ids: Vec<i32> = migrations.unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(ids, [41, 42]);
+
+        // Denied at Parse: 42501 with the policy's reason and hint.
+        let err = client
+            .execute(
+                "UPDATE users SET email = $1 WHERE id = $2",
+                &[&"x@evil.test", &1i32],
+            )
+            .await
+            .unwrap_err();
+        let db = err.as_db_error().expect("a database error");
+        assert_eq!(db.code(), &SqlState::INSUFFICIENT_PRIVILEGE);
+        assert!(
+            db.message()
+                .contains("read-only grant: UPDATE writes to users"),
+            "{db:?}"
+        );
+        assert!(
+            db.hint().is_some_and(|h| h.contains("access=write")),
+            "{db:?}"
+        );
+        let err = client.prepare("SELECT 1; SELECT 2").await.unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::SYNTAX_ERROR), "{err}");
+        // COPY FROM is a write.
+        let err = client
+            .copy_in::<_, bytes::Bytes>("COPY users FROM STDIN")
+            .await
+            .err()
+            .expect("COPY FROM is refused");
+        assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{err}");
+
+        // A denial inside a transaction aborts it, as PostgreSQL would.
+        let tx = client.transaction().await.unwrap();
+        let n: i64 = tx
+            .query_one("SELECT count(*) FROM users", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 2);
+        let err = tx
+            .execute("DELETE FROM users WHERE id = $1", &[&1i32])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+        let err = tx.query_one("SELECT 1", &[]).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::IN_FAILED_SQL_TRANSACTION),
+            "{err}"
+        );
+        tx.rollback().await.unwrap();
+
+        // The session goes on.
+        let row = client.query_one(&by_id, &[&1i32]).await.unwrap();
+        assert_eq!(row.get::<_, &str>(2), "Alice");
+        drop(client);
+        connection.await.unwrap().unwrap();
+    });
+    assert_eq!(
+        s.pg.psql_super("SELECT email FROM users WHERE id = 1", "app")
+            .trim(),
+        "alice@example.com"
+    );
+    assert_eq!(
+        s.pg.psql_super("SELECT count(*) FROM users", "app").trim(),
+        "2"
+    );
+
+    let statements = recorded_statements(&s.gw);
+    let select = "SELECT id, email, name FROM users WHERE id = $1";
+    // Each Execute is its own entry, with its (binary int4) parameter.
+    for param in ["\\x00000001", "\\x00000002"] {
+        assert!(
+            statements
+                .iter()
+                .any(|(t, v, p)| t == select && v == "allow" && *p == serde_json::json!([param])),
+            "{param}: {statements:?}"
+        );
+    }
+    assert!(
+        statements
+            .iter()
+            .any(|(t, v, _)| t == "UPDATE users SET email = $1 WHERE id = $2" && v == "deny")
+    );
+    assert!(
+        statements
+            .iter()
+            .any(|(t, v, _)| t == "COPY users FROM STDIN" && v == "deny")
+    );
+    assert!(
+        statements
+            .iter()
+            .any(|(t, v, _)| t == "SELECT 1; SELECT 2" && v == "deny")
+    );
+    let out = s.gw.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn tls_from_the_client_and_verified_tls_to_the_upstream() {
+    let certs = tempdir();
+    let (upstream_ca, upstream_cert, upstream_key) = test_certificates(certs.path(), "upstream");
+    let (gateway_ca, gateway_cert, gateway_key) = test_certificates(certs.path(), "gateway");
+    let pg = Postgres::start_tls(&upstream_cert, &upstream_key);
+    let gw = Gateway::prepare("");
+    gw.set_upstream_port(pg.port);
+    let port = pg.port;
+    let plain_upstream = format!("127.0.0.1:{port}/app\"");
+    let tls_upstream = |ca: &std::path::Path| {
+        format!(
+            "127.0.0.1:{port}/app?sslmode=verify-full&sslrootcert={}\"",
+            ca.display()
+        )
+    };
+    gw.edit_config(&plain_upstream, &tls_upstream(&upstream_ca));
+    gw.edit_config(
+        "[postgres]\nlisten = \"127.0.0.1:0\"",
+        &format!(
+            "[postgres]\nlisten = \"127.0.0.1:0\"\ntls-cert = {gateway_cert:?}\ntls-key = {gateway_key:?}\nrequire-tls = true"
+        ),
+    );
+    let mut s = Setup::start(pg, gw);
+    let (id, secret) = s.grant("prod-db");
+    let verify = format!("sslmode=verify-full sslrootcert={}", gateway_ca.display());
+
+    // The client verifies the gateway; the gateway's upstream session is TLS too.
+    let out = s.psql_tls(
+        &id,
+        &secret,
+        "prod-db",
+        &verify,
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t");
+
+    // Plain text is refused, saying why.
+    let out = s.psql(&id, &secret, "prod-db", "SELECT 1");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("over TLS only"), "{}", text(&out));
+
+    // An upstream whose certificate the configured CA did not sign is refused.
+    s.gw.stop(false);
+    s.gw.edit_config(&tls_upstream(&upstream_ca), &tls_upstream(&gateway_ca));
+    s.gw.spawn();
+    let out = s.psql_tls(&id, &secret, "prod-db", &verify, "SELECT 1");
+    assert!(!out.status.success());
+    let err = text(&out);
+    assert!(
+        err.contains("TLS to the upstream") && err.contains("certificate"),
+        "{err}"
+    );
+}
+
+/// The `batched` durability mode: entries are queued before each statement runs and
+/// made durable by the next group commit; when the record fails, every session is cut.
+#[test]
+fn batched_durability_records_every_statement_and_a_record_failure_cuts_sessions() {
+    let pg = Postgres::start();
+    let gw = Gateway::prepare("");
+    gw.set_upstream_port(pg.port);
+    gw.edit_config(
+        "checkpoint-interval = \"1s\"",
+        "checkpoint-interval = \"1s\"\ndurability = \"batched\"",
+    );
+    let s = Setup::start(pg, gw);
+    let (id, secret) = s.grant("prod-db");
+    let config = format!(
+        "host=127.0.0.1 port={} user={id} password={secret} dbname=prod-db",
+        s.gw.pg_port()
+    );
+    let select = "SELECT email FROM users WHERE id = $1";
+    let ended = runtime().block_on(async {
+        let (client, connection) = tokio_postgres::connect(&config, NoTls).await.unwrap();
+        let connection = tokio::spawn(connection);
+        for _ in 0..50 {
+            let row = client.query_one(select, &[&1i32]).await.unwrap();
+            assert_eq!(row.get::<_, &str>(0), "***@example.com");
+        }
+        let recorded = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            recorded_statements(&s.gw)
+                .iter()
+                .filter(|(t, _, _)| t == select)
+                .count()
+                == 50
+        });
+        assert!(recorded, "all 50 statements are in the record");
+
+        // Every further write to the store fails, as on a full disk.
+        let limit = Command::new("prlimit")
+            .args(["--pid", &s.gw.pid().to_string(), "--fsize=1"])
+            .status()
+            .unwrap();
+        assert!(limit.success());
+        let mut errors = Vec::new();
+        for _ in 0..50 {
+            match client.query_one(select, &[&1i32]).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => {
+                    errors.push(format!("{e:?}"));
+                    break;
+                }
+            }
+        }
+        errors.push(format!("{:?}", connection.await.unwrap()));
+        errors.join("\n")
+    });
+    assert!(
+        ended.contains("record is unavailable") || ended.contains("record unavailable"),
+        "{ended}"
+    );
+    // No new session starts while nothing can be recorded.
+    let out = s.psql(&id, &secret, "prod-db", "SELECT 1");
+    assert!(!out.status.success(), "{}", text(&out));
 }

@@ -116,3 +116,63 @@ pub fn update_users() -> Action {
         functions: vec![],
     })
 }
+
+/// A throwaway certificate authority and a server certificate it signed for
+/// `127.0.0.1` and `localhost`, made with `openssl` in `dir`: (CA, certificate, key),
+/// the key 0600.
+pub fn test_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca = dir.join(format!("{name}-ca.pem"));
+    let ca_key = dir.join(format!("{name}-ca.key"));
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let ext = dir.join(format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let openssl = |build: &dyn Fn(&mut Command)| {
+        let mut command = Command::new("openssl");
+        build(&mut command);
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "openssl: {}", text(&out));
+    };
+    const EC: [&str; 5] = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(&|c| {
+        c.args(["req", "-x509", "-days", "1", "-subj", "/CN=airlock test CA"])
+            .args(EC)
+            .arg("-keyout")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca);
+    });
+    openssl(&|c| {
+        c.args(["req", "-subj", "/CN=localhost"])
+            .args(EC)
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr);
+    });
+    openssl(&|c| {
+        c.args(["x509", "-req", "-days", "1", "-CAcreateserial", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(&cert);
+    });
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    (ca, cert, key)
+}

@@ -861,6 +861,14 @@ impl Broker {
         Ok(sessions)
     }
 
+    /// Closes every live connection, e.g. when the record has failed and nothing more
+    /// can be recorded.
+    pub fn cut_all(&self, reason: &str) {
+        for (_, live) in self.live.lock().unwrap().drain() {
+            let _ = live.send(Some(reason.to_string()));
+        }
+    }
+
     /// How many connections are open under a grant.
     pub fn live_connections(&self, id: &str) -> usize {
         self.live

@@ -88,10 +88,21 @@ struct Request {
 }
 
 /// Why the record is not ready, once it is not.
-#[derive(Default)]
 struct Health {
     poisoned: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// Turns `true` when the record fails, for those who must stop at once.
+    failed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            poisoned: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            failed: tokio::sync::watch::channel(false).0,
+        }
+    }
 }
 
 impl Health {
@@ -106,7 +117,7 @@ impl Health {
 #[derive(Clone)]
 pub struct Record {
     spaces: Arc<Spaces>,
-    tx: SyncSender<Request>,
+    tx: SyncSender<Option<Request>>,
     health: Arc<Health>,
     writer: Arc<WriterThread>,
 }
@@ -177,7 +188,7 @@ impl Record {
     ) -> Result<oneshot::Receiver<Result<Receipt, RecordError>>, RecordError> {
         self.ready()?;
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Request { write, reply }) {
+        match self.tx.try_send(Some(Request { write, reply })) {
             Ok(()) => Ok(rx),
             // The queue is full: wait for room rather than drop a write.
             Err(TrySendError::Full(request)) => {
@@ -200,9 +211,29 @@ impl Record {
         self.submit(write)?.await.map_err(|_| RecordError::Closed)?
     }
 
-    /// Stops the writer after it has committed everything already submitted.
+    /// Queues a write without waiting for it to be durable. Writes are committed in
+    /// the order they are queued, each within the writer's next group commit; if one
+    /// fails the record is poisoned and [`Record::failure`] resolves.
+    pub fn write_queued(&self, write: Write) -> Result<(), RecordError> {
+        self.submit(write).map(drop)
+    }
+
+    /// Resolves with the reason once a write or fsync has failed. It holds no handle
+    /// to the writer, so waiting on it does not keep the record open.
+    pub fn failure(&self) -> impl Future<Output = String> + Send + 'static {
+        let health = self.health.clone();
+        let mut failed = health.failed.subscribe();
+        async move {
+            let _ = failed.wait_for(|failed| *failed).await;
+            health.poisoned_reason().unwrap_or_default()
+        }
+    }
+
+    /// Stops the writer after it has committed everything already submitted; later
+    /// writes, through any clone, fail with [`RecordError::Closed`].
     pub fn close(self) {
         let Record { tx, writer, .. } = self;
+        let _ = tx.send(None);
         drop(tx);
         if let Some(thread) = writer.0.lock().unwrap().take() {
             let _ = thread.join();
@@ -228,28 +259,37 @@ fn now_ms() -> u64 {
 }
 
 impl Writer {
-    fn run(&mut self, rx: Receiver<Request>) {
+    /// Commits what arrives until the channel closes or a stop (`None`) arrives.
+    fn run(&mut self, rx: Receiver<Option<Request>>) {
         loop {
             let first = match rx.recv_timeout(self.options.checkpoint_interval) {
-                Ok(request) => request,
+                Ok(Some(request)) => request,
                 Err(RecvTimeoutError::Timeout) => {
                     self.checkpoint_if_due(true);
                     continue;
                 }
-                Err(RecvTimeoutError::Disconnected) => {
+                Ok(None) | Err(RecvTimeoutError::Disconnected) => {
                     self.checkpoint_if_due(true);
                     return;
                 }
             };
             let mut batch = vec![first];
+            let mut stop = false;
             while batch.len() < self.options.max_batch {
                 match rx.try_recv() {
-                    Ok(request) => batch.push(request),
+                    Ok(Some(request)) => batch.push(request),
+                    Ok(None) => {
+                        stop = true;
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
             self.commit(batch);
-            self.checkpoint_if_due(false);
+            self.checkpoint_if_due(stop);
+            if stop {
+                return;
+            }
         }
     }
 
@@ -257,6 +297,7 @@ impl Writer {
         tracing::error!(error = %reason, "record write failed; refusing every action from now on");
         *self.health.reason.lock().unwrap() = Some(reason);
         self.health.poisoned.store(true, Ordering::Release);
+        self.health.failed.send_replace(true);
     }
 
     /// Commits a batch as one fjall batch and one fsync, then answers every caller.

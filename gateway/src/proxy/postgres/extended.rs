@@ -167,8 +167,7 @@ impl Session {
         self.statements += write.events.len() as u64;
         if let Some((code, reason, hint)) = refusal {
             (self.prepared, self.portals) = saved;
-            let result = self.services.broker.record().write_async(write).await;
-            self.recorded_or_close(result).await?;
+            self.record(write).await?;
             return self
                 .refuse(
                     error_response("ERROR", code, &reason, hint.as_deref()),

@@ -17,10 +17,11 @@ use super::extended::{Discard, Portal, Prepared};
 use super::masking::{MaskPlans, RowMask};
 use super::startup::{PgServices, fatal};
 use super::wire::{self, Message, WireError, error_response, message, put_cstr, ready_for_query};
+use crate::config::Durability;
 use crate::grants::LiveGrant;
 use crate::policy::types::{Action, GrantContext, SqlKind, SqlStatement};
 use crate::policy::{Outcome, PolicySet};
-use crate::record::{AuditEvent, Receipt, RecordError, Write};
+use crate::record::{AuditEvent, RecordError, Write};
 
 /// How long a cached verdict on a statement text is reused. Verdicts take the time as
 /// an input, so a cached one is only as good as a recent one.
@@ -230,8 +231,7 @@ impl Session {
         }
         self.statements += statements.len() as u64;
         if let Some((reason, hint)) = denial {
-            let result = self.services.broker.record().write_async(write).await;
-            self.recorded_or_close(result).await?;
+            self.record(write).await?;
             let error = error_response("ERROR", "42501", &reason, hint.as_deref());
             return self.refuse(error, true).await;
         }
@@ -338,20 +338,25 @@ impl Session {
     ) -> Result<(), String> {
         let refused = self.unparsed_event(text, error);
         self.statements += 1;
-        let result = self
-            .services
-            .broker
-            .record()
-            .write_async(Write::event(refused))
-            .await;
-        self.recorded_or_close(result).await?;
+        self.record(Write::event(refused)).await?;
         self.refuse(error_response("ERROR", "42601", error, None), ready)
             .await
     }
 
-    /// Sends `message` upstream once `write` is durable; a message that changes
-    /// nothing (`read_only`) is sent while the entry is being made durable, and its
-    /// result is released only after that (the relay starts after this returns).
+    /// Records `write` as the configured durability says: made durable (strict), or
+    /// queued ahead of everything that follows (batched). A failure ends the session.
+    pub async fn record(&mut self, write: Write) -> Result<(), String> {
+        let record = self.services.broker.record();
+        let result = match self.services.durability {
+            Durability::Strict => record.write_async(write).await.map(drop),
+            Durability::Batched => record.write_queued(write),
+        };
+        self.recorded_or_close(result).await
+    }
+
+    /// Sends `message` upstream once `write` is recorded. Strict: a message that
+    /// changes nothing (`read_only`) is sent while the entry is being made durable, and
+    /// its result is released only after that (the relay starts after this returns).
     pub async fn forward_recorded(
         &mut self,
         write: Write,
@@ -359,6 +364,10 @@ impl Session {
         read_only: bool,
     ) -> Result<(), String> {
         if write.events.is_empty() {
+            return self.upstream.send_now(message).await.map_err(upstream_lost);
+        }
+        if self.services.durability == Durability::Batched {
+            self.record(write).await?;
             return self.upstream.send_now(message).await.map_err(upstream_lost);
         }
         let record = self.services.broker.record().clone();
@@ -370,7 +379,7 @@ impl Session {
                 .map_err(upstream_lost)?;
         }
         let result = recording.await.map_err(|e| e.to_string())?;
-        self.recorded_or_close(result).await?;
+        self.recorded_or_close(result.map(drop)).await?;
         if !read_only {
             self.upstream
                 .send_now(message)
@@ -421,10 +430,7 @@ impl Session {
 
     /// Goes on only if the record write succeeded; otherwise ends the session with
     /// FATAL: nothing goes on unrecorded.
-    pub async fn recorded_or_close(
-        &mut self,
-        result: Result<Receipt, RecordError>,
-    ) -> Result<(), String> {
+    async fn recorded_or_close(&mut self, result: Result<(), RecordError>) -> Result<(), String> {
         if let Err(e) = result {
             fatal(&mut self.client, "53000", &format!("refused: {e}")).await;
             return Err(format!("record unavailable: {e}"));
@@ -589,8 +595,8 @@ impl Session {
     }
 
     /// Writes what came back for one client message to the record, after the fact: the
-    /// statements' own entries were durable before any of it was released. A failure
-    /// here poisons the record, so the next statement is refused.
+    /// statements' own entries were recorded before any of it was released. A failure
+    /// here poisons the record, which cuts every session.
     pub fn record_result(&self, summary: ResultSummary) {
         let event = self.event(
             "sql.result",
@@ -602,12 +608,14 @@ impl Session {
                 "duration_ms": summary.duration.as_secs_f64() * 1e3,
             }),
         );
-        let record = self.services.broker.record().clone();
-        tokio::spawn(async move {
-            if let Err(e) = record.write_async(Write::event(event)).await {
-                tracing::error!(error = %e, "cannot record a statement's result summary");
-            }
-        });
+        if let Err(e) = self
+            .services
+            .broker
+            .record()
+            .write_queued(Write::event(event))
+        {
+            tracing::error!(error = %e, "cannot record a statement's result summary");
+        }
     }
 
     /// A masking failure: the result is not released and the connection is closed.

@@ -17,6 +17,7 @@ use super::session::Session;
 use super::upstream::{self, UpstreamAddr};
 use super::wire::{self, Startup, WireError, error_response, message, ready_for_query};
 use crate::bundle::ActivePolicy;
+use crate::config::Durability;
 use crate::grants::{Broker, GrantAuthError, TargetRecord};
 use crate::policy::Kind;
 use crate::policy::types::GrantContext;
@@ -28,6 +29,8 @@ pub struct PgServices {
     pub policy: Arc<ActivePolicy>,
     pub classify: ClassifyCache,
     pub secrets_file: std::path::PathBuf,
+    /// When a statement's record entry must be durable.
+    pub durability: Durability,
     /// TLS for clients that ask for it (SSLRequest).
     pub tls: Option<TlsAcceptor>,
     /// Refuse clients that do not ask for TLS.
