@@ -172,6 +172,15 @@ pub struct RecordConfig {
     /// group commit; a record failure cuts every session).
     #[serde(default)]
     pub durability: Durability,
+    /// With `batched` durability: how long the record's writer gathers entries into one
+    /// commit (one fsync), at most 100ms. The longest an entry waits to be durable is
+    /// this plus one fsync.
+    #[serde(default = "default_batch_window")]
+    pub batch_window: String,
+}
+
+fn default_batch_window() -> String {
+    "2ms".into()
 }
 
 /// When an action's record entry must be durable.
@@ -199,6 +208,7 @@ impl Default for RecordConfig {
             checkpoint_every: default_cp_every(),
             checkpoint_interval: default_cp_interval(),
             durability: Durability::Strict,
+            batch_window: default_batch_window(),
         }
     }
 }
@@ -284,6 +294,10 @@ impl Config {
         if self.record.checkpoint_every == 0 {
             return Err("record.checkpoint-every must be at least 1".into());
         }
+        if duration("record.batch-window", &self.record.batch_window)? > Duration::from_millis(100)
+        {
+            return Err("record.batch-window must be at most 100ms".into());
+        }
         if self.gateway.name.is_empty() || self.gateway.name.contains(['+', ' ', '\n']) {
             return Err("gateway.name must be non-empty, without spaces or `+`".into());
         }
@@ -344,6 +358,16 @@ impl Config {
     pub fn checkpoint_interval(&self) -> Duration {
         humantime::parse_duration(&self.record.checkpoint_interval)
             .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// How long the record's writer gathers a commit: only in `batched` durability,
+    /// where nothing waits on it.
+    pub fn commit_window(&self) -> Duration {
+        match self.record.durability {
+            Durability::Strict => Duration::ZERO,
+            Durability::Batched => humantime::parse_duration(&self.record.batch_window)
+                .unwrap_or(Duration::from_millis(2)),
+        }
     }
 
     pub fn trusted_keys(&self) -> Result<TrustedKeys, ConfigError> {

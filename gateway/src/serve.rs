@@ -69,6 +69,7 @@ pub async fn run(
             origin: config.gateway.name.clone(),
             checkpoint_every: config.record.checkpoint_every,
             checkpoint_interval: config.checkpoint_interval(),
+            commit_window: config.commit_window(),
             ..RecordOptions::new(data.store_dir())
         },
         key,

@@ -68,6 +68,17 @@ pub struct AuditEntry {
     pub event: AuditEvent,
 }
 
+/// An entry being written, borrowing its event: serializes to the same bytes as the
+/// [`AuditEntry`] it will be read back as, without copying the event.
+#[derive(Serialize)]
+pub(crate) struct NewEntry<'a> {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub prev: &'a str,
+    #[serde(flatten)]
+    pub event: &'a AuditEvent,
+}
+
 /// The `prev` of the first entry.
 pub const GENESIS: [u8; 32] = [0; 32];
 

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{
+    Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
+};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,7 +13,7 @@ use fjall::PersistMode;
 use tokio::sync::oneshot;
 
 use super::RecordError;
-use super::entry::{AuditEntry, AuditEvent, GENESIS, entry_hash, seq_key};
+use super::entry::{AuditEvent, GENESIS, NewEntry, entry_hash, seq_key};
 use super::store::{Space, Spaces};
 use super::tree::{MemHashes, Overlay, TreeHead, append, sign_checkpoint};
 use crate::keys::SecretKey;
@@ -28,6 +30,9 @@ pub struct RecordOptions {
     pub checkpoint_interval: Duration,
     /// Most writes folded into one batch.
     pub max_batch: usize,
+    /// How long a batch stays open for more writes after its first. Zero commits at
+    /// once (latency first); a few milliseconds trade that latency for fewer fsyncs.
+    pub commit_window: Duration,
 }
 
 impl RecordOptions {
@@ -38,6 +43,7 @@ impl RecordOptions {
             checkpoint_every: 10_000,
             checkpoint_interval: Duration::from_secs(10),
             max_batch: 4096,
+            commit_window: Duration::ZERO,
         }
     }
 }
@@ -275,14 +281,24 @@ impl Writer {
             };
             let mut batch = vec![first];
             let mut stop = false;
+            let close_at = Instant::now() + self.options.commit_window;
             while batch.len() < self.options.max_batch {
-                match rx.try_recv() {
-                    Ok(Some(request)) => batch.push(request),
-                    Ok(None) => {
+                let next = match rx.try_recv() {
+                    Err(TryRecvError::Empty) => {
+                        match close_at.checked_duration_since(Instant::now()) {
+                            Some(left) if !left.is_zero() => rx.recv_timeout(left).ok(),
+                            _ => break,
+                        }
+                    }
+                    other => other.ok(),
+                };
+                match next {
+                    Some(Some(request)) => batch.push(request),
+                    Some(None) => {
                         stop = true;
                         break;
                     }
-                    Err(_) => break,
+                    None => break,
                 }
             }
             self.commit(batch);
@@ -326,11 +342,12 @@ impl Writer {
             }
             let first_seq = seq;
             for event in &write.events {
-                let entry = AuditEntry {
+                let prev = hex::encode(head);
+                let entry = NewEntry {
                     seq,
                     time_ms,
-                    prev: hex::encode(head),
-                    event: event.clone(),
+                    prev: &prev,
+                    event,
                 };
                 let bytes = serde_json::to_vec(&entry).expect("an audit entry serializes");
                 let hashes = append(

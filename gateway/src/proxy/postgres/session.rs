@@ -30,6 +30,10 @@ const VERDICT_TTL: Duration = Duration::from_secs(1);
 /// Statement texts whose verdicts a session remembers before starting over.
 const VERDICTS_KEPT: usize = 1024;
 
+/// A result summary waits at most this long, while the session is idle, for the next
+/// statement's record write to carry it.
+const RESULT_SUMMARY_DELAY: Duration = Duration::from_millis(200);
+
 /// A policy verdict on one statement, as the record and the client need it.
 pub(super) struct Checked {
     /// `None` when allowed; else the reason and the policy's hint.
@@ -86,6 +90,10 @@ pub(super) struct Session {
     /// The upstream has had extended-protocol messages since its last Sync, so it may be
     /// inside an implicit transaction.
     pub unsynced: bool,
+    /// The last result summary, not yet recorded: it goes with the next statement's
+    /// entry (one record write instead of two), or on its own when the session idles
+    /// or ends.
+    result_summary: Option<AuditEvent>,
 }
 
 impl Session {
@@ -112,6 +120,7 @@ impl Session {
             portals: HashMap::new(),
             discard: Discard::No,
             unsynced: false,
+            result_summary: None,
         }
     }
 
@@ -121,6 +130,12 @@ impl Session {
 
     /// Serves the connection; returns why it ended.
     pub async fn serve(&mut self) -> String {
+        let reason = self.serve_messages().await;
+        self.write_result_summary();
+        reason
+    }
+
+    async fn serve_messages(&mut self) -> String {
         loop {
             let message = match self.read_client().await {
                 Ok(m) => m,
@@ -168,9 +183,14 @@ impl Session {
         if !self.client.has_message() {
             self.client.flush().await.map_err(|e| e.to_string())?;
         }
-        let message = tokio::select! {
-            m = self.client.read_message() => m,
-            _ = self.live.ended.changed() => return Err(self.grant_ended().await),
+        let message = loop {
+            tokio::select! {
+                m = self.client.read_message() => break m,
+                _ = self.live.ended.changed() => return Err(self.grant_ended().await),
+                () = tokio::time::sleep(RESULT_SUMMARY_DELAY), if self.result_summary.is_some() => {
+                    self.write_result_summary();
+                }
+            }
         };
         match message {
             Ok(m) => Ok(m),
@@ -345,7 +365,8 @@ impl Session {
 
     /// Records `write` as the configured durability says: made durable (strict), or
     /// queued ahead of everything that follows (batched). A failure ends the session.
-    pub async fn record(&mut self, write: Write) -> Result<(), String> {
+    pub async fn record(&mut self, mut write: Write) -> Result<(), String> {
+        write.events.splice(0..0, self.result_summary.take());
         let record = self.services.broker.record();
         let result = match self.services.durability {
             Durability::Strict => record.write_async(write).await.map(drop),
@@ -359,13 +380,14 @@ impl Session {
     /// its result is released only after that (the relay starts after this returns).
     pub async fn forward_recorded(
         &mut self,
-        write: Write,
+        mut write: Write,
         message: &[u8],
         read_only: bool,
     ) -> Result<(), String> {
         if write.events.is_empty() {
             return self.upstream.send_now(message).await.map_err(upstream_lost);
         }
+        write.events.splice(0..0, self.result_summary.take());
         if self.services.durability == Durability::Batched {
             self.record(write).await?;
             return self.upstream.send_now(message).await.map_err(upstream_lost);
@@ -594,11 +616,11 @@ impl Session {
         Ok(())
     }
 
-    /// Writes what came back for one client message to the record, after the fact: the
-    /// statements' own entries were recorded before any of it was released. A failure
-    /// here poisons the record, which cuts every session.
-    pub fn record_result(&self, summary: ResultSummary) {
-        let event = self.event(
+    /// Records what came back for one client message, after the fact (the statements'
+    /// own entries were recorded before any of it was released), with the next write.
+    pub fn record_result(&mut self, summary: ResultSummary) {
+        self.write_result_summary();
+        self.result_summary = Some(self.event(
             "sql.result",
             serde_json::json!({
                 "session": self.session_id,
@@ -607,12 +629,18 @@ impl Session {
                 "bytes": summary.bytes,
                 "duration_ms": summary.duration.as_secs_f64() * 1e3,
             }),
-        );
-        if let Err(e) = self
-            .services
-            .broker
-            .record()
-            .write_queued(Write::event(event))
+        ));
+    }
+
+    /// Queues the waiting result summary on its own. A failure poisons the record,
+    /// which cuts every session.
+    fn write_result_summary(&mut self) {
+        if let Some(event) = self.result_summary.take()
+            && let Err(e) = self
+                .services
+                .broker
+                .record()
+                .write_queued(Write::event(event))
         {
             tracing::error!(error = %e, "cannot record a statement's result summary");
         }
