@@ -2,9 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{
-    Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
-};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -281,24 +279,19 @@ impl Writer {
             };
             let mut batch = vec![first];
             let mut stop = false;
-            let close_at = Instant::now() + self.options.commit_window;
+            if !self.options.commit_window.is_zero() {
+                // Sleep through the window rather than wake for each write: senders do
+                // not wake a writer that is not waiting on the channel.
+                std::thread::sleep(self.options.commit_window);
+            }
             while batch.len() < self.options.max_batch {
-                let next = match rx.try_recv() {
-                    Err(TryRecvError::Empty) => {
-                        match close_at.checked_duration_since(Instant::now()) {
-                            Some(left) if !left.is_zero() => rx.recv_timeout(left).ok(),
-                            _ => break,
-                        }
-                    }
-                    other => other.ok(),
-                };
-                match next {
-                    Some(Some(request)) => batch.push(request),
-                    Some(None) => {
+                match rx.try_recv() {
+                    Ok(Some(request)) => batch.push(request),
+                    Ok(None) => {
                         stop = true;
                         break;
                     }
-                    None => break,
+                    Err(_) => break,
                 }
             }
             self.commit(batch);
