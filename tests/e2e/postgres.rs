@@ -266,6 +266,18 @@ fn an_agent_reads_through_the_gateway_and_policy_decides_every_statement() {
 fn wrong_secrets_unknown_targets_and_ended_grants_are_refused() {
     let s = Setup::new();
     let (id, secret) = s.grant("prod-db");
+    // A target added at run time must say how its upstream's TLS is verified.
+    let out = s.gw.cli(&[
+        "target",
+        "add",
+        "remote-db",
+        "--kind",
+        "postgres",
+        "--upstream",
+        "postgres://airlock@db.internal:5432/app",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("sslmode=verify-full"), "{}", text(&out));
     let out = s.psql(&id, "wrong-secret", "prod-db", "SELECT 1");
     assert!(
         text(&out).contains("password authentication failed"),

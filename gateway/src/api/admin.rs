@@ -222,7 +222,12 @@ async fn dispatch(
             .map(|ended| json!({ "agent": name, "grants_ended": ended }))
             .map_err(Into::into),
         AdminRequest::TargetAdd { target } => {
-            // The credential must resolve now: a target the gateway cannot reach is refused.
+            // The upstream must be usable and the credential must resolve now: a target
+            // the gateway cannot reach is refused.
+            if target.kind == crate::policy::Kind::Postgres {
+                crate::proxy::postgres::upstream::UpstreamAddr::parse(&target.upstream)
+                    .map_err(|e| AdminError::new("invalid_request", e))?;
+            }
             if let Some(reference) = &target.credential {
                 Secrets::load(secrets_file)
                     .and_then(|secrets| secrets.resolve(reference))
