@@ -26,6 +26,9 @@ struct Template {
     _dir: tempfile::TempDir,
     policy: PathBuf,
     public_key: PathBuf,
+    /// The example bundle's manifest, with absolute paths, and the key that signed it.
+    manifest: String,
+    key: PathBuf,
 }
 
 fn template() -> &'static Template {
@@ -61,7 +64,7 @@ fn template() -> &'static Template {
                     ),
                 );
         }
-        std::fs::write(src.join("bundle.toml"), toml).unwrap();
+        std::fs::write(src.join("bundle.toml"), &toml).unwrap();
         let bundle = dir.path().join("bundle");
         let key = keys.join("bundle-signing.key");
         let out = run(&[
@@ -91,6 +94,8 @@ fn template() -> &'static Template {
         Template {
             policy: data.join("policy"),
             public_key,
+            manifest: toml,
+            key,
             _dir: dir,
         }
     })
@@ -188,6 +193,55 @@ impl Gateway {
             pg_port: 0,
             child: None,
         }
+    }
+
+    /// Installs version 2 of the example bundle without `module`, signed by the
+    /// trusted key: e.g. without `pii-mask`, no masking module applies.
+    pub fn install_bundle_without(&self, module: &str) {
+        let template = template();
+        let mut manifest = String::new();
+        for block in template.manifest.split("\n[[module]]") {
+            if !block
+                .trim_start()
+                .starts_with(&format!("name = \"{module}\""))
+            {
+                if !manifest.is_empty() {
+                    manifest.push_str("\n[[module]]");
+                }
+                manifest.push_str(block);
+            }
+        }
+        assert_ne!(
+            manifest, template.manifest,
+            "{module} is in the example bundle"
+        );
+        let src = self.dir.path().join("bundle-src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("bundle.toml"), manifest).unwrap();
+        let bundle = self.dir.path().join("bundle-v2");
+        let (src, bundle) = (src.to_str().unwrap(), bundle.to_str().unwrap());
+        let key = template.key.to_str().unwrap();
+        let out = run(&[
+            "bundle",
+            "sign",
+            src,
+            "--key",
+            key,
+            "--version",
+            "2",
+            "--out",
+            bundle,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let data = self.data();
+        let out = run(&[
+            "--data",
+            data.to_str().unwrap(),
+            "bundle",
+            "install",
+            bundle,
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
     }
 
     /// Runs `airlock serve` expecting it to refuse to start; returns what it said.

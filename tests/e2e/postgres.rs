@@ -778,3 +778,51 @@ fn batched_durability_records_every_statement_and_a_record_failure_cuts_sessions
     let out = s.psql(&id, &secret, "prod-db", "SELECT 1");
     assert!(!out.status.success(), "{}", text(&out));
 }
+
+/// Where no masking module applies, rows pass through untouched and COPY TO is an
+/// ordinary read; COPY FROM stays a write.
+#[test]
+fn without_masking_rows_pass_untouched_and_copy_to_is_a_read() {
+    let pg = Postgres::start();
+    let gw = Gateway::prepare("");
+    gw.set_upstream_port(pg.port);
+    gw.install_bundle_without("pii-mask");
+    let s = Setup::start(pg, gw);
+    let (id, secret) = s.grant("prod-db");
+    let stdout = |out: &Output| String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let out = s.psql(
+        &id,
+        &secret,
+        "prod-db",
+        "SELECT email FROM users WHERE id = 1",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(stdout(&out), "alice@example.com");
+
+    let out = s.psql(&id, &secret, "prod-db", "COPY users TO STDOUT");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        stdout(&out),
+        "1\talice@example.com\tAlice\n2\tbob@example.com\tBob"
+    );
+
+    let out = s.psql(&id, &secret, "prod-db", "COPY users FROM STDIN");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("42501"), "{}", text(&out));
+    assert_eq!(
+        s.pg.psql_super("SELECT count(*) FROM users", "app").trim(),
+        "2"
+    );
+    let statements = recorded_statements(&s.gw);
+    assert!(
+        statements
+            .iter()
+            .any(|(t, v, _)| t == "COPY users TO STDOUT" && v == "allow")
+    );
+    assert!(
+        statements
+            .iter()
+            .any(|(t, v, _)| t == "COPY users FROM STDIN" && v == "deny")
+    );
+}
