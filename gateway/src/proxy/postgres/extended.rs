@@ -29,7 +29,7 @@ const PARAM_RECORDED: usize = 256;
 /// What to do with client messages after an error in an extended-protocol batch: drop
 /// them up to Sync, as PostgreSQL does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Discard {
+pub(super) enum Discard {
     No,
     /// The gateway refused: it answers the Sync itself.
     Local,
@@ -39,13 +39,13 @@ pub enum Discard {
 
 /// A statement prepared through this gateway: its classification (`None` for an empty
 /// query, which runs nothing).
-pub struct Prepared {
+pub(super) struct Prepared {
     statement: Option<SqlStatement>,
 }
 
 /// A portal bound through this gateway: its statement and parameters, for the record.
 #[derive(Clone)]
-pub struct Portal {
+pub(super) struct Portal {
     prepared: Arc<Prepared>,
     params: serde_json::Value,
 }
@@ -55,7 +55,7 @@ type Refusal = (&'static str, String, Option<String>);
 
 impl Session {
     /// Takes a batch starting with `first`, decides it, and runs it or refuses it.
-    pub async fn extended(&mut self, first: Message) -> Result<(), String> {
+    pub(super) async fn extended(&mut self, first: Message) -> Result<(), String> {
         let mut batch = vec![first];
         let mut size = 0;
         while !matches!(batch.last().map(|m| m.tag), Some(b'S' | b'H')) {

@@ -37,9 +37,9 @@ const RESULT_SUMMARY_DELAY: Duration = Duration::from_millis(200);
 /// A policy verdict on one statement, as the record and the client need it.
 pub(super) struct Checked {
     /// `None` when allowed; else the reason and the policy's hint.
-    pub denial: Option<(String, Option<String>)>,
-    pub bundle: Option<String>,
-    pub votes: Vec<serde_json::Value>,
+    pub(super) denial: Option<(String, Option<String>)>,
+    pub(super) bundle: Option<String>,
+    pub(super) votes: Vec<serde_json::Value>,
 }
 
 /// What the gateway waits for from the upstream, in order, for what it forwarded.
@@ -71,25 +71,25 @@ pub(super) struct ResultSummary {
 }
 
 pub(super) struct Session {
-    pub client: Conn,
-    pub upstream: Conn,
-    pub services: Arc<PgServices>,
-    pub context: GrantContext,
+    pub(super) client: Conn,
+    pub(super) upstream: Conn,
+    pub(super) services: Arc<PgServices>,
+    pub(super) context: GrantContext,
     live: LiveGrant,
     session_id: String,
-    pub tx_status: u8,
+    pub(super) tx_status: u8,
     /// Statements run or refused in this session.
-    pub statements: u64,
+    pub(super) statements: u64,
     masks: MaskPlans,
     verdicts: HashMap<String, (Instant, Arc<PolicySet>, Arc<Checked>)>,
     /// Prepared statements and portals made through this session's Parse and Bind.
-    pub prepared: HashMap<String, Arc<Prepared>>,
-    pub portals: HashMap<String, Portal>,
+    pub(super) prepared: HashMap<String, Arc<Prepared>>,
+    pub(super) portals: HashMap<String, Portal>,
     /// After an error in an extended-protocol batch, messages up to Sync are dropped.
-    pub discard: Discard,
+    pub(super) discard: Discard,
     /// The upstream has had extended-protocol messages since its last Sync, so it may be
     /// inside an implicit transaction.
-    pub unsynced: bool,
+    pub(super) unsynced: bool,
     /// The last result summary, not yet recorded: it goes with the next statement's
     /// entry (one record write instead of two), or on its own when the session idles
     /// or ends.
@@ -97,7 +97,7 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub fn new(
+    pub(super) fn new(
         client: Conn,
         upstream: Conn,
         services: Arc<PgServices>,
@@ -124,12 +124,12 @@ impl Session {
         }
     }
 
-    pub fn statements(&self) -> u64 {
+    pub(super) fn statements(&self) -> u64 {
         self.statements
     }
 
     /// Serves the connection; returns why it ended.
-    pub async fn serve(&mut self) -> String {
+    pub(super) async fn serve(&mut self) -> String {
         let reason = self.serve_messages().await;
         self.write_result_summary();
         reason
@@ -179,7 +179,7 @@ impl Session {
 
     /// The client's next message; answers buffered so far are sent first unless the
     /// client has already pipelined more. Ends the session when the grant ends.
-    pub async fn read_client(&mut self) -> Result<Message, String> {
+    pub(super) async fn read_client(&mut self) -> Result<Message, String> {
         if !self.client.has_message() {
             self.client.flush().await.map_err(|e| e.to_string())?;
         }
@@ -265,7 +265,7 @@ impl Session {
 
     /// The verdict on one statement, from the session's cache when it is recent and the
     /// policy set is the same.
-    pub fn check(&mut self, set: &Arc<PolicySet>, statement: &SqlStatement) -> Arc<Checked> {
+    pub(super) fn check(&mut self, set: &Arc<PolicySet>, statement: &SqlStatement) -> Arc<Checked> {
         if let Some((at, cached_set, checked)) = self.verdicts.get(&statement.text)
             && at.elapsed() < VERDICT_TTL
             && Arc::ptr_eq(cached_set, set)
@@ -306,7 +306,7 @@ impl Session {
 
     /// The record entry of one statement and its verdict; `params` are an extended-
     /// protocol Execute's parameters.
-    pub fn statement_event(
+    pub(super) fn statement_event(
         &self,
         statement: &SqlStatement,
         checked: &Checked,
@@ -336,7 +336,7 @@ impl Session {
     }
 
     /// The record entry of a statement the gateway could not classify: a denial.
-    pub fn unparsed_event(&self, text: &str, reason: &str) -> AuditEvent {
+    pub(super) fn unparsed_event(&self, text: &str, reason: &str) -> AuditEvent {
         self.event(
             "sql.statement",
             serde_json::json!({
@@ -365,7 +365,7 @@ impl Session {
 
     /// Records `write` as the configured durability says: made durable (strict), or
     /// queued ahead of everything that follows (batched). A failure ends the session.
-    pub async fn record(&mut self, mut write: Write) -> Result<(), String> {
+    pub(super) async fn record(&mut self, mut write: Write) -> Result<(), String> {
         write.events.splice(0..0, self.result_summary.take());
         let record = self.services.broker.record();
         let result = match self.services.durability {
@@ -378,7 +378,7 @@ impl Session {
     /// Sends `message` upstream once `write` is recorded. Strict: a message that
     /// changes nothing (`read_only`) is sent while the entry is being made durable, and
     /// its result is released only after that (the relay starts after this returns).
-    pub async fn forward_recorded(
+    pub(super) async fn forward_recorded(
         &mut self,
         mut write: Write,
         message: &[u8],
@@ -416,7 +416,7 @@ impl Session {
     /// implicit transaction of an unsynced pipeline, is aborted. `ready`: the client
     /// waits for ReadyForQuery (it sent Sync or a Query); otherwise the rest of its
     /// batch, up to Sync, is dropped.
-    pub async fn refuse(&mut self, error: Bytes, ready: bool) -> Result<(), String> {
+    pub(super) async fn refuse(&mut self, error: Bytes, ready: bool) -> Result<(), String> {
         if self.tx_status == b'T' || self.unsynced {
             let mut poison = BytesMut::new();
             poison.extend_from_slice(&message(b'P', |out| {
@@ -462,7 +462,7 @@ impl Session {
 
     /// Relays the upstream's answers to what was forwarded, masking rows, until every
     /// expected answer has come.
-    pub async fn relay(
+    pub(super) async fn relay(
         &mut self,
         set: &Arc<PolicySet>,
         mut expects: VecDeque<Expect>,
@@ -618,7 +618,7 @@ impl Session {
 
     /// Records what came back for one client message, after the fact (the statements'
     /// own entries were recorded before any of it was released), with the next write.
-    pub fn record_result(&mut self, summary: ResultSummary) {
+    pub(super) fn record_result(&mut self, summary: ResultSummary) {
         self.write_result_summary();
         self.result_summary = Some(self.event(
             "sql.result",
