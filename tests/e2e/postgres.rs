@@ -826,3 +826,165 @@ fn without_masking_rows_pass_untouched_and_copy_to_is_a_read() {
             .any(|(t, v, _)| t == "COPY users FROM STDIN" && v == "deny")
     );
 }
+
+/// A bare v3 protocol client, logged in with SCRAM (postgres-protocol's client side),
+/// for sending what no driver would.
+struct Raw(std::net::TcpStream);
+
+impl Raw {
+    fn login(port: u16, user: &str, secret: &str) -> Self {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut raw = Raw(stream);
+        let mut startup = Vec::new();
+        startup.extend_from_slice(&196_608i32.to_be_bytes());
+        for s in ["user", user, "database", "prod-db", ""] {
+            startup.extend_from_slice(s.as_bytes());
+            startup.push(0);
+        }
+        let mut packet = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&startup);
+        raw.write(&packet);
+        let mut scram = ScramSha256::new(secret.as_bytes(), ChannelBinding::unsupported());
+        loop {
+            let (tag, body) = raw.read();
+            match (
+                tag,
+                body.get(..4)
+                    .map(|k| i32::from_be_bytes(k.try_into().unwrap())),
+            ) {
+                (b'R', Some(10)) => {
+                    let mut first = b"SCRAM-SHA-256\0".to_vec();
+                    first.extend_from_slice(&(scram.message().len() as i32).to_be_bytes());
+                    first.extend_from_slice(scram.message());
+                    raw.send(b'p', &first);
+                }
+                (b'R', Some(11)) => {
+                    scram.update(&body[4..]).unwrap();
+                    let next = scram.message().to_vec();
+                    raw.send(b'p', &next);
+                }
+                (b'R', Some(12)) => scram.finish(&body[4..]).unwrap(),
+                (b'Z', _) => return raw,
+                (b'E', _) => panic!("login refused: {}", String::from_utf8_lossy(&body)),
+                _ => {}
+            }
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.0.write_all(bytes).unwrap();
+    }
+
+    fn send(&mut self, tag: u8, body: &[u8]) {
+        let mut message = vec![tag];
+        message.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        message.extend_from_slice(body);
+        self.write(&message);
+    }
+
+    fn read(&mut self) -> (u8, Vec<u8>) {
+        use std::io::Read;
+        let mut header = [0u8; 5];
+        self.0.read_exact(&mut header).unwrap();
+        let len = i32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+        let mut body = vec![0; len - 4];
+        self.0.read_exact(&mut body).unwrap();
+        (header[0], body)
+    }
+
+    /// Reads up to ReadyForQuery; returns the SQLSTATEs of the errors on the way.
+    fn errors_until_ready(&mut self) -> Vec<String> {
+        let mut codes = Vec::new();
+        loop {
+            match self.read() {
+                (b'Z', _) => return codes,
+                (b'E', body) => codes.push(sqlstate(&body)),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn sqlstate(error: &[u8]) -> String {
+    error
+        .split(|&b| b == 0)
+        .find_map(|field| field.strip_prefix(b"C"))
+        .map(|code| String::from_utf8_lossy(code).into_owned())
+        .unwrap_or_default()
+}
+
+fn cstrs(parts: &[&str]) -> Vec<u8> {
+    parts
+        .iter()
+        .flat_map(|p| p.bytes().chain(std::iter::once(0)))
+        .collect()
+}
+
+/// Malformed, out-of-order and oversized extended-protocol input: a clear error each
+/// time, the session goes on where PostgreSQL's would, and other sessions are served.
+#[test]
+fn malformed_extended_protocol_input_gets_clear_errors() {
+    let s = Setup::new();
+    let (id, secret) = s.grant("prod-db");
+    let mut raw = Raw::login(s.gw.pg_port(), &id, &secret);
+    let sync = |raw: &mut Raw| raw.send(b'S', &[]);
+
+    // A Bind cut short.
+    raw.send(b'B', b"portal\0");
+    sync(&mut raw);
+    assert_eq!(raw.errors_until_ready(), ["08P01"]);
+    // Execute of a portal that does not exist; Bind of a statement never prepared.
+    raw.send(b'E', &[b"nope\0".as_slice(), &0i32.to_be_bytes()].concat());
+    sync(&mut raw);
+    assert_eq!(raw.errors_until_ready(), ["34000"]);
+    raw.send(b'B', &[cstrs(&["", "never"]), vec![0; 6]].concat());
+    sync(&mut raw);
+    assert_eq!(raw.errors_until_ready(), ["26000"]);
+    // A fastpath function call is never relayed.
+    raw.send(b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(raw.errors_until_ready(), ["42501"]);
+    // After an error the rest of a batch is skipped up to Sync, as PostgreSQL does:
+    // the denied Parse's Execute never runs, and the session answers the next batch.
+    raw.send(
+        b'P',
+        &[cstrs(&["", "DELETE FROM users"]), vec![0, 0]].concat(),
+    );
+    raw.send(b'H', &[]);
+    raw.send(b'B', &[cstrs(&["", ""]), vec![0; 6]].concat());
+    raw.send(b'E', &[b"\0".as_slice(), &0i32.to_be_bytes()].concat());
+    sync(&mut raw);
+    assert_eq!(raw.errors_until_ready(), ["42501"]);
+    raw.send(b'Q', &cstrs(&["SELECT count(*) FROM users"]));
+    let mut rows = Vec::new();
+    loop {
+        match raw.read() {
+            (b'D', body) => rows.push(String::from_utf8_lossy(&body[6..]).into_owned()),
+            (b'Z', _) => break,
+            (b'E', body) => panic!("{}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+    assert_eq!(rows, ["2"]);
+
+    // More than the batch limit (64 MiB) without a Sync: FATAL, and the connection
+    // closes. Exactly enough is sent to pass the limit, so the gateway has read it all.
+    let big = [cstrs(&["", &" ".repeat(1 << 20)]), vec![0, 0]].concat();
+    for _ in 0..64 {
+        raw.send(b'P', &big);
+    }
+    let (tag, body) = raw.read();
+    assert_eq!((tag, sqlstate(&body)), (b'E', "54000".to_string()));
+
+    // The gateway goes on serving.
+    let out = s.psql(&id, &secret, "prod-db", "SELECT count(*) FROM users");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        s.pg.psql_super("SELECT count(*) FROM users", "app").trim(),
+        "2"
+    );
+}

@@ -56,8 +56,8 @@ type Refusal = (&'static str, String, Option<String>);
 impl Session {
     /// Takes a batch starting with `first`, decides it, and runs it or refuses it.
     pub(super) async fn extended(&mut self, first: Message) -> Result<(), String> {
+        let mut size = first.body.len() + 5;
         let mut batch = vec![first];
-        let mut size = 0;
         while !matches!(batch.last().map(|m| m.tag), Some(b'S' | b'H')) {
             let m = self.read_client().await?;
             match m.tag {
