@@ -617,6 +617,28 @@ fn tokio_postgres_prepared_statements_are_checked_masked_and_recorded() {
         // The session goes on.
         let row = client.query_one(&by_id, &[&1i32]).await.unwrap();
         assert_eq!(row.get::<_, &str>(2), "Alice");
+
+        // SQL-level DEALLOCATE (or PREPARE, DISCARD) can drop or replace statements
+        // under the names Parse used: the gateway forgets its own, so a Bind never runs
+        // under another statement's verdict, record entry or row shape.
+        client.batch_execute("DEALLOCATE ALL").await.unwrap();
+        let err = client.query_one(&by_id, &[&1i32]).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_SQL_STATEMENT_NAME),
+            "{err}"
+        );
+        assert!(
+            err.as_db_error()
+                .is_some_and(|e| e.message().contains("through this gateway")),
+            "{err}"
+        );
+        let by_id = client
+            .prepare("SELECT id, email, name FROM users WHERE id = $1")
+            .await
+            .unwrap();
+        let row = client.query_one(&by_id, &[&2i32]).await.unwrap();
+        assert_eq!(row.get::<_, &str>(1), "***@example.com");
         drop(client);
         connection.await.unwrap().unwrap();
     });

@@ -96,6 +96,51 @@ pub fn changes_nothing(statement: &SqlStatement) -> bool {
     ) && statement.tables_written.is_empty()
 }
 
+/// True if the statement is SQL-level `PREPARE`, `DEALLOCATE` or `DISCARD`: it can
+/// create or drop prepared statements under names the gateway's Parse also uses, so the
+/// gateway forgets what it knows of its own. Only leading whitespace and comments
+/// (nested `/* */` as PostgreSQL nests them, and `--`) can precede the keyword.
+pub fn manages_prepared_statements(statement: &SqlStatement) -> bool {
+    let mut rest = statement.text.as_str();
+    loop {
+        rest = rest.trim_start();
+        if let Some(line) = rest.strip_prefix("--") {
+            rest = line.split_once('\n').map_or("", |(_, after)| after);
+        } else if rest.starts_with("/*") {
+            let mut depth = 0usize;
+            let mut end = rest.len();
+            let bytes = rest.as_bytes();
+            let mut i = 0;
+            while i + 1 < bytes.len() {
+                match &bytes[i..i + 2] {
+                    b"/*" => {
+                        depth += 1;
+                        i += 2;
+                    }
+                    b"*/" => {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            end = i;
+                            break;
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+            rest = &rest[end..];
+        } else {
+            break;
+        }
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    matches!(word.as_str(), "PREPARE" | "DEALLOCATE" | "DISCARD")
+}
+
 fn sorted(mut names: Vec<String>) -> Vec<String> {
     names.sort();
     names.dedup();
@@ -232,6 +277,21 @@ mod tests {
         let mut all = classify(sql).unwrap();
         assert_eq!(all.len(), 1, "{sql}");
         all.remove(0)
+    }
+
+    #[test]
+    fn statements_that_manage_prepared_statements() {
+        for sql in [
+            "PREPARE p AS SELECT email FROM users",
+            "  deallocate ALL",
+            "/* a /* nested */ comment */ DISCARD ALL",
+            "-- a comment\nPrepare q (int) AS SELECT $1",
+        ] {
+            assert!(manages_prepared_statements(&one(sql)), "{sql}");
+        }
+        for sql in ["SELECT 1", "EXECUTE p", "/* PREPARE */ SELECT 'DEALLOCATE'"] {
+            assert!(!manages_prepared_statements(&one(sql)), "{sql}");
+        }
     }
 
     #[test]

@@ -9,14 +9,14 @@
 //! row description and formats.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::classify::changes_nothing;
+use super::classify::{changes_nothing, manages_prepared_statements};
 use super::session::{Expect, Session, message_bytes};
 use super::startup::fatal;
-use super::wire::{self, Message, error_response, message, put_cstr, ready_for_query};
+use super::wire::{self, Field, Message, error_response, message, put_cstr, ready_for_query};
 use crate::policy::types::SqlStatement;
 use crate::record::Write;
 
@@ -38,16 +38,39 @@ pub(super) enum Discard {
 }
 
 /// A statement prepared through this gateway: its classification (`None` for an empty
-/// query, which runs nothing).
+/// query, which runs nothing), and the row description its portals had for one choice
+/// of result formats. PostgreSQL never lets a prepared statement's result shape change,
+/// so later Executes with those formats need no Describe of the gateway's own.
 pub(super) struct Prepared {
     statement: Option<SqlStatement>,
+    rows: Mutex<Option<(Bytes, RowShape)>>,
 }
 
-/// A portal bound through this gateway: its statement and parameters, for the record.
+/// A result's columns, or `None` for a statement that returns no rows.
+pub(super) type RowShape = Option<Arc<Vec<Field>>>;
+
+/// A portal bound through this gateway: its statement, parameters (for the record) and
+/// result formats.
 #[derive(Clone)]
 pub(super) struct Portal {
     prepared: Arc<Prepared>,
     params: serde_json::Value,
+    formats: Bytes,
+}
+
+impl Portal {
+    /// The row description of this portal's rows, if the gateway has seen it.
+    pub(super) fn known_rows(&self) -> Option<RowShape> {
+        match &*self.prepared.rows.lock().unwrap() {
+            Some((formats, shape)) if *formats == self.formats => Some(shape.clone()),
+            _ => None,
+        }
+    }
+
+    /// Remembers the row description the server gave for this portal.
+    pub(super) fn remember_rows(&self, shape: RowShape) {
+        *self.prepared.rows.lock().unwrap() = Some((self.formats.clone(), shape));
+    }
 }
 
 /// A refusal of a batch: SQLSTATE, message, hint.
@@ -102,7 +125,8 @@ impl Session {
                     .await
                     .map_err(|e| e.to_string())?;
                 let set = self.services.policy.current();
-                self.relay(&set, VecDeque::from([Expect::Sync])).await?;
+                self.relay(&set, VecDeque::from([Expect::Sync]), &[])
+                    .await?;
                 Ok(())
             }
         }
@@ -117,35 +141,46 @@ impl Session {
         let mut expects = VecDeque::new();
         let mut read_only = true;
         let mut executes = 0;
+        let mut forget = false;
+        // The portals whose rows are masked, in Execute order.
+        let mut masked: Vec<Portal> = Vec::new();
         let mut refusal: Option<Refusal> = None;
         for m in &batch {
             let mut body = m.body.clone();
             let step = match m.tag {
-                b'P' => self
-                    .parse(&set, &mut body, &mut write)
-                    .map(|()| Expect::Complete),
+                b'P' => self.parse(&set, &mut body, &mut write).map(|manages| {
+                    forget |= manages;
+                    Expect::Complete
+                }),
                 b'B' => self.bind(&mut body).map(|()| Expect::Complete),
                 b'D' => describe(&mut body),
-                b'E' => {
-                    match self.execute(&set, &mut body, &mut write, &mut read_only) {
-                        Ok(portal) if masks => {
+                b'E' => match self.execute(&set, &mut body, &mut write, &mut read_only) {
+                    Ok((name, portal)) if masks => {
+                        executes += 1;
+                        let index = masked.len();
+                        let known = portal.known_rows().is_some();
+                        masked.push(portal);
+                        if !known {
                             // Describe the portal first: its row description, with the
                             // formats Bind chose, is what its rows are masked by.
                             out.extend_from_slice(&message(b'D', |o| {
                                 o.extend_from_slice(b"P");
-                                put_cstr(o, &portal);
+                                put_cstr(o, &name);
                             }));
-                            expects.push_back(Expect::DescribePortal { injected: true });
-                            executes += 1;
-                            Ok(Expect::Execute)
+                            expects.push_back(Expect::DescribePortal {
+                                gateway: Some(index),
+                            });
                         }
-                        Ok(_) => {
-                            executes += 1;
-                            Ok(Expect::Execute)
-                        }
-                        Err(e) => Err(e),
+                        Ok(Expect::Execute {
+                            masked: Some(index),
+                        })
                     }
-                }
+                    Ok(_) => {
+                        executes += 1;
+                        Ok(Expect::Execute { masked: None })
+                    }
+                    Err(e) => Err(e),
+                },
                 b'C' => self.close(&mut body).map(|()| Expect::Complete),
                 b'S' => Ok(Expect::Sync),
                 _ => {
@@ -176,11 +211,14 @@ impl Session {
                 .await;
         }
         self.forward_recorded(write, &out, read_only).await?;
+        if forget {
+            self.forget_prepared();
+        }
         self.unsynced = !synced;
         if expects.is_empty() {
             return Ok(());
         }
-        let summary = self.relay(&set, expects).await?;
+        let summary = self.relay(&set, expects, &masked).await?;
         if executes > 0 {
             self.record_result(summary);
         }
@@ -188,12 +226,13 @@ impl Session {
     }
 
     /// Parse: classified and checked now, so a denied statement is never prepared.
+    /// Returns whether the statement manages SQL-level prepared statements.
     fn parse(
         &mut self,
         set: &Arc<crate::policy::PolicySet>,
         body: &mut Bytes,
         write: &mut Write,
-    ) -> Result<(), Refusal> {
+    ) -> Result<bool, Refusal> {
         let name = wire::cstr(body).map_err(malformed)?;
         let text = wire::cstr(body).map_err(malformed)?;
         let classified = self.services.classify.classify(&text);
@@ -220,8 +259,15 @@ impl Session {
                 return Err(("42501", reason.clone(), hint.clone()));
             }
         }
-        self.prepared.insert(name, Arc::new(Prepared { statement }));
-        Ok(())
+        let manages = statement.as_ref().is_some_and(manages_prepared_statements);
+        self.prepared.insert(
+            name,
+            Arc::new(Prepared {
+                statement,
+                rows: Mutex::new(None),
+            }),
+        );
+        Ok(manages)
     }
 
     /// Bind: only to a statement prepared through this gateway, whose verdict it knows.
@@ -238,19 +284,28 @@ impl Session {
             ));
         };
         let params = bind_params(body).map_err(malformed)?;
-        self.portals.insert(portal, Portal { prepared, params });
+        // What is left is the result formats.
+        let formats = body.clone();
+        self.portals.insert(
+            portal,
+            Portal {
+                prepared,
+                params,
+                formats,
+            },
+        );
         Ok(())
     }
 
     /// Execute: checked again (cached), and recorded with its parameters. Returns the
-    /// portal's name.
+    /// portal and its name.
     fn execute(
         &mut self,
         set: &Arc<crate::policy::PolicySet>,
         body: &mut Bytes,
         write: &mut Write,
         read_only: &mut bool,
-    ) -> Result<String, Refusal> {
+    ) -> Result<(String, Portal), Refusal> {
         let name = wire::cstr(body).map_err(malformed)?;
         let Some(portal) = self.portals.get(&name).cloned() else {
             return Err(("34000", format!("portal \"{name}\" does not exist"), None));
@@ -265,7 +320,7 @@ impl Session {
             }
             *read_only &= changes_nothing(statement);
         }
-        Ok(name)
+        Ok((name, portal))
     }
 
     /// Close of a statement or portal.
@@ -292,7 +347,7 @@ impl Session {
 fn describe(body: &mut Bytes) -> Result<Expect, Refusal> {
     match body.first() {
         Some(b'S') => Ok(Expect::DescribeStatement),
-        Some(b'P') => Ok(Expect::DescribePortal { injected: false }),
+        Some(b'P') => Ok(Expect::DescribePortal { gateway: None }),
         _ => Err(malformed("Describe of neither a statement nor a portal")),
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::classify::changes_nothing;
+use super::classify::{changes_nothing, manages_prepared_statements};
 use super::conn::Conn;
 use super::extended::{Discard, Portal, Prepared};
 use super::masking::{MaskPlans, RowMask};
@@ -52,11 +52,12 @@ pub(super) enum Expect {
     /// A client's Describe of a statement: ParameterDescription, then RowDescription or
     /// NoData.
     DescribeStatement,
-    /// A Describe of a portal: the client's own (relayed), or the gateway's (`injected`:
-    /// kept, to mask the rows of the Execute that follows).
-    DescribePortal { injected: bool },
-    /// An Execute's rows, up to CommandComplete, EmptyQueryResponse or PortalSuspended.
-    Execute,
+    /// A Describe of a portal: the client's own (relayed), or the gateway's (`gateway`:
+    /// the index of the masked portal whose row description it is; kept, not relayed).
+    DescribePortal { gateway: Option<usize> },
+    /// An Execute's rows, up to CommandComplete, EmptyQueryResponse or PortalSuspended;
+    /// `masked`: the index of its portal among those whose rows are masked.
+    Execute { masked: Option<usize> },
     /// Sync's ReadyForQuery.
     Sync,
 }
@@ -255,12 +256,26 @@ impl Session {
             let error = error_response("ERROR", "42501", &reason, hint.as_deref());
             return self.refuse(error, true).await;
         }
+        if statements.iter().any(manages_prepared_statements) {
+            self.forget_prepared();
+        }
         let read_only = statements.iter().all(changes_nothing);
         self.forward_recorded(write, &message_bytes(&message), read_only)
             .await?;
-        let summary = self.relay(&set, VecDeque::from([Expect::Query])).await?;
+        let summary = self
+            .relay(&set, VecDeque::from([Expect::Query]), &[])
+            .await?;
         self.record_result(summary);
         Ok(())
+    }
+
+    /// Forgets the statements and portals made through this session's Parse and Bind:
+    /// SQL-level PREPARE, DEALLOCATE or DISCARD may have replaced them upstream, and a
+    /// Bind must not run under another statement's verdict, record entry or row shape.
+    /// A Bind to a forgotten name is refused until it is parsed again.
+    pub(super) fn forget_prepared(&mut self) {
+        self.prepared.clear();
+        self.portals.clear();
     }
 
     /// The verdict on one statement, from the session's cache when it is recent and the
@@ -461,15 +476,18 @@ impl Session {
     }
 
     /// Relays the upstream's answers to what was forwarded, masking rows, until every
-    /// expected answer has come.
+    /// expected answer has come. `masked` are the portals of the Executes whose rows
+    /// are masked, as their `Expect`s index them.
     pub(super) async fn relay(
         &mut self,
         set: &Arc<PolicySet>,
         mut expects: VecDeque<Expect>,
+        masked: &[Portal],
     ) -> Result<ResultSummary, String> {
         let started = Instant::now();
         let mut summary = ResultSummary::default();
         let mut rows: Option<RowMask> = None;
+        let mut executing = false;
         while let Some(&front) = expects.front() {
             if !self.upstream.has_message() {
                 self.client.flush().await.map_err(|e| e.to_string())?;
@@ -485,6 +503,18 @@ impl Session {
                 _ = self.live.ended.changed() => return Err(self.grant_ended().await),
             };
             summary.bytes += m.body.len() as u64 + 5;
+            if let Expect::Execute { masked: Some(i) } = front
+                && !executing
+            {
+                // The first answer to a masked Execute: its rows' description is known
+                // by now (remembered, or from the gateway's Describe just before).
+                executing = true;
+                let planned = match masked[i].known_rows().flatten() {
+                    Some(fields) => self.masks.rows(set, &self.context, &fields),
+                    None => Ok(None),
+                };
+                rows = self.or_withhold(planned).await?;
+            }
             if m.tag != b'D'
                 && let Some(mask) = rows.as_mut()
             {
@@ -510,16 +540,12 @@ impl Session {
                             expects.pop_front();
                             true
                         }
-                        Expect::DescribePortal { injected } => {
+                        Expect::DescribePortal { gateway } => {
                             expects.pop_front();
-                            if injected {
-                                let planned = match &fields {
-                                    Some(f) => self.masks.rows(set, &self.context, f),
-                                    None => Ok(None),
-                                };
-                                rows = self.or_withhold(planned).await?;
+                            if let Some(i) = gateway {
+                                masked[i].remember_rows(fields.map(Arc::new));
                             }
-                            !injected
+                            gateway.is_none()
                         }
                         _ => return Err(self.out_of_step(m.tag).await),
                     }
@@ -550,13 +576,15 @@ impl Session {
                             .push(wire::cstr(&mut tag).unwrap_or_default());
                     }
                     rows = None;
-                    if front == Expect::Execute {
+                    if matches!(front, Expect::Execute { .. }) {
                         expects.pop_front();
+                        executing = false;
                     }
                     true
                 }
                 b'E' => {
                     rows = None;
+                    executing = false;
                     if front != Expect::Query {
                         // The server skips to the next Sync; so do the expectations.
                         while expects.front().is_some_and(|e| *e != Expect::Sync) {
@@ -581,7 +609,8 @@ impl Session {
                         .send_now(&message_bytes(&m))
                         .await
                         .map_err(|e| e.to_string())?;
-                    self.copy_in(front == Expect::Execute).await?;
+                    self.copy_in(matches!(front, Expect::Execute { .. }))
+                        .await?;
                     false
                 }
                 _ => true,
