@@ -1002,6 +1002,11 @@ fn malformed_extended_protocol_input_gets_clear_errors() {
     let (tag, body) = raw.read();
     assert_eq!((tag, sqlstate(&body)), (b'E', "54000".to_string()));
 
+    assert!(
+        recorded_statements(&s.gw)
+            .iter()
+            .any(|(t, v, _)| t == "(fastpath function call)" && v == "deny")
+    );
     // The gateway goes on serving.
     let out = s.psql(&id, &secret, "prod-db", "SELECT count(*) FROM users");
     assert!(out.status.success(), "{}", text(&out));

@@ -240,12 +240,14 @@ impl Session {
             Err(e) => {
                 write
                     .events
-                    .push(self.unparsed_event(&text, &e.to_string()));
+                    .push(self.refusal_event(&text, "unparsed", &e.to_string()));
                 return Err(("42601", e.to_string(), None));
             }
             Ok(all) if all.len() > 1 => {
                 let reason = "cannot insert multiple commands into a prepared statement";
-                write.events.push(self.unparsed_event(&text, reason));
+                write
+                    .events
+                    .push(self.refusal_event(&text, "unparsed", reason));
                 return Err(("42601", reason.into(), None));
             }
             Ok(all) => all.first().cloned(),

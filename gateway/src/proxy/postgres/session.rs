@@ -145,17 +145,7 @@ impl Session {
             let result = match message.tag {
                 b'Q' => self.query(message).await,
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' => self.extended(message).await,
-                b'F' => {
-                    // A FunctionCall names a function by OID, outside any statement a
-                    // policy could see: never relayed.
-                    let error = error_response(
-                        "ERROR",
-                        "42501",
-                        "the fastpath function call interface is not allowed through Airlock",
-                        Some("call the function in a SELECT statement"),
-                    );
-                    self.refuse(error, true).await
-                }
+                b'F' => self.refuse_function_call().await,
                 // Copy messages outside COPY are ignored, as PostgreSQL does.
                 b'd' | b'c' | b'f' => Ok(()),
                 b'X' => {
@@ -350,18 +340,31 @@ impl Session {
             .detail(detail)
     }
 
-    /// The record entry of a statement the gateway could not classify: a denial.
-    pub(super) fn unparsed_event(&self, text: &str, reason: &str) -> AuditEvent {
+    /// The record entry of something the gateway refused without asking policy: a
+    /// statement it could not classify (`kind` "unparsed"), or a fastpath call.
+    pub(super) fn refusal_event(&self, text: &str, kind: &str, reason: &str) -> AuditEvent {
         self.event(
             "sql.statement",
             serde_json::json!({
                 "session": self.session_id,
                 "text": text,
-                "kind": "unparsed",
+                "kind": kind,
                 "verdict": "deny",
                 "reason": reason,
             }),
         )
+    }
+
+    /// A FunctionCall names a function by OID, outside any statement a policy could
+    /// see: recorded as a denial and never relayed.
+    async fn refuse_function_call(&mut self) -> Result<(), String> {
+        let reason = "the fastpath function call interface is not allowed through Airlock";
+        let refused = self.refusal_event("(fastpath function call)", "function-call", reason);
+        self.statements += 1;
+        self.record(Write::event(refused)).await?;
+        let hint = Some("call the function in a SELECT statement");
+        self.refuse(error_response("ERROR", "42501", reason, hint), true)
+            .await
     }
 
     /// Records a statement the parser rejected (a denial) and refuses it with `42601`.
@@ -371,7 +374,7 @@ impl Session {
         error: &str,
         ready: bool,
     ) -> Result<(), String> {
-        let refused = self.unparsed_event(text, error);
+        let refused = self.refusal_event(text, "unparsed", error);
         self.statements += 1;
         self.record(Write::event(refused)).await?;
         self.refuse(error_response("ERROR", "42601", error, None), ready)
