@@ -1059,46 +1059,41 @@ fn startup_refuses_a_missing_credential_and_plain_http_off_loopback() {
             .contains("lets others read these secrets")
     );
 
-    let gw = Gateway::prepare("");
-    gw.edit_config(
+    // A configuration with `from` replaced by `to` stops startup; what it said.
+    let refused = |from: &str, to: &str| {
+        let gw = Gateway::prepare("");
+        gw.edit_config(from, to);
+        gw.refused_start()
+    };
+    let err = refused(
         "[agent-api]\nlisten = \"127.0.0.1:",
         "[agent-api]\nlisten = \"0.0.0.0:",
     );
-    let err = gw.refused_start();
     assert!(
         err.contains("refusing to serve the agent API in plain HTTP"),
         "{err}"
     );
-
-    let gw = Gateway::prepare("");
-    gw.edit_config(
+    let err = refused(
         "[postgres]\nlisten = \"127.0.0.1:",
         "[postgres]\nlisten = \"0.0.0.0:",
     );
-    let err = gw.refused_start();
     assert!(
         err.contains("is not a loopback address: set postgres.tls-cert"),
         "{err}"
     );
-
     // An upstream off loopback must say how TLS to it is verified.
-    let gw = Gateway::prepare("");
-    gw.edit_config(
+    let err = refused(
         "postgres://airlock@127.0.0.1:5433/app",
         "postgres://airlock@db.internal:5433/app",
     );
-    let err = gw.refused_start();
     assert!(
         err.contains("is not on loopback: add ?sslmode=verify-full"),
         "{err}"
     );
-
-    let gw = Gateway::prepare("");
-    gw.edit_config(
+    let err = refused(
         "max-body-bytes = 4096",
         "max-body-bytes = 4096\nlisten-backlog = 5",
     );
-    let err = gw.refused_start();
     assert!(err.contains("unknown field `listen-backlog`"), "{err}");
 }
 

@@ -6,7 +6,7 @@
 //! without losing bytes. Writes collect in a buffer that the caller flushes when it is
 //! about to wait, so one round trip's messages leave in one write.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::wire::{self, Message, Startup, WireError};
@@ -97,9 +97,7 @@ impl Conn {
 
     /// Queues a message read from the other side, as it was.
     pub async fn send_message(&mut self, m: &Message) -> std::io::Result<()> {
-        self.write.put_u8(m.tag);
-        self.write.put_i32(m.body.len() as i32 + 4);
-        self.write.extend_from_slice(&m.body);
+        wire::put_message(&mut self.write, m);
         if self.write.len() >= WRITE_HIGH_WATER {
             self.flush().await?;
         }

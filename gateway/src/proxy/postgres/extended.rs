@@ -184,13 +184,13 @@ impl Session {
                 b'C' => self.close(&mut body).map(|()| Expect::Complete),
                 b'S' => Ok(Expect::Sync),
                 _ => {
-                    out.extend_from_slice(&message_bytes(m));
+                    wire::put_message(&mut out, m);
                     continue;
                 }
             };
             match step {
                 Ok(expect) => {
-                    out.extend_from_slice(&message_bytes(m));
+                    wire::put_message(&mut out, m);
                     expects.push_back(expect);
                 }
                 Err(e) => {

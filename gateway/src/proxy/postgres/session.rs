@@ -16,7 +16,9 @@ use super::conn::Conn;
 use super::extended::{Discard, Portal, Prepared};
 use super::masking::{MaskPlans, RowMask};
 use super::startup::{PgServices, fatal};
-use super::wire::{self, Message, WireError, error_response, message, put_cstr, ready_for_query};
+use super::wire::{
+    self, Field, Message, WireError, error_response, message, put_cstr, ready_for_query,
+};
 use crate::config::Durability;
 use crate::grants::LiveGrant;
 use crate::policy::types::{Action, GrantContext, SqlKind, SqlStatement};
@@ -405,28 +407,19 @@ impl Session {
         if write.events.is_empty() {
             return self.upstream.send_now(message).await.map_err(upstream_lost);
         }
-        write.events.splice(0..0, self.result_summary.take());
-        if self.services.durability == Durability::Batched {
+        if self.services.durability == Durability::Batched || !read_only {
             self.record(write).await?;
             return self.upstream.send_now(message).await.map_err(upstream_lost);
         }
+        write.events.splice(0..0, self.result_summary.take());
         let record = self.services.broker.record().clone();
         let recording = tokio::spawn(async move { record.write_async(write).await });
-        if read_only {
-            self.upstream
-                .send_now(message)
-                .await
-                .map_err(upstream_lost)?;
-        }
+        self.upstream
+            .send_now(message)
+            .await
+            .map_err(upstream_lost)?;
         let result = recording.await.map_err(|e| e.to_string())?;
-        self.recorded_or_close(result.map(drop)).await?;
-        if !read_only {
-            self.upstream
-                .send_now(message)
-                .await
-                .map_err(upstream_lost)?;
-        }
-        Ok(())
+        self.recorded_or_close(result.map(drop)).await
     }
 
     /// Refuses what the client sent with `error` (an ErrorResponse), leaving the
@@ -512,11 +505,10 @@ impl Session {
                 // The first answer to a masked Execute: its rows' description is known
                 // by now (remembered, or from the gateway's Describe just before).
                 executing = true;
-                let planned = match masked[i].known_rows().flatten() {
-                    Some(fields) => self.masks.rows(set, &self.context, &fields),
-                    None => Ok(None),
-                };
-                rows = self.or_withhold(planned).await?;
+                let fields = masked[i].known_rows().flatten();
+                rows = self
+                    .plan_rows(set, fields.as_deref().map(Vec::as_slice))
+                    .await?;
             }
             if m.tag != b'D'
                 && let Some(mask) = rows.as_mut()
@@ -532,11 +524,7 @@ impl Session {
                     };
                     match front {
                         Expect::Query => {
-                            let planned = match &fields {
-                                Some(f) => self.masks.rows(set, &self.context, f),
-                                None => Ok(None),
-                            };
-                            rows = self.or_withhold(planned).await?;
+                            rows = self.plan_rows(set, fields.as_deref()).await?;
                             true
                         }
                         Expect::DescribeStatement => {
@@ -629,23 +617,43 @@ impl Session {
         Ok(summary)
     }
 
-    /// COPY FROM STDIN, already allowed: the client's data goes upstream. In the
-    /// extended protocol the server ignores the Sync the client sent with the Execute,
-    /// and the client sends another after CopyDone: relay up to that one too.
+    /// How rows of this description (`None`: no rows) are masked; a result masking
+    /// cannot handle is withheld.
+    async fn plan_rows(
+        &mut self,
+        set: &Arc<PolicySet>,
+        fields: Option<&[Field]>,
+    ) -> Result<Option<RowMask>, String> {
+        let planned = match fields {
+            Some(fields) => self.masks.rows(set, &self.context, fields),
+            None => Ok(None),
+        };
+        self.or_withhold(planned).await
+    }
+
+    /// COPY FROM STDIN, already allowed: the client's data goes upstream up to CopyDone
+    /// or CopyFail. In the extended protocol the server ignores the Sync the client sent
+    /// with the Execute, and the client sends another after CopyDone: relay up to that
+    /// one too.
     async fn copy_in(&mut self, extended: bool) -> Result<(), String> {
-        let mut done = false;
-        while !done || extended {
+        let mut copying = true;
+        loop {
             let c = self.read_client().await?;
             self.upstream
-                .send_now(&message_bytes(&c))
+                .send_message(&c)
                 .await
                 .map_err(upstream_lost)?;
-            done = done || matches!(c.tag, b'c' | b'f');
-            if done && c.tag == b'S' {
-                break;
+            if !self.client.has_message() {
+                self.upstream.flush().await.map_err(upstream_lost)?;
+            }
+            match c.tag {
+                b'c' | b'f' if !extended => break,
+                b'c' | b'f' => copying = false,
+                b'S' if !copying => break,
+                _ => {}
             }
         }
-        Ok(())
+        self.upstream.flush().await.map_err(upstream_lost)
     }
 
     /// Records what came back for one client message, after the fact (the statements'
@@ -710,7 +718,9 @@ fn empty_query() -> Message {
 }
 
 pub(super) fn message_bytes(m: &Message) -> Bytes {
-    message(m.tag, |out| out.put_slice(&m.body))
+    let mut out = BytesMut::with_capacity(m.body.len() + 5);
+    wire::put_message(&mut out, m);
+    out.freeze()
 }
 
 fn now_ms() -> u64 {

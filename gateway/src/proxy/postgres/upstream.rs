@@ -52,10 +52,9 @@ impl UpstreamAddr {
                 _ => return Err(format!("upstream `{upstream}`: unknown parameter `{pair}`")),
             }
         }
-        let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+        let host = host_of(host_port);
         let loopback = host == "localhost"
             || host
-                .trim_matches(['[', ']'])
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback());
         let tls_root = match (sslmode, root) {
@@ -92,11 +91,16 @@ impl UpstreamAddr {
     }
 
     fn host(&self) -> &str {
-        self.host_port
-            .rsplit_once(':')
-            .map_or(self.host_port.as_str(), |(h, _)| h)
-            .trim_matches(['[', ']'])
+        host_of(&self.host_port)
     }
+}
+
+/// The host of `HOST:PORT` (brackets of an IPv6 literal removed).
+fn host_of(host_port: &str) -> &str {
+    host_port
+        .rsplit_once(':')
+        .map_or(host_port, |(h, _)| h)
+        .trim_matches(['[', ']'])
 }
 
 /// Why the upstream login failed.

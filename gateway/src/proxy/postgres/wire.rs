@@ -145,6 +145,13 @@ pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
     out.freeze()
 }
 
+/// Appends a message read from one side, as it was, for the other.
+pub fn put_message(out: &mut BytesMut, m: &Message) {
+    out.put_u8(m.tag);
+    out.put_i32(m.body.len() as i32 + 4);
+    out.put_slice(&m.body);
+}
+
 pub fn put_cstr(out: &mut BytesMut, s: &str) {
     out.put_slice(s.as_bytes());
     out.put_u8(0);
