@@ -96,6 +96,9 @@ fn main() {
         upstream: "127.0.0.1:5432".into(),
         labels: BTreeMap::from([("env".to_string(), "prod".to_string())]),
         credential: None,
+        read_user: None,
+        read_credential: None,
+        allow_superuser: false,
     };
     let broker =
         Arc::new(Broker::load(record, policy, vec![target], Duration::from_secs(3600)).unwrap());

@@ -343,9 +343,15 @@ impl Config {
                 crate::proxy::postgres::upstream::UpstreamAddr::parse(&target.upstream)
                     .map_err(|e| format!("target[{i}] `{}`: {e}", target.name))?;
             }
-            if let Some(reference) = &target.credential {
+            for reference in target.credential.iter().chain(&target.read_credential) {
                 crate::secrets::parse_reference(reference)
                     .map_err(|e| format!("target[{i}] `{}`: credential: {e}", target.name))?;
+            }
+            if target.read_user.is_some() != target.read_credential.is_some() {
+                return Err(format!(
+                    "target[{i}] `{}`: read-user and read-credential must be set together",
+                    target.name
+                ));
             }
         }
         Ok(())

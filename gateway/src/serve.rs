@@ -81,7 +81,7 @@ pub async fn run(
     let secrets_file = data.root().join(&config.gateway.secrets_file);
     let secrets = Secrets::load(&secrets_file).map_err(setup("gateway.secrets-file"))?;
     for target in &config.targets {
-        if let Some(reference) = &target.credential {
+        for reference in target.credential.iter().chain(&target.read_credential) {
             secrets
                 .resolve(reference)
                 .map_err(|e| ServeError::Setup(format!("target `{}`: {e}", target.name)))?;

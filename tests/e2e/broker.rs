@@ -35,6 +35,9 @@ fn broker(dir: &std::path::Path) -> Arc<Broker> {
         upstream: "127.0.0.1:5432".into(),
         labels: BTreeMap::new(),
         credential: None,
+        read_user: None,
+        read_credential: None,
+        allow_superuser: false,
     };
     Arc::new(
         Broker::load(

@@ -228,7 +228,7 @@ async fn dispatch(
                 crate::proxy::postgres::upstream::UpstreamAddr::parse(&target.upstream)
                     .map_err(|e| AdminError::new("invalid_request", e))?;
             }
-            if let Some(reference) = &target.credential {
+            for reference in target.credential.iter().chain(&target.read_credential) {
                 Secrets::load(secrets_file)
                     .and_then(|secrets| secrets.resolve(reference))
                     .map_err(|e| AdminError::new("invalid_request", e.to_string()))?;

@@ -45,6 +45,16 @@ pub(crate) enum TargetCommand {
         /// Where the gateway finds the upstream credential: `secret:NAME` or `env:VAR`.
         #[arg(long)]
         credential: Option<String>,
+        /// PostgreSQL: the least-privilege role read grants log in as.
+        #[arg(long, requires = "read_credential")]
+        read_user: Option<String>,
+        /// PostgreSQL: where the gateway finds the read role's credential.
+        #[arg(long, requires = "read_user")]
+        read_credential: Option<String>,
+        /// PostgreSQL: let the gateway log in as a superuser or a role that bypasses
+        /// row security.
+        #[arg(long)]
+        allow_superuser: bool,
     },
     List,
     Remove {
@@ -160,6 +170,9 @@ pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Resul
             upstream,
             labels: l,
             credential,
+            read_user,
+            read_credential,
+            allow_superuser,
         } => {
             let target = TargetRecord {
                 name: name.clone(),
@@ -167,6 +180,9 @@ pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Resul
                 upstream,
                 labels: labels(&l)?,
                 credential,
+                read_user,
+                read_credential,
+                allow_superuser,
             };
             admin(context, AdminRequest::TargetAdd { target })?;
             println!("target {name} added");

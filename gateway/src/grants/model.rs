@@ -73,6 +73,16 @@ pub struct TargetRecord {
     /// gateway-owned secrets file) or `env:VAR`. Never the credential itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// PostgreSQL: the least-privilege role read grants log in as instead of the
+    /// upstream's user, with its own credential reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_credential: Option<String>,
+    /// PostgreSQL: the gateway may log in as a role that is a superuser or bypasses
+    /// row security. Off by default: such a role can undo every server-side limit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_superuser: bool,
 }
 
 impl TargetRecord {

@@ -1,6 +1,7 @@
-//! SQL statements → policy actions, with PostgreSQL's own parser (libpg_query, the
-//! PostgreSQL 15 grammar, matching the upstream servers). A parser that disagreed with
-//! the server would be a policy bypass, so nothing here guesses with string matching.
+//! SQL statements → policy actions, read off PostgreSQL's own parse tree (see
+//! `parser`). A parser that disagreed with the server would be a policy bypass, so
+//! nothing here guesses with string matching, and every node of the tree is visited:
+//! a function called or a table read anywhere in a statement is seen.
 //!
 //! Fail closed: a statement kind this module does not know to be harmless is
 //! classified as DDL, which every read-only policy denies.
@@ -8,222 +9,383 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use pg_query::NodeEnum;
-use pg_query::protobuf::Node;
+use serde_json::Value;
 
+use super::parser;
+pub use super::parser::ParseError;
 use crate::policy::types::{SqlKind, SqlStatement};
 
-/// Statements the parser rejected: PostgreSQL would reject them too.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("syntax error: {0}")]
-pub struct ClassifyError(pub String);
+/// A statement as the gateway decides it: the action policies see, and what the gateway
+/// itself enforces whatever the policies say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub action: SqlStatement,
+    /// Run-time settings the statement changes (`SET`, `RESET`, `set_config`, `ALTER …
+    /// SET`), lowercased; `all` for `RESET ALL`, `*` for a name known only when it
+    /// runs.
+    pub settings: Vec<String>,
+    /// `BEGIN`/`START TRANSACTION`/`SET TRANSACTION`/`SET SESSION CHARACTERISTICS` with
+    /// `READ WRITE`: lifts a read-only session's default.
+    pub read_write: bool,
+    /// SQL-level `PREPARE`, `DEALLOCATE` or `DISCARD`: it can create or drop prepared
+    /// statements under names the gateway's Parse also uses.
+    pub manages_prepared: bool,
+}
+
+impl Statement {
+    /// True if the statement changes nothing: no write kind, no table written, no SET.
+    /// Such a statement may run while its record entry is being made durable, because
+    /// its result is withheld unless the entry becomes durable.
+    pub fn changes_nothing(&self) -> bool {
+        matches!(
+            self.action.kind,
+            SqlKind::Select
+                | SqlKind::Show
+                | SqlKind::Explain
+                | SqlKind::CopyTo
+                | SqlKind::Transaction
+        ) && self.action.tables_written.is_empty()
+    }
+}
 
 /// Parses `text` (one or more statements, as in a simple Query message) and classifies
 /// each statement.
-pub fn classify(text: &str) -> Result<Vec<SqlStatement>, ClassifyError> {
-    let parsed = pg_query::parse(text).map_err(|e| ClassifyError(e.to_string()))?;
-    if let [raw] = parsed.protobuf.stmts.as_slice() {
-        // One statement: the whole parse is its parse.
-        let node = raw.stmt.as_deref().and_then(|n| n.node.as_ref());
-        return Ok(vec![describe(text.trim(), node, names!(parsed))]);
-    }
-    let mut statements = Vec::with_capacity(parsed.protobuf.stmts.len());
-    for raw in &parsed.protobuf.stmts {
-        let start = raw.stmt_location.max(0) as usize;
-        let end = if raw.stmt_len == 0 {
-            text.len()
-        } else {
-            start + raw.stmt_len as usize
+pub fn classify(text: &str) -> Result<Vec<Statement>, ParseError> {
+    parser::with_tree(text, |tree| {
+        let Some(raws) = tree.get("stmts").and_then(Value::as_array) else {
+            return Vec::new();
         };
-        let piece = text.get(start..end).unwrap_or(text).trim();
-        let node = raw.stmt.as_deref().and_then(|n| n.node.as_ref());
-        statements.push(classify_one(piece, node)?);
+        raws.iter()
+            .map(|raw| {
+                // Locations are byte offsets into the text; an absent one is 0, an
+                // absent length runs to the end.
+                let start = raw
+                    .get("stmt_location")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0) as usize;
+                let end = match raw.get("stmt_len").and_then(Value::as_u64) {
+                    Some(len) if len > 0 => start + len as usize,
+                    _ => text.len(),
+                };
+                let piece = text.get(start..end).unwrap_or(text).trim();
+                describe(piece, raw.get("stmt").unwrap_or(&Value::Null))
+            })
+            .collect()
+    })
+}
+
+/// The node type and fields of a node object (`{"SelectStmt": {…}}`): one key, a type
+/// name (capitalised, where field names are not).
+fn node(value: &Value) -> Option<(&str, &Value)> {
+    let object = value.as_object()?;
+    if object.len() != 1 {
+        return None;
     }
-    Ok(statements)
+    object
+        .iter()
+        .next()
+        .filter(|(k, _)| k.starts_with(|c: char| c.is_ascii_uppercase()))
+        .map(|(k, v)| (k.as_str(), v))
 }
 
-fn classify_one(text: &str, node: Option<&NodeEnum>) -> Result<SqlStatement, ClassifyError> {
-    // Tables and functions, per statement: parse the statement on its own.
-    let parsed = pg_query::parse(text).map_err(|e| ClassifyError(e.to_string()))?;
-    Ok(describe(text, node, names!(parsed)))
+fn str_field<'a>(fields: &'a Value, name: &str) -> &'a str {
+    fields.get(name).and_then(Value::as_str).unwrap_or("")
 }
 
-/// (tables read, tables written, functions) of a parse. A macro because pg_query does
-/// not export the name of its parse-result type.
-macro_rules! names {
-    ($parsed:expr) => {
-        (
-            sorted($parsed.select_tables()),
-            sorted(
-                $parsed
-                    .dml_tables()
-                    .into_iter()
-                    .chain($parsed.ddl_tables())
-                    .collect(),
-            ),
-            sorted($parsed.functions()),
-        )
-    };
+fn flag(fields: &Value, name: &str) -> bool {
+    fields.get(name).and_then(Value::as_bool).unwrap_or(false)
 }
-use names;
 
-/// A statement's action, from its top-level node and the names its parse found.
-fn describe(
-    text: &str,
-    node: Option<&NodeEnum>,
-    (mut tables_read, mut tables_written, functions): (Vec<String>, Vec<String>, Vec<String>),
-) -> SqlStatement {
-    let kind = match node {
-        None => SqlKind::Other,
-        Some(node) => kind_of(node, &mut tables_read, &mut tables_written),
-    };
-    SqlStatement {
-        text: text.to_string(),
-        kind,
-        tables_read,
-        tables_written,
-        functions,
+/// `schema.name` of a RangeVar's fields.
+fn range_var(fields: &Value) -> String {
+    qualified(
+        str_field(fields, "schemaname"),
+        str_field(fields, "relname"),
+    )
+}
+
+/// The dotted name of a list of `String` nodes (a function's or an object's name).
+fn dotted(list: Option<&Value>) -> String {
+    list.and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|item| match node(item) {
+                    Some(("String", s)) => Some(str_field(s, "sval")),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join(".")
+        })
+        .unwrap_or_default()
+}
+
+/// The text of a string constant node, if it is one.
+fn string_constant(value: &Value) -> Option<&str> {
+    match node(value) {
+        Some(("A_Const", c)) => c
+            .get("sval")
+            .and_then(|s| s.get("sval"))
+            .and_then(Value::as_str),
+        _ => None,
     }
 }
 
-/// True if the statement changes nothing: no write kind, no table written, no SET.
-/// Such a statement may run while its record entry is being made durable, because its
-/// result is withheld unless the entry becomes durable.
-pub fn changes_nothing(statement: &SqlStatement) -> bool {
-    matches!(
-        statement.kind,
-        SqlKind::Select | SqlKind::Show | SqlKind::Explain | SqlKind::CopyTo | SqlKind::Transaction
-    ) && statement.tables_written.is_empty()
+/// `transaction_read_only` set to false among a statement's options (`READ WRITE`).
+fn asks_read_write(options: Option<&Value>) -> bool {
+    options.and_then(Value::as_array).is_some_and(|options| {
+        options.iter().any(|option| match node(option) {
+            Some(("DefElem", d)) if str_field(d, "defname") == "transaction_read_only" => {
+                // Integer constants of 0 have no `ival` inside: libpg_query omits zeros.
+                let value = d
+                    .get("arg")
+                    .and_then(|arg| arg.get("A_Const"))
+                    .and_then(|c| c.get("ival"))
+                    .map(|i| i.get("ival").and_then(Value::as_i64).unwrap_or(0));
+                value != Some(1)
+            }
+            _ => false,
+        })
+    })
 }
 
-/// True if the statement is SQL-level `PREPARE`, `DEALLOCATE` or `DISCARD`: it can
-/// create or drop prepared statements under names the gateway's Parse also uses, so the
-/// gateway forgets what it knows of its own. Only leading whitespace and comments
-/// (nested `/* */` as PostgreSQL nests them, and `--`) can precede the keyword.
-pub fn manages_prepared_statements(statement: &SqlStatement) -> bool {
-    let mut rest = statement.text.as_str();
-    loop {
-        rest = rest.trim_start();
-        if let Some(line) = rest.strip_prefix("--") {
-            rest = line.split_once('\n').map_or("", |(_, after)| after);
-        } else if rest.starts_with("/*") {
-            let mut depth = 0usize;
-            let mut end = rest.len();
-            let bytes = rest.as_bytes();
-            let mut i = 0;
-            while i + 1 < bytes.len() {
-                match &bytes[i..i + 2] {
-                    b"/*" => {
-                        depth += 1;
-                        i += 2;
+/// What a walk of one statement's whole tree finds.
+#[derive(Default)]
+struct Found {
+    read: Vec<String>,
+    written: Vec<String>,
+    functions: Vec<String>,
+    settings: Vec<String>,
+    read_write: bool,
+}
+
+impl Found {
+    /// A `FuncCall`'s fields: the function's name, and for `set_config` the setting it
+    /// changes (`*` when the name is not a constant).
+    fn function_call(&mut self, fields: &Value) {
+        let name = dotted(fields.get("funcname"));
+        if name.rsplit('.').next() == Some("set_config") {
+            let setting = fields
+                .get("args")
+                .and_then(|a| a.get(0))
+                .and_then(string_constant);
+            self.settings
+                .push(setting.map_or_else(|| "*".into(), str::to_ascii_lowercase));
+        }
+        self.functions.push(name);
+    }
+
+    /// A `VariableSetStmt`'s fields: the setting it changes, or for `SET TRANSACTION` /
+    /// `SET SESSION CHARACTERISTICS`, whether it asks for read-write.
+    fn variable_set(&mut self, fields: &Value) {
+        match str_field(fields, "kind") {
+            "VAR_RESET_ALL" => self.settings.push("all".into()),
+            "VAR_SET_MULTI" => self.read_write |= asks_read_write(fields.get("args")),
+            _ => self
+                .settings
+                .push(str_field(fields, "name").to_ascii_lowercase()),
+        }
+    }
+}
+
+/// How a value in the tree relates to the statement that writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Other,
+    /// The fields of an INSERT, UPDATE, DELETE or MERGE.
+    Writer,
+    /// The table an INSERT, UPDATE, DELETE or MERGE writes.
+    Target,
+}
+
+/// Visits every node of a statement's tree, without recursion (the tree may be as deep
+/// as the parser allows). Tables are written when they are the target of an INSERT,
+/// UPDATE, DELETE or MERGE, or named by a DDL statement outside any query in it; every
+/// other table is read.
+fn walk(root: &Value, ddl: bool) -> Found {
+    let mut found = Found::default();
+    // (value, inside a SELECT, its role)
+    let mut stack: Vec<(&Value, bool, Role)> = vec![(root, false, Role::Other)];
+    while let Some((value, in_select, role)) = stack.pop() {
+        match value {
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, in_select, Role::Other))),
+            Value::Object(object) => match node(value) {
+                Some((kind, fields)) => {
+                    let mut in_select = in_select;
+                    let mut role = Role::Other;
+                    match kind {
+                        "SelectStmt" => in_select = true,
+                        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                            role = Role::Writer
+                        }
+                        "FuncCall" => found.function_call(fields),
+                        "VariableSetStmt" => found.variable_set(fields),
+                        "TransactionStmt" => {
+                            found.read_write |= asks_read_write(fields.get("options"))
+                        }
+                        "DropStmt" if drops_relations(str_field(fields, "removeType")) => {
+                            let objects = fields.get("objects").and_then(Value::as_array);
+                            for object in objects.into_iter().flatten() {
+                                if let Some(("List", list)) = node(object) {
+                                    found.written.push(dotted(list.get("items")));
+                                }
+                            }
+                        }
+                        _ => {}
                     }
-                    b"*/" => {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            end = i;
-                            break;
+                    stack.push((fields, in_select, role));
+                }
+                None => {
+                    // The fields of a node, wrapped or not: a RangeVar's have `relname`.
+                    if object.contains_key("relname") {
+                        let name = range_var(value);
+                        if role == Role::Target || (ddl && !in_select) {
+                            found.written.push(name);
+                        } else {
+                            found.read.push(name);
                         }
                     }
-                    _ => i += 1,
+                    for (key, child) in object {
+                        let role = match key.as_str() {
+                            "relation" if role == Role::Writer => Role::Target,
+                            _ => Role::Other,
+                        };
+                        match key.as_str() {
+                            // `ALTER ROLE|DATABASE|SYSTEM … SET` carries its SET unwrapped.
+                            "setstmt" => found.variable_set(child),
+                            // So does a CALL its function.
+                            "funccall" => found.function_call(child),
+                            _ => {}
+                        }
+                        stack.push((child, in_select, role));
+                    }
                 }
-            }
-            rest = &rest[end..];
-        } else {
-            break;
+            },
+            _ => {}
         }
     }
-    let word: String = rest
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_uppercase();
-    matches!(word.as_str(), "PREPARE" | "DEALLOCATE" | "DISCARD")
+    for list in [
+        &mut found.read,
+        &mut found.written,
+        &mut found.functions,
+        &mut found.settings,
+    ] {
+        list.sort();
+        list.dedup();
+    }
+    found
 }
 
-fn sorted(mut names: Vec<String>) -> Vec<String> {
-    names.sort();
-    names.dedup();
-    names
+/// DROP of something whose name is a table's (so a policy sees it written).
+fn drops_relations(remove_type: &str) -> bool {
+    matches!(
+        remove_type,
+        "OBJECT_TABLE"
+            | "OBJECT_VIEW"
+            | "OBJECT_MATVIEW"
+            | "OBJECT_SEQUENCE"
+            | "OBJECT_INDEX"
+            | "OBJECT_FOREIGN_TABLE"
+    )
 }
 
-fn inner(node: &Option<Box<Node>>) -> Option<&NodeEnum> {
-    node.as_deref().and_then(|n| n.node.as_ref())
-}
-
-fn kind_of(node: &NodeEnum, read: &mut Vec<String>, written: &mut Vec<String>) -> SqlKind {
-    match node {
-        NodeEnum::SelectStmt(s) if s.into_clause.is_some() => SqlKind::Ddl,
-        NodeEnum::SelectStmt(_) => SqlKind::Select,
-        NodeEnum::InsertStmt(_) => SqlKind::Insert,
-        NodeEnum::UpdateStmt(_) => SqlKind::Update,
-        NodeEnum::DeleteStmt(_) => SqlKind::Delete,
-        NodeEnum::MergeStmt(_) => SqlKind::Merge,
-        NodeEnum::CopyStmt(copy) => {
-            // A server-side file or program is something written (or read) outside
-            // the database: name it so policies see it.
-            let outside = match (copy.is_program, copy.filename.is_empty()) {
-                (true, _) => Some(format!("program:{}", copy.filename)),
-                (false, false) => Some(format!("file:{}", copy.filename)),
-                (false, true) => None,
-            };
-            let table = copy
-                .relation
-                .as_ref()
-                .map(|r| qualified(&r.schemaname, &r.relname));
-            if let Some(table) = &table {
-                read.retain(|t| t != table);
-                written.retain(|t| t != table);
-            }
-            let kind = if copy.is_from {
-                written.extend(table);
-                read.extend(outside);
-                SqlKind::CopyFrom
-            } else {
-                read.extend(table);
-                written.extend(outside);
-                SqlKind::CopyTo
-            };
-            read.sort();
-            read.dedup();
-            written.sort();
-            written.dedup();
-            kind
+/// A statement's action, from its top-level node and what a walk of its tree found.
+fn describe(text: &str, stmt: &Value) -> Statement {
+    let top = node(stmt);
+    let kind = match top {
+        None => SqlKind::Other,
+        Some((name, fields)) => kind_of(name, fields),
+    };
+    let mut found = walk(stmt, kind == SqlKind::Ddl);
+    let manages_prepared = matches!(
+        top.map(|(name, _)| name),
+        Some("PrepareStmt" | "DeallocateStmt" | "DiscardStmt")
+    );
+    match top {
+        Some(("CopyStmt", copy)) => copy_tables(copy, &mut found),
+        // Without ANALYZE the statement is only planned: what it would write is read.
+        Some(("ExplainStmt", explain)) if !explain_analyzes(explain) => {
+            let written = std::mem::take(&mut found.written);
+            found.read.extend(written);
+            found.read.sort();
+            found.read.dedup();
         }
-        NodeEnum::ExplainStmt(explain) => {
-            let analyze = explain.options.iter().any(|o| {
-                matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname.eq_ignore_ascii_case("analyze"))
-            });
-            // Without ANALYZE the statement is only planned: what it would write is read.
-            if !analyze {
-                read.append(written);
-                read.sort();
-                read.dedup();
-            }
-            SqlKind::Explain
-        }
+        _ => {}
+    }
+    Statement {
+        action: SqlStatement {
+            text: text.to_string(),
+            kind,
+            tables_read: found.read,
+            tables_written: found.written,
+            functions: found.functions,
+        },
+        settings: found.settings,
+        read_write: found.read_write,
+        manages_prepared,
+    }
+}
+
+fn explain_analyzes(explain: &Value) -> bool {
+    explain
+        .get("options")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|o| matches!(node(o), Some(("DefElem", d)) if str_field(d, "defname").eq_ignore_ascii_case("analyze")))
+}
+
+/// COPY's table is read (TO) or written (FROM); a server-side file or program is
+/// something written (or read) outside the database: name it so policies see it.
+fn copy_tables(copy: &Value, found: &mut Found) {
+    let filename = str_field(copy, "filename");
+    let outside = match (flag(copy, "is_program"), filename.is_empty()) {
+        (true, _) => Some(format!("program:{filename}")),
+        (false, false) => Some(format!("file:{filename}")),
+        (false, true) => None,
+    };
+    let table = copy.get("relation").map(range_var);
+    if let Some(table) = &table {
+        found.read.retain(|t| t != table);
+        found.written.retain(|t| t != table);
+    }
+    if flag(copy, "is_from") {
+        found.written.extend(table);
+        found.read.extend(outside);
+    } else {
+        found.read.extend(table);
+        found.written.extend(outside);
+    }
+    for list in [&mut found.read, &mut found.written] {
+        list.sort();
+        list.dedup();
+    }
+}
+
+fn kind_of(name: &str, fields: &Value) -> SqlKind {
+    match name {
+        "SelectStmt" if fields.get("intoClause").is_some() => SqlKind::Ddl,
+        "SelectStmt" => SqlKind::Select,
+        "InsertStmt" => SqlKind::Insert,
+        "UpdateStmt" => SqlKind::Update,
+        "DeleteStmt" => SqlKind::Delete,
+        "MergeStmt" => SqlKind::Merge,
+        "CopyStmt" if flag(fields, "is_from") => SqlKind::CopyFrom,
+        "CopyStmt" => SqlKind::CopyTo,
+        "ExplainStmt" => SqlKind::Explain,
         // The inner statement decides: `PREPARE p AS UPDATE …` is an update.
-        NodeEnum::PrepareStmt(prepare) => match inner(&prepare.query) {
-            Some(query) => kind_of(query, read, written),
+        "PrepareStmt" | "DeclareCursorStmt" => match fields.get("query").and_then(node) {
+            Some((inner, inner_fields)) => kind_of(inner, inner_fields),
             None => SqlKind::Other,
         },
-        NodeEnum::DeclareCursorStmt(cursor) => match inner(&cursor.query) {
-            Some(query) => kind_of(query, read, written),
-            None => SqlKind::Other,
-        },
-        NodeEnum::TransactionStmt(_) => SqlKind::Transaction,
-        NodeEnum::VariableSetStmt(_) => SqlKind::Set,
-        NodeEnum::VariableShowStmt(_) => SqlKind::Show,
-        NodeEnum::CallStmt(_) => SqlKind::Call,
-        NodeEnum::DoStmt(_) => SqlKind::DoBlock,
+        "TransactionStmt" => SqlKind::Transaction,
+        "VariableSetStmt" => SqlKind::Set,
+        "VariableShowStmt" => SqlKind::Show,
+        "CallStmt" => SqlKind::Call,
+        "DoStmt" => SqlKind::DoBlock,
         // Harmless to data: reading a prepared statement or cursor, session chatter.
-        NodeEnum::ExecuteStmt(_)
-        | NodeEnum::DeallocateStmt(_)
-        | NodeEnum::FetchStmt(_)
-        | NodeEnum::ClosePortalStmt(_)
-        | NodeEnum::ListenStmt(_)
-        | NodeEnum::UnlistenStmt(_)
-        | NodeEnum::DiscardStmt(_) => SqlKind::Other,
+        "ExecuteStmt" | "DeallocateStmt" | "FetchStmt" | "ClosePortalStmt" | "ListenStmt"
+        | "UnlistenStmt" | "DiscardStmt" => SqlKind::Other,
         // Everything else changes schema, roles, settings, storage or locks.
         _ => SqlKind::Ddl,
     }
@@ -238,7 +400,11 @@ fn qualified(schema: &str, name: &str) -> String {
 }
 
 /// One text's classification, shared between the cache and its users.
-pub type Classified = Arc<Result<Vec<SqlStatement>, ClassifyError>>;
+pub type Classified = Arc<Result<Vec<Statement>, ParseError>>;
+
+/// Texts longer than this are classified every time rather than kept: the cache is
+/// bounded by entries, and a few huge texts must not fill memory.
+const LONGEST_CACHED: usize = 16 << 10;
 
 /// Classifications cached by statement text: an agent's repeated statements are parsed
 /// once. Bounded: when full it starts over.
@@ -260,6 +426,9 @@ impl ClassifyCache {
             return hit.clone();
         }
         let result = Arc::new(classify(text));
+        if text.len() > LONGEST_CACHED {
+            return result;
+        }
         let mut entries = self.entries.lock().unwrap();
         if entries.len() >= self.capacity {
             entries.clear();
@@ -273,10 +442,14 @@ impl ClassifyCache {
 mod tests {
     use super::*;
 
-    fn one(sql: &str) -> SqlStatement {
+    fn statement(sql: &str) -> Statement {
         let mut all = classify(sql).unwrap();
         assert_eq!(all.len(), 1, "{sql}");
         all.remove(0)
+    }
+
+    fn one(sql: &str) -> SqlStatement {
+        statement(sql).action
     }
 
     #[test]
@@ -287,10 +460,10 @@ mod tests {
             "/* a /* nested */ comment */ DISCARD ALL",
             "-- a comment\nPrepare q (int) AS SELECT $1",
         ] {
-            assert!(manages_prepared_statements(&one(sql)), "{sql}");
+            assert!(statement(sql).manages_prepared, "{sql}");
         }
         for sql in ["SELECT 1", "EXECUTE p", "/* PREPARE */ SELECT 'DEALLOCATE'"] {
-            assert!(!manages_prepared_statements(&one(sql)), "{sql}");
+            assert!(!statement(sql).manages_prepared, "{sql}");
         }
     }
 
@@ -371,10 +544,95 @@ mod tests {
     #[test]
     fn several_statements_each_classified() {
         let all = classify("SELECT 1; DELETE FROM t; SET search_path TO x").unwrap();
-        let kinds: Vec<SqlKind> = all.iter().map(|s| s.kind).collect();
+        let kinds: Vec<SqlKind> = all.iter().map(|s| s.action.kind).collect();
         assert_eq!(kinds, [SqlKind::Select, SqlKind::Delete, SqlKind::Set]);
-        assert_eq!(all[1].text, "DELETE FROM t");
-        assert_eq!(all[1].tables_written, ["t"]);
+        assert_eq!(all[1].action.text, "DELETE FROM t");
+        assert_eq!(all[1].action.tables_written, ["t"]);
+    }
+
+    #[test]
+    fn functions_and_tables_are_found_in_every_kind_of_node() {
+        for (sql, function) in [
+            (
+                "SELECT 1 WHERE pg_terminate_backend(1) IS NULL",
+                "pg_terminate_backend",
+            ),
+            ("SELECT ARRAY[nextval('s')]", "nextval"),
+            (
+                "SELECT (lo_from_bytea(0, 'x'))::text COLLATE \"C\"",
+                "lo_from_bytea",
+            ),
+            ("VALUES (pg_notify('c', 'x'))", "pg_notify"),
+            ("SELECT 1 LIMIT pg_advisory_lock(1)", "pg_advisory_lock"),
+            ("SELECT f(x => wipe())", "wipe"),
+            ("SELECT count(*) FILTER (WHERE wipe()) FROM t", "wipe"),
+            ("SELECT sum(a) OVER (ORDER BY wipe()) FROM t", "wipe"),
+            ("SELECT xmlelement(name a, wipe())", "wipe"),
+            (
+                "SELECT * FROM t WHERE a IS TRUE AND (wipe()) IS NOT FALSE",
+                "wipe",
+            ),
+            ("DECLARE c CURSOR FOR SELECT wipe()", "wipe"),
+            ("PREPARE p AS SELECT wipe()", "wipe"),
+            ("EXECUTE p(wipe())", "wipe"),
+            ("SELECT * FROM t TABLESAMPLE bernoulli (wipe())", "wipe"),
+            ("CALL refresh_all()", "refresh_all"),
+        ] {
+            let s = one(sql);
+            assert!(s.functions.iter().any(|f| f == function), "{sql}: {s:?}");
+        }
+        let s = one("SELECT 1 WHERE (SELECT count(*) FROM secrets) IS NULL");
+        assert_eq!(s.tables_read, ["secrets"]);
+        let s = one("SELECT ARRAY(SELECT email FROM public.users)");
+        assert_eq!(s.tables_read, ["public.users"]);
+    }
+
+    #[test]
+    fn settings_and_read_write_are_found() {
+        let settings = |sql: &str| statement(sql).settings;
+        assert_eq!(
+            settings("SET client_encoding = 'SJIS'"),
+            ["client_encoding"]
+        );
+        assert_eq!(settings("SET NAMES 'SJIS'"), ["client_encoding"]);
+        assert_eq!(settings("RESET ALL"), ["all"]);
+        assert_eq!(settings("SET ROLE postgres"), ["role"]);
+        assert_eq!(
+            settings("SET SESSION AUTHORIZATION postgres"),
+            ["session_authorization"]
+        );
+        assert_eq!(
+            settings("ALTER ROLE r SET standard_conforming_strings = off"),
+            ["standard_conforming_strings"]
+        );
+        assert_eq!(
+            settings("SELECT set_config('Standard_Conforming_Strings', 'off', false)"),
+            ["standard_conforming_strings"]
+        );
+        assert_eq!(
+            settings("SELECT pg_catalog.set_config(name, 'off', false) FROM t"),
+            ["*"]
+        );
+        assert!(settings("SELECT 1").is_empty());
+        for sql in [
+            "BEGIN READ WRITE",
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+            "SET TRANSACTION READ WRITE",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        ] {
+            assert!(statement(sql).read_write, "{sql}");
+        }
+        for sql in ["BEGIN", "BEGIN READ ONLY", "SET TRANSACTION READ ONLY"] {
+            assert!(!statement(sql).read_write, "{sql}");
+        }
+    }
+
+    #[test]
+    fn deep_and_long_texts() {
+        let sum = format!("SELECT {}", vec!["c"; 48].join(" + "));
+        assert_eq!(one(&sum).kind, SqlKind::Select);
+        let huge = format!("SELECT 1{}", "+1".repeat(1_000_000));
+        assert_eq!(classify(&huge), Err(ParseError::TooDeep));
     }
 
     #[test]

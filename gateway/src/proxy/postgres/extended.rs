@@ -13,11 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::classify::{changes_nothing, manages_prepared_statements};
-use super::session::{Expect, Session, message_bytes};
+use super::classify::{ParseError, Statement};
+use super::session::{Expect, Session, invalid_utf8, message_bytes};
 use super::startup::fatal;
 use super::wire::{self, Field, Message, error_response, message, put_cstr, ready_for_query};
-use crate::policy::types::SqlStatement;
 use crate::record::Write;
 
 /// Largest batch (bytes of messages up to Sync or Flush) held before deciding it.
@@ -42,7 +41,7 @@ pub(super) enum Discard {
 /// of result formats. PostgreSQL never lets a prepared statement's result shape change,
 /// so later Executes with those formats need no Describe of the gateway's own.
 pub(super) struct Prepared {
-    statement: Option<SqlStatement>,
+    statement: Option<Statement>,
     rows: Mutex<Option<(Bytes, RowShape)>>,
 }
 
@@ -125,7 +124,7 @@ impl Session {
                     .await
                     .map_err(|e| e.to_string())?;
                 let set = self.services.policy.current();
-                self.relay(&set, VecDeque::from([Expect::Sync]), &[])
+                self.relay(&set, VecDeque::from([Expect::Sync]), &[], false)
                     .await?;
                 Ok(())
             }
@@ -218,7 +217,7 @@ impl Session {
         if expects.is_empty() {
             return Ok(());
         }
-        let summary = self.relay(&set, expects, &masked).await?;
+        let summary = self.relay(&set, expects, &masked, read_only).await?;
         if executes > 0 {
             self.record_result(summary);
         }
@@ -234,14 +233,28 @@ impl Session {
         write: &mut Write,
     ) -> Result<bool, Refusal> {
         let name = wire::cstr(body).map_err(malformed)?;
-        let text = wire::cstr(body).map_err(malformed)?;
+        let text = match wire::cstr_bytes(body).map_err(malformed)? {
+            Ok(text) => text,
+            Err(invalid) => {
+                let reason = invalid_utf8(&invalid);
+                let lossy = String::from_utf8_lossy(&invalid);
+                write
+                    .events
+                    .push(self.refusal_event(&lossy, "unparsed", &reason));
+                return Err(("22021", reason, None));
+            }
+        };
         let classified = self.services.classify.classify(&text);
         let statement = match &*classified {
             Err(e) => {
                 write
                     .events
                     .push(self.refusal_event(&text, "unparsed", &e.to_string()));
-                return Err(("42601", e.to_string(), None));
+                let code = match e {
+                    ParseError::Syntax(_) => "42601",
+                    ParseError::TooDeep => "54001",
+                };
+                return Err((code, e.to_string(), None));
             }
             Ok(all) if all.len() > 1 => {
                 let reason = "cannot insert multiple commands into a prepared statement";
@@ -257,11 +270,11 @@ impl Session {
             if let Some((reason, hint)) = &checked.denial {
                 write
                     .events
-                    .push(self.statement_event(statement, &checked, None));
+                    .push(self.statement_event(&statement.action, &checked, None));
                 return Err(("42501", reason.clone(), hint.clone()));
             }
         }
-        let manages = statement.as_ref().is_some_and(manages_prepared_statements);
+        let manages = statement.as_ref().is_some_and(|s| s.manages_prepared);
         self.prepared.insert(
             name,
             Arc::new(Prepared {
@@ -314,13 +327,15 @@ impl Session {
         };
         if let Some(statement) = &portal.prepared.statement {
             let checked = self.check(set, statement);
-            write
-                .events
-                .push(self.statement_event(statement, &checked, Some(&portal.params)));
+            write.events.push(self.statement_event(
+                &statement.action,
+                &checked,
+                Some(&portal.params),
+            ));
             if let Some((reason, hint)) = &checked.denial {
                 return Err(("42501", reason.clone(), hint.clone()));
             }
-            *read_only &= changes_nothing(statement);
+            *read_only &= statement.changes_nothing();
         }
         Ok((name, portal))
     }

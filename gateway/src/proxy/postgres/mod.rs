@@ -5,6 +5,8 @@ pub mod classify;
 mod conn;
 mod extended;
 mod masking;
+pub mod parser;
+mod pins;
 pub mod scram;
 mod session;
 pub mod startup;

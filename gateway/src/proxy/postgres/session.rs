@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::classify::{changes_nothing, manages_prepared_statements};
+use super::classify::{ParseError, Statement};
 use super::conn::Conn;
 use super::extended::{Discard, Portal, Prepared};
 use super::masking::{MaskPlans, RowMask};
+use super::pins;
 use super::startup::{PgServices, fatal};
 use super::wire::{
     self, Field, Message, WireError, error_response, message, put_cstr, ready_for_query,
@@ -78,6 +79,9 @@ pub(super) struct Session {
     pub(super) upstream: Conn,
     pub(super) services: Arc<PgServices>,
     pub(super) context: GrantContext,
+    /// The grant is read-only: the upstream session was opened read-only, and nothing
+    /// may lift that.
+    read_only: bool,
     live: LiveGrant,
     session_id: String,
     pub(super) tx_status: u8,
@@ -105,6 +109,7 @@ impl Session {
         upstream: Conn,
         services: Arc<PgServices>,
         context: GrantContext,
+        read_only: bool,
         live: LiveGrant,
         session_id: String,
     ) -> Self {
@@ -113,6 +118,7 @@ impl Session {
             upstream,
             services,
             context,
+            read_only,
             live,
             session_id,
             tx_status: b'I',
@@ -216,11 +222,14 @@ impl Session {
     /// the whole message.
     async fn query(&mut self, message: Message) -> Result<(), String> {
         let mut body = message.body.clone();
-        let text = wire::cstr(&mut body).map_err(|e| e.to_string())?;
+        let text = match wire::cstr_bytes(&mut body).map_err(|e| e.to_string())? {
+            Ok(text) => text,
+            Err(invalid) => return self.refuse_invalid_utf8(&invalid, true).await,
+        };
         let classified = self.services.classify.classify(&text);
-        let statements: &[SqlStatement] = match &*classified {
+        let statements: &[Statement] = match &*classified {
             Ok(s) => s,
-            Err(e) => return self.refuse_unparsed(&text, &e.to_string(), true).await,
+            Err(e) => return self.refuse_unparsed(&text, e, true).await,
         };
         if statements.is_empty() {
             let out = [
@@ -237,7 +246,7 @@ impl Session {
             let checked = self.check(&set, statement);
             write
                 .events
-                .push(self.statement_event(statement, &checked, None));
+                .push(self.statement_event(&statement.action, &checked, None));
             if denial.is_none() {
                 denial.clone_from(&checked.denial);
             }
@@ -248,14 +257,14 @@ impl Session {
             let error = error_response("ERROR", "42501", &reason, hint.as_deref());
             return self.refuse(error, true).await;
         }
-        if statements.iter().any(manages_prepared_statements) {
+        if statements.iter().any(|s| s.manages_prepared) {
             self.forget_prepared();
         }
-        let read_only = statements.iter().all(changes_nothing);
+        let read_only = statements.iter().all(Statement::changes_nothing);
         self.forward_recorded(write, &message_bytes(&message), read_only)
             .await?;
         let summary = self
-            .relay(&set, VecDeque::from([Expect::Query]), &[])
+            .relay(&set, VecDeque::from([Expect::Query]), &[], read_only)
             .await?;
         self.record_result(summary);
         Ok(())
@@ -271,8 +280,16 @@ impl Session {
     }
 
     /// The verdict on one statement, from the session's cache when it is recent and the
-    /// policy set is the same.
-    pub(super) fn check(&mut self, set: &Arc<PolicySet>, statement: &SqlStatement) -> Arc<Checked> {
+    /// policy set is the same. What the gateway pins is refused before any policy runs.
+    pub(super) fn check(&mut self, set: &Arc<PolicySet>, statement: &Statement) -> Arc<Checked> {
+        if let Some(denial) = pins::refusal(statement, self.read_only) {
+            return Arc::new(Checked {
+                denial: Some(denial),
+                bundle: None,
+                votes: vec![serde_json::json!({ "module": "gateway" })],
+            });
+        }
+        let statement = &statement.action;
         if let Some((at, cached_set, checked)) = self.verdicts.get(&statement.text)
             && at.elapsed() < VERDICT_TTL
             && Arc::ptr_eq(cached_set, set)
@@ -369,17 +386,38 @@ impl Session {
             .await
     }
 
-    /// Records a statement the parser rejected (a denial) and refuses it with `42601`.
-    async fn refuse_unparsed(
+    /// Records a statement the parser rejected (a denial) and refuses it as PostgreSQL
+    /// would: `42601` for a syntax error, `54001` for nesting too deep.
+    pub(super) async fn refuse_unparsed(
         &mut self,
         text: &str,
-        error: &str,
+        error: &ParseError,
         ready: bool,
     ) -> Result<(), String> {
-        let refused = self.refusal_event(text, "unparsed", error);
+        let reason = error.to_string();
+        let refused = self.refusal_event(text, "unparsed", &reason);
         self.statements += 1;
         self.record(Write::event(refused)).await?;
-        self.refuse(error_response("ERROR", "42601", error, None), ready)
+        let response = match error {
+            ParseError::Syntax(_) => error_response("ERROR", "42601", &reason, None),
+            ParseError::TooDeep => error_response(
+                "ERROR",
+                "54001",
+                &reason,
+                Some("simplify the statement: PostgreSQL refuses expressions nested this deeply"),
+            ),
+        };
+        self.refuse(response, ready).await
+    }
+
+    /// Records and refuses a statement that is not UTF-8 (`22021`, PostgreSQL's answer):
+    /// the session goes on.
+    async fn refuse_invalid_utf8(&mut self, text: &[u8], ready: bool) -> Result<(), String> {
+        let reason = invalid_utf8(text);
+        let refused = self.refusal_event(&String::from_utf8_lossy(text), "unparsed", &reason);
+        self.statements += 1;
+        self.record(Write::event(refused)).await?;
+        self.refuse(error_response("ERROR", "22021", &reason, None), ready)
             .await
     }
 
@@ -473,12 +511,15 @@ impl Session {
 
     /// Relays the upstream's answers to what was forwarded, masking rows, until every
     /// expected answer has come. `masked` are the portals of the Executes whose rows
-    /// are masked, as their `Expect`s index them.
+    /// are masked, as their `Expect`s index them. `changes_nothing`: every statement
+    /// forwarded was decided as one that changes nothing, so an answer that says it
+    /// wrote trips the tripwire.
     pub(super) async fn relay(
         &mut self,
         set: &Arc<PolicySet>,
         mut expects: VecDeque<Expect>,
         masked: &[Portal],
+        changes_nothing: bool,
     ) -> Result<ResultSummary, String> {
         let started = Instant::now();
         let mut summary = ResultSummary::default();
@@ -562,9 +603,11 @@ impl Session {
                 b'C' | b'I' | b's' => {
                     if m.tag == b'C' {
                         let mut tag = m.body.clone();
-                        summary
-                            .commands
-                            .push(wire::cstr(&mut tag).unwrap_or_default());
+                        let tag = wire::cstr(&mut tag).unwrap_or_default();
+                        if changes_nothing && !reads_only(&tag) {
+                            return Err(self.mismatch(&tag).await);
+                        }
+                        summary.commands.push(tag);
                     }
                     rows = None;
                     if matches!(front, Expect::Execute { .. }) {
@@ -593,6 +636,11 @@ impl Session {
                     if front == Expect::Sync {
                         self.unsynced = false;
                     }
+                    true
+                }
+                b'G' if changes_nothing => return Err(self.mismatch("COPY FROM").await),
+                b'S' => {
+                    self.check_parameter(&m).await?;
                     true
                 }
                 b'G' => {
@@ -697,6 +745,52 @@ impl Session {
         }
     }
 
+    /// The tripwire: statements decided as changing nothing were answered with a
+    /// command that writes. The classification and the server disagreed, so nothing
+    /// decided for this session can be trusted: recorded, and the session ends.
+    async fn mismatch(&mut self, command: &str) -> String {
+        let reason =
+            format!("the server answered {command:?} to statements decided as changing nothing");
+        let event = self.event(
+            "sql.mismatch",
+            serde_json::json!({ "session": self.session_id, "command": command, "reason": reason }),
+        );
+        if let Err(e) = self.record(Write::event(event)).await {
+            return e;
+        }
+        fatal(
+            &mut self.client,
+            "XX000",
+            &format!("terminating connection: {reason}"),
+        )
+        .await;
+        reason
+    }
+
+    /// A ParameterStatus mid-session: a pinned setting that changed ends the session,
+    /// recorded, since statements would no longer be read as they were decided.
+    async fn check_parameter(&mut self, m: &Message) -> Result<(), String> {
+        let mut body = m.body.clone();
+        let (Ok(name), Ok(value)) = (wire::cstr(&mut body), wire::cstr(&mut body)) else {
+            return Err(self.out_of_step(m.tag).await);
+        };
+        let Err(reason) = pins::check_parameter(&name, &value, self.read_only) else {
+            return Ok(());
+        };
+        let event = self.event(
+            "sql.pin-broken",
+            serde_json::json!({ "session": self.session_id, "parameter": name, "value": value, "reason": reason }),
+        );
+        self.record(Write::event(event)).await?;
+        fatal(
+            &mut self.client,
+            "55000",
+            &format!("terminating connection: {reason}"),
+        )
+        .await;
+        Err(reason)
+    }
+
     /// The upstream answered something the gateway did not ask for: it cannot tell
     /// which statement the answer belongs to, so it stops.
     async fn out_of_step(&mut self, tag: u8) -> String {
@@ -704,6 +798,45 @@ impl Session {
         fatal(&mut self.client, "08P01", &reason).await;
         reason
     }
+}
+
+/// PostgreSQL's message for text that is not UTF-8, naming the first bad bytes.
+pub(super) fn invalid_utf8(text: &[u8]) -> String {
+    let at = std::str::from_utf8(text).map_or_else(|e| e.valid_up_to(), |_| text.len());
+    let bad: Vec<String> = text[at..]
+        .iter()
+        .take(2)
+        .map(|b| format!("0x{b:02x}"))
+        .collect();
+    format!(
+        "invalid byte sequence for encoding \"UTF8\": {}",
+        bad.join(" ")
+    )
+}
+
+/// Command tags of statements that change nothing (as `Statement::changes_nothing`
+/// decides): any other answer to them trips the tripwire.
+fn reads_only(tag: &str) -> bool {
+    const READS: &[&str] = &[
+        "SELECT",
+        "SHOW",
+        "EXPLAIN",
+        "COPY",
+        "BEGIN",
+        "START TRANSACTION",
+        "COMMIT",
+        "ROLLBACK",
+        "SAVEPOINT",
+        "RELEASE",
+        "PREPARE TRANSACTION",
+        "COMMIT PREPARED",
+        "ROLLBACK PREPARED",
+        "DECLARE CURSOR",
+    ];
+    READS.iter().any(|read| {
+        tag.strip_prefix(read)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '))
+    })
 }
 
 fn upstream_lost(e: impl std::fmt::Display) -> String {

@@ -12,13 +12,14 @@ use tracing::Instrument;
 
 use super::classify::ClassifyCache;
 use super::conn::Conn;
+use super::pins;
 use super::scram::{Exchange, Verifier};
 use super::session::Session;
-use super::upstream::{self, UpstreamAddr};
+use super::upstream::{self, Upstream, UpstreamAddr};
 use super::wire::{self, Startup, WireError, error_response, message, ready_for_query};
 use crate::bundle::ActivePolicy;
 use crate::config::Durability;
-use crate::grants::{Broker, GrantAuthError, TargetRecord};
+use crate::grants::{Access, Broker, GrantAuthError, TargetRecord};
 use crate::policy::Kind;
 use crate::policy::types::GrantContext;
 use crate::secrets::Secrets;
@@ -163,6 +164,10 @@ async fn run(stream: TcpStream, services: Arc<PgServices>) {
         .await;
         return;
     }
+    if let Err(reason) = pins::check_client_startup(&params) {
+        fatal(&mut client, "22023", &reason).await;
+        return;
+    }
     let param = |k: &str| {
         params
             .iter()
@@ -223,49 +228,11 @@ async fn serve_session(
             return;
         }
     };
-    let credential = match (&target.credential, Secrets::load(&services.secrets_file)) {
-        (None, _) => None,
-        (Some(reference), Ok(secrets)) => match secrets.resolve(reference) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::error!(error = %e, "upstream credential unavailable");
-                fatal(
-                    &mut client,
-                    "08006",
-                    "the gateway cannot log in upstream (its credential is unavailable)",
-                )
-                .await;
-                return;
-            }
-        },
-        (Some(_), Err(e)) => {
-            tracing::error!(error = %e, "secrets file unavailable");
-            fatal(
-                &mut client,
-                "08006",
-                "the gateway cannot log in upstream (its secrets are unavailable)",
-            )
-            .await;
-            return;
-        }
-    };
-    let addr = match UpstreamAddr::parse(&target.upstream) {
-        Ok(addr) => addr,
-        Err(e) => {
-            fatal(&mut client, "08006", &e).await;
-            return;
-        }
-    };
-    let upstream = match upstream::connect(&addr, credential.as_ref()).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = %e, "upstream login failed");
-            fatal(
-                &mut client,
-                "08006",
-                &format!("the gateway cannot reach the upstream database: {e}"),
-            )
-            .await;
+    let read_only = live.grant.access == Access::Read || live.grant.read_only;
+    let (upstream, addr) = match login(&services, &target, read_only).await {
+        Ok(login) => login,
+        Err(reason) => {
+            fatal(&mut client, "08006", &reason).await;
             return;
         }
     };
@@ -313,6 +280,7 @@ async fn serve_session(
         upstream.conn,
         services.clone(),
         context,
+        read_only,
         live,
         opened.id.clone(),
     );
@@ -325,6 +293,71 @@ async fn serve_session(
     {
         tracing::error!(error = %e, "cannot record the session's end");
     }
+}
+
+/// Logs in upstream for a session: as the target's read role when the grant is
+/// read-only and the target names one, with the pinned settings (and a read-only
+/// default for a read grant), then checks what the server says it is. Returns the
+/// client-facing reason on failure; the details go to the log.
+async fn login(
+    services: &PgServices,
+    target: &TargetRecord,
+    read_only: bool,
+) -> Result<(Upstream, UpstreamAddr), String> {
+    let addr = UpstreamAddr::parse(&target.upstream)?;
+    let (user, reference) = match (&target.read_user, &target.read_credential) {
+        (Some(user), Some(reference)) if read_only => (user.as_str(), Some(reference)),
+        _ => (addr.user.as_str(), target.credential.as_ref()),
+    };
+    let credential = match reference {
+        None => None,
+        Some(reference) => {
+            let resolved = Secrets::load(&services.secrets_file)
+                .map_err(|e| e.to_string())
+                .and_then(|secrets| secrets.resolve(reference).map_err(|e| e.to_string()));
+            match resolved {
+                Ok(credential) => Some(credential),
+                Err(e) => {
+                    tracing::error!(error = %e, "upstream credential unavailable");
+                    return Err(
+                        "the gateway cannot log in upstream (its credential is unavailable)".into(),
+                    );
+                }
+            }
+        }
+    };
+    let settings = pins::upstream_parameters(read_only);
+    let mut upstream = upstream::connect(&addr, user, credential.as_ref(), &settings)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "upstream login failed");
+            format!("the gateway cannot reach the upstream database: {e}")
+        })?;
+    for parameter in &upstream.parameters {
+        let mut body = parameter.slice(5..);
+        if let (Ok(name), Ok(value)) = (wire::cstr(&mut body), wire::cstr(&mut body)) {
+            pins::check_parameter(&name, &value, read_only).map_err(|reason| {
+                tracing::error!(%reason, "upstream session refused");
+                format!("the gateway refuses the upstream session: {reason}")
+            })?;
+        }
+    }
+    let facts = upstream::login_facts(&mut upstream.conn)
+        .await
+        .map_err(|e| format!("the gateway cannot check the upstream session: {e}"))?;
+    if read_only && !facts.read_only {
+        return Err("the upstream session did not start read-only for a read grant".into());
+    }
+    if facts.privileged && !target.allow_superuser {
+        tracing::error!(
+            user,
+            "upstream role is a superuser or bypasses row security"
+        );
+        return Err(format!(
+            "the gateway refuses to log in upstream as {user}: the role is a superuser or bypasses row security, which undoes every server-side limit (use a least-privilege role, or set allow-superuser = true on the target)"
+        ));
+    }
+    Ok((upstream, addr))
 }
 
 /// SCRAM-SHA-256 with the grant's secret. An unknown grant runs the same exchange

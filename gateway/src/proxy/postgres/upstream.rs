@@ -145,10 +145,12 @@ fn field(body: &Bytes, code: u8) -> Option<String> {
     None
 }
 
-/// Logs in upstream.
+/// Logs in upstream as `user`, with `settings` as startup parameters.
 pub async fn connect(
     addr: &UpstreamAddr,
+    user: &str,
     password: Option<&Credential>,
+    settings: &[(&str, &str)],
 ) -> Result<Upstream, UpstreamError> {
     let stream = TcpStream::connect(&addr.host_port)
         .await
@@ -162,10 +164,13 @@ pub async fn connect(
     startup.put_i32(0);
     startup.put_i32(wire::PROTOCOL_V3);
     for (k, v) in [
-        ("user", addr.user.as_str()),
+        ("user", user),
         ("database", addr.database.as_str()),
         ("application_name", "airlock"),
-    ] {
+    ]
+    .into_iter()
+    .chain(settings.iter().copied())
+    {
         put_cstr(&mut startup, k);
         put_cstr(&mut startup, v);
     }
@@ -207,7 +212,7 @@ pub async fn connect(
                             .ok_or_else(|| {
                                 UpstreamError::Wire(WireError::Malformed("short md5 salt".into()))
                             })?;
-                        let hash = md5_hash(addr.user.as_bytes(), password()?, salt);
+                        let hash = md5_hash(user.as_bytes(), password()?, salt);
                         Some(message(b'p', |out| put_cstr(out, &hash)))
                     }
                     10 => {
@@ -258,6 +263,50 @@ pub async fn connect(
                     conn,
                     parameters,
                     backend_key,
+                });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What the gateway checks of its upstream session before letting a client use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginFacts {
+    /// `transaction_read_only` as the session starts.
+    pub read_only: bool,
+    /// The role is a superuser or bypasses row-level security.
+    pub privileged: bool,
+}
+
+/// Asks the upstream session what it is: one round trip, before the client's first
+/// statement.
+pub async fn login_facts(conn: &mut Conn) -> Result<LoginFacts, UpstreamError> {
+    let query = "SELECT current_setting('transaction_read_only') = 'on', \
+                 rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user";
+    conn.send_now(&message(b'Q', |out| put_cstr(out, query)))
+        .await
+        .map_err(WireError::from)?;
+    let mut facts = None;
+    loop {
+        let Message { tag, body } = conn.read_message().await?;
+        match tag {
+            b'D' => {
+                let values = wire::data_row(&body)?;
+                let truth = |i: usize| values.get(i).and_then(Option::as_deref) == Some(b"t");
+                facts = Some(LoginFacts {
+                    read_only: truth(0),
+                    privileged: truth(1),
+                });
+            }
+            b'E' => {
+                return Err(UpstreamError::Refused(
+                    field(&body, b'M').unwrap_or_else(|| "unknown error".into()),
+                ));
+            }
+            b'Z' => {
+                return facts.ok_or_else(|| {
+                    UpstreamError::Refused("the upstream role is not in pg_roles".into())
                 });
             }
             _ => {}

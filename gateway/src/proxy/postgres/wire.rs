@@ -134,6 +134,21 @@ pub fn cstr(buf: &mut Bytes) -> Result<String, WireError> {
     Ok(s)
 }
 
+/// Reads a NUL-terminated string from the front of `buf`; the inner `Err` holds its
+/// bytes when they are not UTF-8, so the caller can refuse that statement and go on.
+pub fn cstr_bytes(buf: &mut Bytes) -> Result<Result<String, Bytes>, WireError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| WireError::Malformed("string without its NUL".into()))?;
+    let bytes = buf.split_to(end);
+    buf.advance(1);
+    Ok(match std::str::from_utf8(&bytes) {
+        Ok(s) => Ok(s.to_string()),
+        Err(_) => Err(bytes),
+    })
+}
+
 /// Builds one tagged message.
 pub fn message(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
     let mut out = BytesMut::with_capacity(64);
