@@ -8,4 +8,5 @@ mod gateway;
 mod pg;
 mod policy_host;
 mod postgres;
+mod postgres_hostile;
 mod support;

@@ -22,7 +22,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// The `sql.statement` entries of the record, as (text, verdict, params).
-fn recorded_statements(gw: &Gateway) -> Vec<(String, String, Value)> {
+pub(crate) fn recorded_statements(gw: &Gateway) -> Vec<(String, String, Value)> {
     text(&gw.cli(&["audit", "tail", "-n", "100000"]))
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -37,14 +37,14 @@ fn recorded_statements(gw: &Gateway) -> Vec<(String, String, Value)> {
         .collect()
 }
 
-struct Setup {
-    pg: Postgres,
-    gw: Gateway,
-    token: String,
+pub(crate) struct Setup {
+    pub(crate) pg: Postgres,
+    pub(crate) gw: Gateway,
+    pub(crate) token: String,
 }
 
 impl Setup {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let pg = Postgres::start();
         let gw = Gateway::prepare("");
         gw.set_upstream_port(pg.port);
@@ -52,15 +52,31 @@ impl Setup {
     }
 
     /// Starts a prepared gateway in front of `pg` and enrolls the agent.
-    fn start(pg: Postgres, mut gw: Gateway) -> Self {
+    pub(crate) fn start(pg: Postgres, mut gw: Gateway) -> Self {
         gw.spawn();
         let token = gw.agent("claude", &[]);
         Setup { pg, gw, token }
     }
 
     /// Asks for a grant; returns (id, secret).
-    fn grant(&self, target: &str) -> (String, String) {
-        let (status, grant) = self.gw.ask(&self.token, target, TASK, "read", "10m");
+    pub(crate) fn grant(&self, target: &str) -> (String, String) {
+        self.grant_for(target, "read")
+    }
+
+    /// Asks for a grant with this access; returns (id, secret).
+    pub(crate) fn grant_for(&self, target: &str, access: &str) -> (String, String) {
+        let (mut status, mut grant) = self.gw.ask(&self.token, target, TASK, access, "10m");
+        if status == 202 {
+            // Write access to production waits for an operator: approve it, collect it.
+            let id = grant["id"].as_str().unwrap().to_string();
+            let out = self.gw.cli(&["grants", "approve", &id]);
+            assert!(out.status.success(), "{}", text(&out));
+            (status, grant) =
+                self.gw
+                    .http("GET", &format!("/v1/grants/{id}"), Some(&self.token), None);
+            assert_eq!(status, 200, "{grant}");
+            status = 201;
+        }
         assert_eq!(status, 201, "{grant}");
         (
             grant["id"].as_str().unwrap().to_string(),
@@ -69,7 +85,7 @@ impl Setup {
     }
 
     /// `psql` through the gateway, as the agent would run it.
-    fn psql(&self, user: &str, password: &str, database: &str, sql: &str) -> Output {
+    pub(crate) fn psql(&self, user: &str, password: &str, database: &str, sql: &str) -> Output {
         self.psql_tls(user, password, database, "sslmode=disable", sql)
     }
 
@@ -851,10 +867,21 @@ fn without_masking_rows_pass_untouched_and_copy_to_is_a_read() {
 
 /// A bare v3 protocol client, logged in with SCRAM (postgres-protocol's client side),
 /// for sending what no driver would.
-struct Raw(std::net::TcpStream);
+pub(crate) struct Raw(std::net::TcpStream);
 
 impl Raw {
-    fn login(port: u16, user: &str, secret: &str) -> Self {
+    pub(crate) fn login(port: u16, user: &str, secret: &str) -> Self {
+        Self::login_with(port, user, secret, &[])
+            .unwrap_or_else(|e| panic!("login refused: {}", String::from_utf8_lossy(&e)))
+    }
+
+    /// Logs in with extra startup parameters; `Err` is the ErrorResponse's body.
+    pub(crate) fn login_with(
+        port: u16,
+        user: &str,
+        secret: &str,
+        params: &[(&str, &str)],
+    ) -> Result<Self, Vec<u8>> {
         use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
         let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream
@@ -863,10 +890,15 @@ impl Raw {
         let mut raw = Raw(stream);
         let mut startup = Vec::new();
         startup.extend_from_slice(&196_608i32.to_be_bytes());
-        for s in ["user", user, "database", "prod-db", ""] {
+        let params = params.iter().flat_map(|(k, v)| [*k, *v]);
+        for s in ["user", user, "database", "prod-db"]
+            .into_iter()
+            .chain(params)
+        {
             startup.extend_from_slice(s.as_bytes());
             startup.push(0);
         }
+        startup.push(0);
         let mut packet = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
         packet.extend_from_slice(&startup);
         raw.write(&packet);
@@ -890,8 +922,8 @@ impl Raw {
                     raw.send(b'p', &next);
                 }
                 (b'R', Some(12)) => scram.finish(&body[4..]).unwrap(),
-                (b'Z', _) => return raw,
-                (b'E', _) => panic!("login refused: {}", String::from_utf8_lossy(&body)),
+                (b'Z', _) => return Ok(raw),
+                (b'E', _) => return Err(body),
                 _ => {}
             }
         }
@@ -902,25 +934,31 @@ impl Raw {
         self.0.write_all(bytes).unwrap();
     }
 
-    fn send(&mut self, tag: u8, body: &[u8]) {
+    pub(crate) fn send(&mut self, tag: u8, body: &[u8]) {
         let mut message = vec![tag];
         message.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
         message.extend_from_slice(body);
         self.write(&message);
     }
 
-    fn read(&mut self) -> (u8, Vec<u8>) {
+    pub(crate) fn read(&mut self) -> (u8, Vec<u8>) {
+        self.read_or_closed()
+            .expect("the gateway closed the connection")
+    }
+
+    /// The next message, or `None` once the gateway has closed the connection.
+    pub(crate) fn read_or_closed(&mut self) -> Option<(u8, Vec<u8>)> {
         use std::io::Read;
         let mut header = [0u8; 5];
-        self.0.read_exact(&mut header).unwrap();
+        self.0.read_exact(&mut header).ok()?;
         let len = i32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
         let mut body = vec![0; len - 4];
-        self.0.read_exact(&mut body).unwrap();
-        (header[0], body)
+        self.0.read_exact(&mut body).ok()?;
+        Some((header[0], body))
     }
 
     /// Reads up to ReadyForQuery; returns the SQLSTATEs of the errors on the way.
-    fn errors_until_ready(&mut self) -> Vec<String> {
+    pub(crate) fn errors_until_ready(&mut self) -> Vec<String> {
         let mut codes = Vec::new();
         loop {
             match self.read() {
@@ -932,7 +970,7 @@ impl Raw {
     }
 }
 
-fn sqlstate(error: &[u8]) -> String {
+pub(crate) fn sqlstate(error: &[u8]) -> String {
     error
         .split(|&b| b == 0)
         .find_map(|field| field.strip_prefix(b"C"))
@@ -940,7 +978,7 @@ fn sqlstate(error: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-fn cstrs(parts: &[&str]) -> Vec<u8> {
+pub(crate) fn cstrs(parts: &[&str]) -> Vec<u8> {
     parts
         .iter()
         .flat_map(|p| p.bytes().chain(std::iter::once(0)))
