@@ -116,6 +116,7 @@ fn main() {
         tables_read: vec!["schema_migrations".into()],
         tables_written: vec![],
         functions: vec![],
+        locks_rows: false,
     });
     let request = GrantRequest {
         agent,

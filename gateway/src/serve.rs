@@ -183,6 +183,7 @@ pub async fn run(
         broker: broker.clone(),
         policy: policy.clone(),
         classify: ClassifyCache::new(10_000),
+        catalogs: Default::default(),
         secrets_file: secrets_file.clone(),
         durability: config.record.durability,
         require_tls: config.postgres.require_tls || !pg_addr.ip().is_loopback(),

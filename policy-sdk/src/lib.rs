@@ -62,8 +62,8 @@ pub mod bindings {
 
 pub use bindings::airlock::policy::types::{
     Access, Action, Agent, Body, Column, Constraints, Denial, GrantContext, GrantRequest,
-    HttpRequest, KubeRequest, Label, Payload, Rows, SqlKind, SqlStatement, Target, TargetKind,
-    Verdict,
+    HttpRequest, KubeRequest, Label, Payload, Rows, SqlFunction, SqlKind, SqlStatement, Target,
+    TargetKind, Verdict, Volatility,
 };
 
 /// Writes a diagnostic line to the gateway's log, attributed to this module.

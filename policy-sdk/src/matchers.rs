@@ -2,7 +2,7 @@
 //! read-only, does this HTTP request match a rule.
 
 use crate::glob::glob;
-use crate::{HttpRequest, KubeRequest, SqlKind, SqlStatement};
+use crate::{HttpRequest, KubeRequest, SqlFunction, SqlKind, SqlStatement, Volatility};
 
 impl SqlKind {
     /// Statement kinds that change data or schema, or can (procedures and DO blocks
@@ -44,7 +44,21 @@ impl SqlStatement {
 
     /// True if the statement calls a function matching `pattern`.
     pub fn calls(&self, pattern: &str) -> bool {
-        self.functions.iter().any(|f| name_matches(pattern, f))
+        self.functions.iter().any(|f| f.is(pattern))
+    }
+}
+
+impl SqlFunction {
+    /// True if the function's name (as written) matches `pattern`.
+    pub fn is(&self, pattern: &str) -> bool {
+        name_matches(pattern, &self.name)
+    }
+
+    /// True if the catalog declares it unable to change anything (immutable or stable)
+    /// and it runs no SQL from text. A volatile function may write, lock, notify or
+    /// reach outside the database; one the catalog does not know counts as volatile.
+    pub fn is_read_only(&self) -> bool {
+        self.volatility != Volatility::Volatile && !self.runs_sql_text
     }
 }
 
@@ -112,13 +126,24 @@ impl KubeRequest {
 mod tests {
     use super::*;
 
+    fn function(name: &str, volatility: Volatility) -> SqlFunction {
+        SqlFunction {
+            name: name.into(),
+            schemas: vec!["pg_catalog".into()],
+            volatility,
+            builtin: true,
+            runs_sql_text: false,
+        }
+    }
+
     fn sql(kind: SqlKind, written: &[&str]) -> SqlStatement {
         SqlStatement {
             text: String::new(),
             kind,
             tables_read: vec!["public.users".into()],
             tables_written: written.iter().map(|s| s.to_string()).collect(),
-            functions: vec!["pg_sleep".into()],
+            functions: vec![function("pg_sleep", Volatility::Volatile)],
+            locks_rows: false,
         }
     }
 
@@ -132,7 +157,17 @@ mod tests {
         assert!(!sql(SqlKind::Select, &[]).touches("orders"));
         assert!(sql(SqlKind::Select, &[]).calls("PG_SLEEP"));
         let mut qualified = sql(SqlKind::Select, &[]);
-        qualified.functions = vec!["pg_catalog.pg_read_file".into()];
+        qualified.functions = vec![function("pg_catalog.pg_read_file", Volatility::Volatile)];
         assert!(qualified.calls("pg_read_file"));
+    }
+
+    #[test]
+    fn read_only_functions() {
+        assert!(function("lower", Volatility::Immutable).is_read_only());
+        assert!(function("now", Volatility::Stable).is_read_only());
+        assert!(!function("nextval", Volatility::Volatile).is_read_only());
+        let mut sql_text = function("query_to_xml", Volatility::Stable);
+        sql_text.runs_sql_text = true;
+        assert!(!sql_text.is_read_only());
     }
 }

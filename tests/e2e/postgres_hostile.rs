@@ -164,6 +164,8 @@ fn a_read_grant_is_read_only_at_the_server() {
            AS $$ DELETE FROM users RETURNING 1 $$; \
          CREATE FUNCTION wipe_plpgsql() RETURNS int LANGUAGE plpgsql \
            AS $$ BEGIN DELETE FROM users; RETURN 1; END $$; \
+         CREATE FUNCTION bump() RETURNS bigint LANGUAGE sql STABLE \
+           AS $$ SELECT nextval('order_ids') $$; \
          ALTER SEQUENCE order_ids OWNER TO airlock; \
          ALTER FUNCTION wipe() OWNER TO airlock; \
          ALTER FUNCTION wipe_plpgsql() OWNER TO airlock; \
@@ -176,16 +178,32 @@ fn a_read_grant_is_read_only_at_the_server() {
     let s = Setup::start(pg, gw);
     let (id, secret) = s.grant("prod-db");
 
-    for sql in [
-        "SELECT wipe()",
-        "SELECT wipe_plpgsql()",
-        "EXPLAIN ANALYZE SELECT wipe()",
-        "BEGIN; DECLARE c CURSOR FOR SELECT wipe(); FETCH c; COMMIT",
-        "SELECT query_to_xml('select nextval(''order_ids'')', true, true, '')",
-        "SELECT id FROM users FOR UPDATE",
+    // Policy refuses what the catalog says may write (42501); what it lets through
+    // because a function's declaration says it only reads, the server refuses (25006).
+    for (sql, code) in [
+        ("SELECT wipe()", "42501"),
+        ("SELECT wipe_plpgsql()", "42501"),
+        ("EXPLAIN ANALYZE SELECT wipe()", "42501"),
+        (
+            "BEGIN; DECLARE c CURSOR FOR SELECT wipe(); FETCH c; COMMIT",
+            "42501",
+        ),
+        (
+            "SELECT query_to_xml('select nextval(''order_ids'')', true, true, '')",
+            "42501",
+        ),
+        ("SELECT id FROM users FOR UPDATE", "42501"),
+        ("SELECT lo_from_bytea(0, 'x')", "42501"),
+        ("SELECT pg_try_advisory_lock(1)", "42501"),
+        ("SELECT pg_notify('c', 'x')", "42501"),
+        ("SELECT bump()", "25006"),
+        (
+            "BEGIN; DECLARE c CURSOR FOR SELECT bump(); FETCH c; COMMIT",
+            "25006",
+        ),
     ] {
         let out = s.psql(&id, &secret, "prod-db", sql);
-        assert_eq!(failure(&out), "25006", "{sql}: {}", text(&out));
+        assert_eq!(failure(&out), code, "{sql}: {}", text(&out));
     }
     // Nothing can lift it.
     for sql in [
@@ -211,6 +229,11 @@ fn a_read_grant_is_read_only_at_the_server() {
         s.pg.psql_super("SELECT is_called FROM order_ids", "app")
             .trim(),
         "f"
+    );
+    assert_eq!(
+        s.pg.psql_super("SELECT count(*) FROM pg_largeobject_metadata", "app")
+            .trim(),
+        "0"
     );
     // Reads still work, and a write grant still writes (the same function runs).
     let out = s.psql(&id, &secret, "prod-db", "SELECT count(*) FROM users");
@@ -345,27 +368,46 @@ fn lying_upstream() -> (u16, std::thread::JoinHandle<()>) {
         hello.extend(message(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]));
         hello.extend(message(b'Z', b"I"));
         stream.write_all(&hello).unwrap();
-        // The gateway's login check, then the agent's statements.
-        let mut queries = 0;
-        while let Some((tag, _)) = read_message(&mut stream, true) {
+        // The gateway's login check and catalog read, then the agent's statements.
+        let description = |columns: i16| {
+            let mut body = columns.to_be_bytes().to_vec();
+            for _ in 0..columns {
+                body.extend_from_slice(b"c\0");
+                body.extend_from_slice(&[0; 6]);
+                body.extend_from_slice(&25u32.to_be_bytes());
+                body.extend_from_slice(&[0; 8]);
+            }
+            message(b'T', &body)
+        };
+        while let Some((tag, body)) = read_message(&mut stream, true) {
             if tag != b'Q' {
                 continue;
             }
-            queries += 1;
-            let answer = if queries > 1 {
-                [message(b'C', b"DELETE 2\0"), message(b'Z', b"I")].concat()
-            } else {
+            let query = String::from_utf8_lossy(&body);
+            let answer = if query.contains("pg_roles") {
                 let mut row = 2i16.to_be_bytes().to_vec();
                 for v in [b"t", b"f"] {
                     row.extend_from_slice(&1i32.to_be_bytes());
                     row.extend_from_slice(v);
                 }
                 [
+                    description(2),
                     message(b'D', &row),
                     message(b'C', b"SELECT 1\0"),
                     message(b'Z', b"I"),
                 ]
                 .concat()
+            } else if query.contains("pg_proc") {
+                [
+                    description(4),
+                    message(b'C', b"SELECT 0\0"),
+                    description(2),
+                    message(b'C', b"SELECT 0\0"),
+                    message(b'Z', b"I"),
+                ]
+                .concat()
+            } else {
+                [message(b'C', b"DELETE 2\0"), message(b'Z', b"I")].concat()
             };
             stream.write_all(&answer).unwrap();
         }
@@ -404,4 +446,137 @@ fn a_read_answered_with_a_write_trips_the_tripwire() {
     assert_eq!(mismatches[0]["detail"]["command"], "DELETE 2");
     drop(gw);
     upstream.join().unwrap();
+}
+
+/// Every byte the client received, as text, for a check that no clear PII is in it.
+fn received(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The clear values the masking tests look for in what the client received.
+const CLEAR: &[&str] = &[
+    "alice",
+    "bob@",
+    "555",
+    "4111 1111",
+    "4111111111111111",
+    "1234 5678 9012",
+];
+
+fn assert_masked(what: &str, got: &str) {
+    for clear in CLEAR {
+        assert!(!got.contains(clear), "{what}: {clear:?} in clear: {got}");
+    }
+}
+
+/// Masking follows the data: arrays, whole rows, extension types, text search vectors,
+/// error text and notifications are masked by content; statistics are denied; a cursor
+/// re-declared over another column is described again.
+#[test]
+fn masking_follows_the_data_wherever_it_leaves() {
+    let pg = Postgres::start();
+    pg.psql_super(
+        "CREATE EXTENSION citext; \
+         CREATE TABLE customers (id int PRIMARY KEY, email text, phone text, card_number text, notes text); \
+         INSERT INTO customers VALUES \
+           (1, 'alice@example.com', '+1 (555) 123-4567', '4111 1111 1111 1111', 'paid with 1234 5678 9012 3456'), \
+           (2, 'bob@example.com', '+1 (555) 765-4321', '4111111111111111', 'call +1 555 222 3333'); \
+         ALTER TABLE customers OWNER TO airlock; ANALYZE customers;",
+        "app",
+    );
+    let gw = Gateway::prepare("");
+    gw.set_upstream_port(pg.port);
+    let s = Setup::start(pg, gw);
+    let (id, secret) = s.grant("prod-db");
+
+    for sql in [
+        "SELECT array_agg(email) FROM customers",
+        "SELECT c FROM customers c",
+        "SELECT ROW(email, phone) FROM customers",
+        "SELECT email::citext AS x FROM customers",
+        "SELECT to_tsvector('simple', email) FROM customers",
+        "SELECT json_agg(c) FROM customers c",
+        "SELECT notes AS remark FROM customers",
+        "SELECT card_number AS n, replace(card_number, ' ', '')::numeric AS m FROM customers",
+        "SELECT string_agg(phone, ';') AS p FROM customers",
+    ] {
+        let out = s.psql(&id, &secret, "prod-db", sql);
+        assert!(out.status.success(), "{sql}: {}", text(&out));
+        assert!(
+            received(&out).contains("@example.com") || !sql.contains("email"),
+            "{sql}: {}",
+            text(&out)
+        );
+        assert_masked(sql, &received(&out));
+    }
+    // An error that quotes a value: masked too.
+    let out = s.psql(&id, &secret, "prod-db", "SELECT email::int FROM customers");
+    assert_eq!(failure(&out), "22P02", "{}", text(&out));
+    assert!(received(&out).contains("***@example.com"), "{}", text(&out));
+    assert_masked("error", &received(&out));
+    // Planner statistics hold sample values: denied where masking applies.
+    let out = s.psql(
+        &id,
+        &secret,
+        "prod-db",
+        "SELECT histogram_bounds FROM pg_stats WHERE tablename = 'customers'",
+    );
+    assert_eq!(failure(&out), "42501", "{}", text(&out));
+    assert_masked("pg_stats", &received(&out));
+
+    // A notification's payload, under a write grant that may LISTEN and NOTIFY.
+    let (wid, wsecret) = s.grant_for("prod-db", "write");
+    let out = s.psql(
+        &wid,
+        &wsecret,
+        "prod-db",
+        "LISTEN c; SELECT pg_notify('c', email) FROM customers; SELECT 1",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        received(&out).contains("***@example.com"),
+        "{}",
+        received(&out)
+    );
+    assert_masked("notification", &received(&out));
+
+    // A prepared FETCH whose cursor is re-declared over another column: the rows of
+    // the second Execute are described again and masked.
+    let mut raw = Raw::login(s.gw.pg_port(), &id, &secret);
+    assert!(raw.simple(b"BEGIN").is_ok());
+    assert!(
+        raw.simple(b"DECLARE cur CURSOR FOR SELECT id FROM customers")
+            .is_ok()
+    );
+    raw.send(
+        b'P',
+        &[cstrs(&["fetch", "FETCH 1 FROM cur"]), vec![0, 0]].concat(),
+    );
+    let execute = |raw: &mut Raw| {
+        raw.send(b'B', &[cstrs(&["", "fetch"]), vec![0; 6]].concat());
+        raw.send(b'E', &[b"\0".as_slice(), &0i32.to_be_bytes()].concat());
+        raw.send(b'S', &[]);
+        let mut rows = Vec::new();
+        loop {
+            match raw.read() {
+                (b'D', body) => rows.push(String::from_utf8_lossy(&body).into_owned()),
+                (b'E', body) => panic!("{}", String::from_utf8_lossy(&body)),
+                (b'Z', _) => return rows,
+                _ => {}
+            }
+        }
+    };
+    let first = execute(&mut raw);
+    assert_eq!(first.len(), 1);
+    assert!(
+        raw.simple(b"CLOSE cur; DECLARE cur CURSOR FOR SELECT email FROM customers")
+            .is_ok()
+    );
+    let second = execute(&mut raw).concat();
+    assert!(second.contains("***@example.com"), "{second}");
+    assert_masked("FETCH", &second);
 }

@@ -114,6 +114,7 @@ pub fn update_users() -> Action {
         tables_read: vec![],
         tables_written: vec!["users".into()],
         functions: vec![],
+        locks_rows: false,
     })
 }
 

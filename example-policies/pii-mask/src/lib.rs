@@ -1,17 +1,69 @@
-//! pii-mask: masks emails, phone numbers and card numbers in SQL rows and in text and
-//! JSON bodies, keeping each value's format (`***@example.com`, `**** **** **** 1111`).
+//! pii-mask: masks emails, phone numbers and card numbers wherever they leave the
+//! database: SQL rows, error and notice text, notifications, and text and JSON bodies,
+//! keeping each value's format (`***@example.com`, `**** **** **** 1111`).
 //!
-//! Only text-like columns are masked, so a result of integers and timestamps never
-//! costs a Wasm call. A column named for the data it holds (`email`, `phone`,
-//! `card_number`, …) is masked whole; any other text is scanned and only what looks
-//! like PII is masked.
+//! Masking follows the data, not only the column names. Every column that can carry
+//! text is masked: text of any type (`citext`, arrays, records, `tsvector`, XML, an
+//! unknown type) is scanned, and card-like digit groups (13 to 19 digits) are masked
+//! whether or not they pass the Luhn check; JSON is masked string by string; a column
+//! named for what it holds (`email`, `phone`, `card_number`, …) is masked whole.
+//! Large integers and numerics are masked when they are card numbers (13 to 19 digits
+//! passing Luhn: an id column stays readable). Only types that cannot hold PII
+//! (booleans, small integers, floats, dates and times, UUIDs, OIDs) never cost a call.
+//!
+//! It also denies reading planner statistics (`pg_stats`, `pg_statistic`, …) where it
+//! applies: they hold sample values of every column, which no mask can see.
+//!
+//! What it cannot see: a value encoded by the query (hex, base64, reversed, split
+//! across columns), and facts inferred through predicates (`WHERE email LIKE 'a%'`).
 
 use airlock_policy_sdk::mask::{self, json_strings, redact_text};
 use airlock_policy_sdk::*;
 
-/// PostgreSQL type names whose values are text.
+/// PostgreSQL types whose values cannot carry PII: never masked, never a call.
+const SAFE_TYPES: &[&str] = &[
+    "bool",
+    "int2",
+    "int4",
+    "float4",
+    "float8",
+    "oid",
+    "date",
+    "time",
+    "timetz",
+    "timestamp",
+    "timestamptz",
+    "interval",
+    "uuid",
+    "regclass",
+    "regtype",
+    "regproc",
+    "regprocedure",
+    "regnamespace",
+    "regrole",
+    "xid",
+    "xid8",
+    "cid",
+    "tid",
+    "pg_lsn",
+];
+
+/// Numbers wide enough to hold a card number.
+const NUMBER_TYPES: &[&str] = &["int8", "numeric"];
+
+/// Scalar text types: a column named for PII is masked whole.
 const TEXT_TYPES: &[&str] = &[
-    "text", "varchar", "bpchar", "char", "name", "citext", "json", "jsonb", "xml", "unknown",
+    "text", "varchar", "bpchar", "char", "name", "citext", "unknown",
+];
+
+/// Statistics that hold sample values of columns.
+const STATISTICS: &[&str] = &[
+    "pg_stats",
+    "pg_stats_ext",
+    "pg_stats_ext_exprs",
+    "pg_statistic",
+    "pg_statistic_ext",
+    "pg_statistic_ext_data",
 ];
 
 /// What a column's name says it holds.
@@ -43,13 +95,32 @@ fn kind_of(column: &str) -> Kind {
     }
 }
 
-fn mask_value(kind: Kind, value: &str) -> String {
-    match kind {
-        Kind::Email => mask::email(value),
-        Kind::Phone => mask::phone(value),
-        Kind::Card => mask::card(value),
-        Kind::Unknown => mask_text(value),
+/// Masks one value of a column of type `type_name` named for `kind`.
+fn mask_value(type_name: &str, kind: Kind, value: &str) -> String {
+    if NUMBER_TYPES.contains(&type_name) {
+        return match kind {
+            Kind::Phone => mask::phone(value),
+            Kind::Card => mask::card(value),
+            _ if mask::is_card_number(value) => mask::card(value),
+            _ => value.to_string(),
+        };
     }
+    if TEXT_TYPES.contains(&type_name) {
+        return match kind {
+            Kind::Email => mask::email(value),
+            Kind::Phone => mask::phone(value),
+            Kind::Card => mask::card(value),
+            Kind::Unknown => mask_text(value),
+        };
+    }
+    if matches!(type_name, "json" | "jsonb")
+        && let Ok(masked) = json_strings(value, json_field)
+    {
+        return masked;
+    }
+    // Arrays, records, text search vectors, XML, types the gateway could not name:
+    // their text form is scanned.
+    redact_text(value).unwrap_or_else(|| value.to_string())
 }
 
 /// Masks PII inside free text, or inside a JSON document's strings.
@@ -65,7 +136,9 @@ fn mask_text(value: &str) -> String {
 
 fn json_field(key: Option<&str>, value: &str) -> Option<String> {
     match key.map(kind_of) {
-        Some(kind @ (Kind::Email | Kind::Phone | Kind::Card)) => Some(mask_value(kind, value)),
+        Some(Kind::Email) => Some(mask::email(value)),
+        Some(Kind::Phone) => Some(mask::phone(value)),
+        Some(Kind::Card) => Some(mask::card(value)),
         _ => redact_text(value),
     }
 }
@@ -73,11 +146,23 @@ fn json_field(key: Option<&str>, value: &str) -> Option<String> {
 struct PiiMask;
 
 impl Policy for PiiMask {
+    fn check(_context: GrantContext, action: Action) -> Verdict {
+        match action {
+            Action::Sql(sql) if STATISTICS.iter().any(|table| sql.touches(table)) => {
+                deny_with_hint(
+                    "planner statistics hold sample values of columns, which masking cannot see",
+                    "query the tables themselves; their rows are masked",
+                )
+            }
+            _ => abstain(),
+        }
+    }
+
     fn mask_columns(_context: GrantContext, columns: Vec<Column>) -> Vec<u32> {
         columns
             .iter()
             .enumerate()
-            .filter(|(_, c)| TEXT_TYPES.contains(&c.type_name.as_str()))
+            .filter(|(_, c)| !SAFE_TYPES.contains(&c.type_name.as_str()))
             .map(|(i, _)| i as u32)
             .collect()
     }
@@ -85,17 +170,17 @@ impl Policy for PiiMask {
     fn mask(_context: GrantContext, payload: Payload) -> Payload {
         match payload {
             Payload::Rows(mut rows) => {
-                let plan: Vec<(usize, Kind)> = rows
+                let plan: Vec<(usize, &str, Kind)> = rows
                     .columns
                     .iter()
                     .enumerate()
-                    .filter(|(_, c)| TEXT_TYPES.contains(&c.type_name.as_str()))
-                    .map(|(i, c)| (i, kind_of(&c.name)))
+                    .filter(|(_, c)| !SAFE_TYPES.contains(&c.type_name.as_str()))
+                    .map(|(i, c)| (i, c.type_name.as_str(), kind_of(&c.name)))
                     .collect();
                 for row in &mut rows.values {
-                    for &(i, kind) in &plan {
+                    for &(i, type_name, kind) in &plan {
                         if let Some(Some(value)) = row.get_mut(i) {
-                            *value = mask_value(kind, value);
+                            *value = mask_value(type_name, kind, value);
                         }
                     }
                 }

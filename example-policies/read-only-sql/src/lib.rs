@@ -2,43 +2,37 @@
 //!
 //! Denied under `access = read`: statements that write (INSERT, UPDATE, DELETE, MERGE,
 //! COPY FROM, or any statement the host found writing a table, e.g. `EXPLAIN ANALYZE
-//! UPDATE`), DDL, procedure calls and DO blocks, functions with side effects, and `SET`
-//! of anything but harmless session settings (a read grant must not be able to switch
-//! off `default_transaction_read_only` or change role). Write and admin grants are
-//! allowed everything; their access level was decided when the grant was issued.
+//! UPDATE`), DDL, procedure calls and DO blocks, row locks (`FOR UPDATE/SHARE`),
+//! LISTEN/NOTIFY, two-phase commit, `SET` of anything but harmless session settings,
+//! and every function call that is not read-only by the upstream's own catalog: a
+//! volatile function (sequences, large objects, advisory locks, `pg_notify`, server
+//! files, a user's function that deletes) or one that runs SQL from text. A short list
+//! of volatile built-ins that only read or report is allowed. Write and admin grants
+//! are allowed everything; their access level was decided when the grant was issued.
+//!
+//! The gateway opens a read grant's upstream session read-only as well, so what this
+//! policy misses, PostgreSQL refuses.
 
 use airlock_policy_sdk::*;
 
-/// Functions that change state, reach outside the database, or read server files.
-const SIDE_EFFECT_FUNCTIONS: &[&str] = &[
-    "nextval",
-    "setval",
-    "set_config",
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_read_file",
-    "pg_read_binary_file",
-    "pg_ls_dir",
-    "pg_stat_file",
-    "lo_import",
-    "lo_export",
-    "lo_unlink",
-    "dblink*",
-    "pg_advisory_lock*",
-    "pg_sleep*",
-    "txid_current",
-    "pg_switch_wal",
-    "pg_create_*",
-    "pg_drop_*",
+/// Volatile built-ins that change nothing: clocks, randomness, and sizes on disk.
+const HARMLESS_VOLATILE: &[&str] = &[
+    "random",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_table_size",
+    "pg_indexes_size",
+    "pg_database_size",
+    "pg_is_in_recovery",
 ];
 
 /// Session settings a read grant may change: what clients send on connect, and limits
 /// that only make the session more careful.
 const HARMLESS_SETTINGS: &[&str] = &[
     "application_name",
-    "client_encoding",
     "client_min_messages",
     "datestyle",
     "extra_float_digits",
@@ -85,14 +79,50 @@ impl Policy for ReadOnlySql {
                 hint,
             );
         }
-        if let Some(function) = SIDE_EFFECT_FUNCTIONS.iter().find(|f| sql.calls(f)) {
-            return deny_with_hint(
-                format!(
-                    "read-only grant: calling {} has side effects",
-                    function.trim_end_matches('*')
-                ),
-                hint,
-            );
+        if sql.locks_rows {
+            return deny_with_hint("read-only grant: FOR UPDATE/SHARE locks rows", hint);
+        }
+        match sql.kind {
+            SqlKind::Listen | SqlKind::Notify => {
+                return deny_with_hint(
+                    "read-only grant: LISTEN and NOTIFY signal other sessions",
+                    hint,
+                );
+            }
+            SqlKind::TwoPhase => {
+                return deny_with_hint(
+                    "read-only grant: two-phase commit outlives the session",
+                    hint,
+                );
+            }
+            _ => {}
+        }
+        for function in &sql.functions {
+            if function.runs_sql_text {
+                return deny_with_hint(
+                    format!(
+                        "read-only grant: {} runs SQL from text that no policy sees",
+                        function.name
+                    ),
+                    "run the statement itself instead",
+                );
+            }
+            let harmless =
+                function.builtin && HARMLESS_VOLATILE.iter().any(|name| function.is(name));
+            if !function.is_read_only() && !harmless {
+                return deny_with_hint(
+                    format!(
+                        "read-only grant: calling {} may change state (the catalog says it is volatile{})",
+                        function.name,
+                        if function.schemas.is_empty() {
+                            ", or does not know it"
+                        } else {
+                            ""
+                        }
+                    ),
+                    hint,
+                );
+            }
         }
         if sql.kind == SqlKind::Set && !is_harmless_set(&sql.text) {
             return deny_with_hint(

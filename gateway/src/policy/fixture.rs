@@ -28,7 +28,7 @@ use super::scope::Kind;
 use super::set::PolicySet;
 use super::types::{
     Access, Action, Agent, Body, Column, Constraints, GrantContext, GrantRequest, HttpRequest,
-    KubeRequest, Payload, Rows, SqlKind, SqlStatement, Target, Verdict,
+    KubeRequest, Payload, Rows, SqlFunction, SqlKind, SqlStatement, Target, Verdict, Volatility,
 };
 use super::verdict::Outcome;
 
@@ -117,7 +117,65 @@ struct SqlSpec {
     #[serde(default)]
     tables_written: Vec<String>,
     #[serde(default)]
-    functions: Vec<String>,
+    functions: Vec<FunctionSpec>,
+    #[serde(default)]
+    locks_rows: bool,
+}
+
+/// A function a fixture's statement calls: a bare name is what the host gives a
+/// function its catalog does not have (volatile, not built in); a table says more, e.g.
+/// `{ name = "lower", volatility = "immutable", builtin = true }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FunctionSpec {
+    Name(String),
+    Resolved(ResolvedFunction),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct ResolvedFunction {
+    name: String,
+    #[serde(default)]
+    schemas: Vec<String>,
+    volatility: VolatilityName,
+    #[serde(default)]
+    builtin: bool,
+    #[serde(default)]
+    runs_sql_text: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum VolatilityName {
+    Immutable,
+    Stable,
+    Volatile,
+}
+
+impl FunctionSpec {
+    fn to_function(&self) -> SqlFunction {
+        match self {
+            FunctionSpec::Name(name) => SqlFunction {
+                name: name.clone(),
+                schemas: vec![],
+                volatility: Volatility::Volatile,
+                builtin: false,
+                runs_sql_text: false,
+            },
+            FunctionSpec::Resolved(f) => SqlFunction {
+                name: f.name.clone(),
+                schemas: f.schemas.clone(),
+                volatility: match f.volatility {
+                    VolatilityName::Immutable => Volatility::Immutable,
+                    VolatilityName::Stable => Volatility::Stable,
+                    VolatilityName::Volatile => Volatility::Volatile,
+                },
+                builtin: f.builtin,
+                runs_sql_text: f.runs_sql_text,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -138,6 +196,9 @@ enum SqlKindName {
     DoBlock,
     Explain,
     Other,
+    Listen,
+    Notify,
+    TwoPhase,
 }
 
 #[derive(Debug, Deserialize)]
@@ -574,7 +635,12 @@ impl ActionSpec {
                 kind: sql.kind.into(),
                 tables_read: sql.tables_read.clone(),
                 tables_written: sql.tables_written.clone(),
-                functions: sql.functions.clone(),
+                functions: sql
+                    .functions
+                    .iter()
+                    .map(FunctionSpec::to_function)
+                    .collect(),
+                locks_rows: sql.locks_rows,
             }),
             ActionSpec::SshExec(argv) => Action::SshExec(argv.clone()),
             ActionSpec::SshShell => Action::SshShell,
@@ -615,6 +681,9 @@ impl From<SqlKindName> for SqlKind {
             SqlKindName::DoBlock => SqlKind::DoBlock,
             SqlKindName::Explain => SqlKind::Explain,
             SqlKindName::Other => SqlKind::Other,
+            SqlKindName::Listen => SqlKind::Listen,
+            SqlKindName::Notify => SqlKind::Notify,
+            SqlKindName::TwoPhase => SqlKind::TwoPhase,
         }
     }
 }

@@ -11,15 +11,24 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
+use super::catalog::Catalog;
 use super::parser;
 pub use super::parser::ParseError;
 use crate::policy::types::{SqlKind, SqlStatement};
 
-/// A statement as the gateway decides it: the action policies see, and what the gateway
+/// A statement as the gateway decides it: what policies see of it (once its functions
+/// are resolved in a target's catalog, [`Statement::action`]), and what the gateway
 /// itself enforces whatever the policies say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
-    pub action: SqlStatement,
+    pub text: String,
+    pub kind: SqlKind,
+    pub tables_read: Vec<String>,
+    pub tables_written: Vec<String>,
+    /// Every function called, as written (schema-qualified when the statement did).
+    pub functions: Vec<String>,
+    /// FOR UPDATE/SHARE anywhere in it.
+    pub locks_rows: bool,
     /// Run-time settings the statement changes (`SET`, `RESET`, `set_config`, `ALTER …
     /// SET`), lowercased; `all` for `RESET ALL`, `*` for a name known only when it
     /// runs.
@@ -30,6 +39,9 @@ pub struct Statement {
     /// SQL-level `PREPARE`, `DEALLOCATE` or `DISCARD`: it can create or drop prepared
     /// statements under names the gateway's Parse also uses.
     pub manages_prepared: bool,
+    /// `FETCH` or SQL-level `EXECUTE`: its rows take the shape of whatever cursor or
+    /// statement has that name when it runs, so no earlier row description fits it.
+    pub shape_varies: bool,
 }
 
 impl Statement {
@@ -38,13 +50,33 @@ impl Statement {
     /// its result is withheld unless the entry becomes durable.
     pub fn changes_nothing(&self) -> bool {
         matches!(
-            self.action.kind,
+            self.kind,
             SqlKind::Select
                 | SqlKind::Show
                 | SqlKind::Explain
                 | SqlKind::CopyTo
                 | SqlKind::Transaction
-        ) && self.action.tables_written.is_empty()
+        ) && self.tables_written.is_empty()
+            && !self.locks_rows
+    }
+
+    /// True if running it may create or change functions or types (DDL, procedures, DO
+    /// blocks): the target's catalog is read again afterwards.
+    pub fn may_change_catalog(&self) -> bool {
+        matches!(self.kind, SqlKind::Ddl | SqlKind::Call | SqlKind::DoBlock)
+    }
+
+    /// The action policies decide: this statement with its functions resolved in the
+    /// target's catalog.
+    pub fn action(&self, catalog: &Catalog) -> SqlStatement {
+        SqlStatement {
+            text: self.text.clone(),
+            kind: self.kind,
+            tables_read: self.tables_read.clone(),
+            tables_written: self.tables_written.clone(),
+            functions: self.functions.iter().map(|f| catalog.function(f)).collect(),
+            locks_rows: self.locks_rows,
+        }
     }
 }
 
@@ -157,6 +189,7 @@ struct Found {
     functions: Vec<String>,
     settings: Vec<String>,
     read_write: bool,
+    locks_rows: bool,
 }
 
 impl Found {
@@ -219,6 +252,7 @@ fn walk(root: &Value, ddl: bool) -> Found {
                             role = Role::Writer
                         }
                         "FuncCall" => found.function_call(fields),
+                        "LockingClause" => found.locks_rows = true,
                         "VariableSetStmt" => found.variable_set(fields),
                         "TransactionStmt" => {
                             found.read_write |= asks_read_write(fields.get("options"))
@@ -297,10 +331,12 @@ fn describe(text: &str, stmt: &Value) -> Statement {
         Some((name, fields)) => kind_of(name, fields),
     };
     let mut found = walk(stmt, kind == SqlKind::Ddl);
+    let top_name = top.map(|(name, _)| name);
     let manages_prepared = matches!(
-        top.map(|(name, _)| name),
+        top_name,
         Some("PrepareStmt" | "DeallocateStmt" | "DiscardStmt")
     );
+    let shape_varies = matches!(top_name, Some("FetchStmt" | "ExecuteStmt"));
     match top {
         Some(("CopyStmt", copy)) => copy_tables(copy, &mut found),
         // Without ANALYZE the statement is only planned: what it would write is read.
@@ -313,16 +349,16 @@ fn describe(text: &str, stmt: &Value) -> Statement {
         _ => {}
     }
     Statement {
-        action: SqlStatement {
-            text: text.to_string(),
-            kind,
-            tables_read: found.read,
-            tables_written: found.written,
-            functions: found.functions,
-        },
+        text: text.to_string(),
+        kind,
+        tables_read: found.read,
+        tables_written: found.written,
+        functions: found.functions,
+        locks_rows: found.locks_rows,
         settings: found.settings,
         read_write: found.read_write,
         manages_prepared,
+        shape_varies,
     }
 }
 
@@ -378,14 +414,22 @@ fn kind_of(name: &str, fields: &Value) -> SqlKind {
             Some((inner, inner_fields)) => kind_of(inner, inner_fields),
             None => SqlKind::Other,
         },
-        "TransactionStmt" => SqlKind::Transaction,
+        "TransactionStmt" => match str_field(fields, "kind") {
+            "TRANS_STMT_PREPARE"
+            | "TRANS_STMT_COMMIT_PREPARED"
+            | "TRANS_STMT_ROLLBACK_PREPARED" => SqlKind::TwoPhase,
+            _ => SqlKind::Transaction,
+        },
+        "ListenStmt" | "UnlistenStmt" => SqlKind::Listen,
+        "NotifyStmt" => SqlKind::Notify,
         "VariableSetStmt" => SqlKind::Set,
         "VariableShowStmt" => SqlKind::Show,
         "CallStmt" => SqlKind::Call,
         "DoStmt" => SqlKind::DoBlock,
         // Harmless to data: reading a prepared statement or cursor, session chatter.
-        "ExecuteStmt" | "DeallocateStmt" | "FetchStmt" | "ClosePortalStmt" | "ListenStmt"
-        | "UnlistenStmt" | "DiscardStmt" => SqlKind::Other,
+        "ExecuteStmt" | "DeallocateStmt" | "FetchStmt" | "ClosePortalStmt" | "DiscardStmt" => {
+            SqlKind::Other
+        }
         // Everything else changes schema, roles, settings, storage or locks.
         _ => SqlKind::Ddl,
     }
@@ -448,8 +492,8 @@ mod tests {
         all.remove(0)
     }
 
-    fn one(sql: &str) -> SqlStatement {
-        statement(sql).action
+    fn one(sql: &str) -> Statement {
+        statement(sql)
     }
 
     #[test]
@@ -544,10 +588,10 @@ mod tests {
     #[test]
     fn several_statements_each_classified() {
         let all = classify("SELECT 1; DELETE FROM t; SET search_path TO x").unwrap();
-        let kinds: Vec<SqlKind> = all.iter().map(|s| s.action.kind).collect();
+        let kinds: Vec<SqlKind> = all.iter().map(|s| s.kind).collect();
         assert_eq!(kinds, [SqlKind::Select, SqlKind::Delete, SqlKind::Set]);
-        assert_eq!(all[1].action.text, "DELETE FROM t");
-        assert_eq!(all[1].action.tables_written, ["t"]);
+        assert_eq!(all[1].text, "DELETE FROM t");
+        assert_eq!(all[1].tables_written, ["t"]);
     }
 
     #[test]
@@ -585,6 +629,25 @@ mod tests {
         assert_eq!(s.tables_read, ["secrets"]);
         let s = one("SELECT ARRAY(SELECT email FROM public.users)");
         assert_eq!(s.tables_read, ["public.users"]);
+    }
+
+    #[test]
+    fn locks_listen_notify_and_two_phase() {
+        assert!(one("SELECT * FROM t FOR UPDATE").locks_rows);
+        assert!(one("SELECT * FROM (SELECT * FROM t FOR SHARE) s").locks_rows);
+        assert!(!one("SELECT * FROM t FOR UPDATE").changes_nothing());
+        assert!(!one("SELECT * FROM t").locks_rows);
+        assert_eq!(one("LISTEN c").kind, SqlKind::Listen);
+        assert_eq!(one("UNLISTEN *").kind, SqlKind::Listen);
+        assert_eq!(one("NOTIFY c, 'x'").kind, SqlKind::Notify);
+        for sql in [
+            "PREPARE TRANSACTION 'x'",
+            "COMMIT PREPARED 'x'",
+            "ROLLBACK PREPARED 'x'",
+        ] {
+            assert_eq!(one(sql).kind, SqlKind::TwoPhase, "{sql}");
+        }
+        assert_eq!(one("COMMIT").kind, SqlKind::Transaction);
     }
 
     #[test]

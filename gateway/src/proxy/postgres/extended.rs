@@ -58,6 +58,15 @@ pub(super) struct Portal {
 }
 
 impl Portal {
+    /// True if every Execute of this portal's statement returns rows of one shape, so a
+    /// row description seen once can be reused.
+    fn shape_is_fixed(&self) -> bool {
+        self.prepared
+            .statement
+            .as_ref()
+            .is_none_or(|s| !s.shape_varies)
+    }
+
     /// The row description of this portal's rows, if the gateway has seen it.
     pub(super) fn known_rows(&self) -> Option<RowShape> {
         match &*self.prepared.rows.lock().unwrap() {
@@ -133,6 +142,7 @@ impl Session {
 
     async fn run_batch(&mut self, batch: Vec<Message>, synced: bool) -> Result<(), String> {
         let set = self.services.policy.current();
+        self.pick_up_catalog();
         let masks = set.masks(&self.context.target);
         let saved = (self.prepared.clone(), self.portals.clone());
         let mut write = Write::default();
@@ -157,7 +167,7 @@ impl Session {
                     Ok((name, portal)) if masks => {
                         executes += 1;
                         let index = masked.len();
-                        let known = portal.known_rows().is_some();
+                        let known = portal.known_rows().is_some() && portal.shape_is_fixed();
                         masked.push(portal);
                         if !known {
                             // Describe the portal first: its row description, with the
@@ -221,7 +231,7 @@ impl Session {
         if executes > 0 {
             self.record_result(summary);
         }
-        Ok(())
+        self.refresh_catalog().await
     }
 
     /// Parse: classified and checked now, so a denied statement is never prepared.
@@ -270,7 +280,7 @@ impl Session {
             if let Some((reason, hint)) = &checked.denial {
                 write
                     .events
-                    .push(self.statement_event(&statement.action, &checked, None));
+                    .push(self.statement_event(statement, &checked, None));
                 return Err(("42501", reason.clone(), hint.clone()));
             }
         }
@@ -327,15 +337,14 @@ impl Session {
         };
         if let Some(statement) = &portal.prepared.statement {
             let checked = self.check(set, statement);
-            write.events.push(self.statement_event(
-                &statement.action,
-                &checked,
-                Some(&portal.params),
-            ));
+            write
+                .events
+                .push(self.statement_event(statement, &checked, Some(&portal.params)));
             if let Some((reason, hint)) = &checked.denial {
                 return Err(("42501", reason.clone(), hint.clone()));
             }
             *read_only &= statement.changes_nothing();
+            self.catalog_stale |= statement.may_change_catalog();
         }
         Ok((name, portal))
     }

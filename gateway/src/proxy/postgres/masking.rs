@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::catalog::Catalog;
 use super::conn::Conn;
 use super::wire::{self, Field};
-use crate::policy::types::{Column, GrantContext, Rows};
+use crate::policy::types::{Body, Column, GrantContext, Rows};
 use crate::policy::{MaskPlan, PolicySet};
 
 /// Rows masked per policy call.
@@ -34,12 +35,15 @@ impl MaskPlans {
         set: &Arc<PolicySet>,
         context: &GrantContext,
         fields: &[Field],
+        catalog: &Catalog,
     ) -> Result<Option<RowMask>, String> {
         let columns: Vec<Column> = fields
             .iter()
             .map(|f| Column {
                 name: f.name.clone(),
-                type_name: type_name(f.type_oid),
+                type_name: catalog
+                    .type_name(f.type_oid)
+                    .map_or_else(|| format!("oid:{}", f.type_oid), str::to_string),
             })
             .collect();
         let key = (Arc::as_ptr(set) as usize, columns);
@@ -59,7 +63,7 @@ impl MaskPlans {
         let mut masked = vec![false; fields.len()];
         for &i in plan.columns() {
             let field = &fields[i as usize];
-            if field.format != 0 && !binary_is_text(field.type_oid) {
+            if Encoding::of(field) == Encoding::Opaque {
                 return Err(format!(
                     "column \"{}\" is masked, and was asked for in binary format, which masking cannot rewrite for type {}; ask for text format",
                     field.name, key.1[i as usize].type_name
@@ -67,10 +71,7 @@ impl MaskPlans {
             }
             masked[i as usize] = true;
         }
-        let readable = fields
-            .iter()
-            .map(|f| f.format == 0 || binary_is_text(f.type_oid))
-            .collect();
+        let readable = fields.iter().map(Encoding::of).collect();
         Ok(Some(RowMask {
             plan,
             columns: key.1,
@@ -87,8 +88,8 @@ pub struct RowMask {
     columns: Vec<Column>,
     /// Columns a module masks: their values come from the modules.
     masked: Vec<bool>,
-    /// Columns whose bytes are text (text format, or a binary format that is the text).
-    readable: Vec<bool>,
+    /// How each column's values can be read as text.
+    readable: Vec<Encoding>,
     pending: Vec<Vec<Option<Bytes>>>,
 }
 
@@ -124,11 +125,7 @@ impl RowMask {
             .map(|row| {
                 row.iter()
                     .zip(&self.readable)
-                    .map(|(v, &readable)| {
-                        v.as_ref()
-                            .filter(|_| readable)
-                            .map(|b| String::from_utf8_lossy(b).into_owned())
-                    })
+                    .map(|(v, encoding)| v.as_ref().and_then(|b| encoding.text(b)))
                     .collect()
             })
             .collect();
@@ -145,18 +142,22 @@ impl RowMask {
         for (original, row) in originals.into_iter().zip(masked.values) {
             // Only the columns a module declared are taken from its output; every other
             // value goes out exactly as the server sent it.
-            let out: Vec<Option<Bytes>> = original
-                .into_iter()
-                .zip(row)
-                .zip(&self.masked)
-                .map(|((original, masked), &is_masked)| {
-                    if is_masked {
-                        masked.map(Bytes::from)
-                    } else {
-                        original
-                    }
-                })
-                .collect();
+            let mut out: Vec<Option<Bytes>> = Vec::with_capacity(original.len());
+            for (i, (original, masked)) in original.into_iter().zip(row).enumerate() {
+                let encoding = self.readable[i];
+                if !self.masked[i] {
+                    out.push(original);
+                } else if encoding == Encoding::Text {
+                    out.push(masked.map(Bytes::from));
+                } else if masked == original.as_ref().and_then(|b| encoding.text(b)) {
+                    out.push(original);
+                } else {
+                    return Err(format!(
+                        "a value of column \"{}\" was masked, and a masked value cannot be sent in its binary format; ask for text format",
+                        self.columns[i].name
+                    ));
+                }
+            }
             client
                 .send(&wire::encode_data_row(&out))
                 .await
@@ -166,38 +167,100 @@ impl RowMask {
     }
 }
 
-/// Types whose binary wire format is their text, so masking can rewrite them in either.
-fn binary_is_text(oid: u32) -> bool {
-    matches!(oid, 19 | 25 | 114 | 705 | 1042 | 1043)
+/// How a column's values can be read as text for the masking modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    /// Text format, or a binary format that is the text (text, varchar, name, json, …).
+    Text,
+    /// A binary integer (int2, int4, int8): rendered as text for the modules; a value a
+    /// module changes cannot go back, so it is withheld.
+    BinaryInteger,
+    /// A binary format the gateway does not render.
+    Opaque,
 }
 
-/// A PostgreSQL type OID's name, for masking modules (text-like types by name).
-fn type_name(oid: u32) -> String {
-    match oid {
-        16 => "bool",
-        17 => "bytea",
-        18 => "char",
-        19 => "name",
-        20 => "int8",
-        21 => "int2",
-        23 => "int4",
-        25 => "text",
-        26 => "oid",
-        114 => "json",
-        142 => "xml",
-        700 => "float4",
-        701 => "float8",
-        705 => "unknown",
-        1042 => "bpchar",
-        1043 => "varchar",
-        1082 => "date",
-        1083 => "time",
-        1114 => "timestamp",
-        1184 => "timestamptz",
-        1700 => "numeric",
-        2950 => "uuid",
-        3802 => "jsonb",
-        other => return format!("oid:{other}"),
+impl Encoding {
+    fn of(field: &Field) -> Self {
+        match (field.format, field.type_oid) {
+            (0, _) | (_, 19 | 25 | 114 | 705 | 1042 | 1043) => Encoding::Text,
+            (_, 20 | 21 | 23) => Encoding::BinaryInteger,
+            _ => Encoding::Opaque,
+        }
     }
-    .to_string()
+
+    fn text(self, value: &[u8]) -> Option<String> {
+        match self {
+            Encoding::Text => Some(String::from_utf8_lossy(value).into_owned()),
+            Encoding::BinaryInteger => match value.len() {
+                2 => Some(i16::from_be_bytes(value.try_into().ok()?).to_string()),
+                4 => Some(i32::from_be_bytes(value.try_into().ok()?).to_string()),
+                8 => Some(i64::from_be_bytes(value.try_into().ok()?).to_string()),
+                _ => None,
+            },
+            Encoding::Opaque => None,
+        }
+    }
+}
+
+/// Fields of an ErrorResponse or NoticeResponse that can quote values: message,
+/// detail, hint, where, and the internal query.
+const QUOTING_FIELDS: &[u8] = b"MDHWq";
+
+/// Masks the fields of an ErrorResponse or NoticeResponse that can quote data (`invalid
+/// input syntax for type integer: "alice@example.com"`) through the masking modules, as
+/// text. The codes and names that identify the error pass as they are.
+pub fn mask_notice(set: &PolicySet, context: &GrantContext, body: &Bytes) -> Result<Bytes, String> {
+    let mut rest = body.clone();
+    let mut out = BytesMut::with_capacity(body.len());
+    while let Some(&code) = rest.first() {
+        rest.advance(1);
+        if code == 0 {
+            break;
+        }
+        let value = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
+        let value = if QUOTING_FIELDS.contains(&code) {
+            mask_text(set, context, value)?
+        } else {
+            value
+        };
+        out.put_u8(code);
+        wire::put_cstr(&mut out, &value);
+    }
+    out.put_u8(0);
+    Ok(out.freeze())
+}
+
+/// Masks a NotificationResponse's channel and payload: `pg_notify` can carry any value.
+pub fn mask_notification(
+    set: &PolicySet,
+    context: &GrantContext,
+    body: &Bytes,
+) -> Result<Bytes, String> {
+    let mut rest = body.clone();
+    if rest.len() < 4 {
+        return Err("short NotificationResponse".into());
+    }
+    let pid = rest.get_i32();
+    let channel = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
+    let payload = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
+    let mut out = BytesMut::with_capacity(body.len());
+    out.put_i32(pid);
+    wire::put_cstr(&mut out, &mask_text(set, context, channel)?);
+    wire::put_cstr(&mut out, &mask_text(set, context, payload)?);
+    Ok(out.freeze())
+}
+
+fn mask_text(set: &PolicySet, context: &GrantContext, text: String) -> Result<String, String> {
+    if text.is_empty() {
+        return Ok(text);
+    }
+    set.mask_body(
+        context,
+        Body {
+            content_type: "text/plain".into(),
+            text,
+        },
+    )
+    .map(|body| body.text)
+    .map_err(|e| e.to_string())
 }

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::catalog::Catalog;
 use super::classify::{ParseError, Statement};
 use super::conn::Conn;
 use super::extended::{Discard, Portal, Prepared};
-use super::masking::{MaskPlans, RowMask};
+use super::masking::{self, MaskPlans, RowMask};
 use super::pins;
 use super::startup::{PgServices, fatal};
 use super::wire::{
@@ -22,7 +23,7 @@ use super::wire::{
 };
 use crate::config::Durability;
 use crate::grants::LiveGrant;
-use crate::policy::types::{Action, GrantContext, SqlKind, SqlStatement};
+use crate::policy::types::{Action, GrantContext, SqlKind};
 use crate::policy::{Outcome, PolicySet};
 use crate::record::{AuditEvent, RecordError, Write};
 
@@ -79,6 +80,10 @@ pub(super) struct Session {
     pub(super) upstream: Conn,
     pub(super) services: Arc<PgServices>,
     pub(super) context: GrantContext,
+    /// The target's catalog, as read at login or after DDL.
+    catalog: Arc<Catalog>,
+    /// DDL ran since the catalog was read: read it again once the session is idle.
+    pub(super) catalog_stale: bool,
     /// The grant is read-only: the upstream session was opened read-only, and nothing
     /// may lift that.
     read_only: bool,
@@ -103,21 +108,37 @@ pub(super) struct Session {
     result_summary: Option<AuditEvent>,
 }
 
+/// What admission and the upstream login hand a session: the grant as policies see it
+/// and as it lives, the target's catalog, and whether the session is read-only.
+pub(super) struct Admitted {
+    pub(super) context: GrantContext,
+    pub(super) live: LiveGrant,
+    pub(super) catalog: Arc<Catalog>,
+    pub(super) read_only: bool,
+    pub(super) session_id: String,
+}
+
 impl Session {
     pub(super) fn new(
         client: Conn,
         upstream: Conn,
         services: Arc<PgServices>,
-        context: GrantContext,
-        read_only: bool,
-        live: LiveGrant,
-        session_id: String,
+        admitted: Admitted,
     ) -> Self {
+        let Admitted {
+            context,
+            live,
+            catalog,
+            read_only,
+            session_id,
+        } = admitted;
         Session {
             client,
             upstream,
             services,
             context,
+            catalog,
+            catalog_stale: false,
             read_only,
             live,
             session_id,
@@ -240,13 +261,14 @@ impl Session {
             return self.client.send(&out).await.map_err(|e| e.to_string());
         }
         let set = self.services.policy.current();
+        self.pick_up_catalog();
         let mut write = Write::default();
         let mut denial: Option<(String, Option<String>)> = None;
         for statement in statements {
             let checked = self.check(&set, statement);
             write
                 .events
-                .push(self.statement_event(&statement.action, &checked, None));
+                .push(self.statement_event(statement, &checked, None));
             if denial.is_none() {
                 denial.clone_from(&checked.denial);
             }
@@ -261,13 +283,50 @@ impl Session {
             self.forget_prepared();
         }
         let read_only = statements.iter().all(Statement::changes_nothing);
+        self.catalog_stale |= statements.iter().any(Statement::may_change_catalog);
         self.forward_recorded(write, &message_bytes(&message), read_only)
             .await?;
         let summary = self
             .relay(&set, VecDeque::from([Expect::Query]), &[], read_only)
             .await?;
         self.record_result(summary);
-        Ok(())
+        self.refresh_catalog().await
+    }
+
+    /// Takes a catalog another session read since this one's: verdicts made with the
+    /// old one are forgotten.
+    pub(super) fn pick_up_catalog(&mut self) {
+        if let Some(latest) = self.services.catalogs.latest(&self.context.target.name)
+            && !Arc::ptr_eq(&latest, &self.catalog)
+        {
+            self.catalog = latest;
+            self.verdicts.clear();
+        }
+    }
+
+    /// Reads the target's catalog again after DDL, once the upstream session is idle
+    /// (outside a transaction and a pipeline), so functions and types it made resolve.
+    pub(super) async fn refresh_catalog(&mut self) -> Result<(), String> {
+        if !self.catalog_stale || self.tx_status != b'I' || self.unsynced {
+            return Ok(());
+        }
+        self.catalog_stale = false;
+        match super::upstream::read_catalog(&mut self.upstream).await {
+            Ok(catalog) => {
+                let catalog = Arc::new(catalog);
+                self.services
+                    .catalogs
+                    .put(&self.context.target.name, catalog.clone());
+                self.catalog = catalog;
+                self.verdicts.clear();
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("the gateway cannot read the upstream's catalog: {e}");
+                fatal(&mut self.client, "08006", &reason).await;
+                Err(reason)
+            }
+        }
     }
 
     /// Forgets the statements and portals made through this session's Parse and Bind:
@@ -277,6 +336,14 @@ impl Session {
     pub(super) fn forget_prepared(&mut self) {
         self.prepared.clear();
         self.portals.clear();
+    }
+
+    /// The grant's context as of now: time is an input to every check and mask call.
+    fn context_now(&self) -> GrantContext {
+        GrantContext {
+            now_unix_ms: now_ms(),
+            ..self.context.clone()
+        }
     }
 
     /// The verdict on one statement, from the session's cache when it is recent and the
@@ -289,16 +356,16 @@ impl Session {
                 votes: vec![serde_json::json!({ "module": "gateway" })],
             });
         }
-        let statement = &statement.action;
         if let Some((at, cached_set, checked)) = self.verdicts.get(&statement.text)
             && at.elapsed() < VERDICT_TTL
             && Arc::ptr_eq(cached_set, set)
         {
             return checked.clone();
         }
-        let mut context = self.context.clone();
-        context.now_unix_ms = now_ms();
-        let decision = set.check(&context, &Action::Sql(statement.clone()));
+        let decision = set.check(
+            &self.context_now(),
+            &Action::Sql(statement.action(&self.catalog)),
+        );
         let unmaskable = statement.kind == SqlKind::CopyTo && set.masks(&self.context.target);
         let denial = match decision.outcome {
             Outcome::Allow(_) if unmaskable => Some((
@@ -332,7 +399,7 @@ impl Session {
     /// protocol Execute's parameters.
     pub(super) fn statement_event(
         &self,
-        statement: &SqlStatement,
+        statement: &Statement,
         checked: &Checked,
         params: Option<&serde_json::Value>,
     ) -> AuditEvent {
@@ -540,6 +607,7 @@ impl Session {
                 _ = self.live.ended.changed() => return Err(self.grant_ended().await),
             };
             summary.bytes += m.body.len() as u64 + 5;
+            let m = self.mask_message(set, m).await?;
             if let Expect::Execute { masked: Some(i) } = front
                 && !executing
             {
@@ -554,7 +622,7 @@ impl Session {
             if m.tag != b'D'
                 && let Some(mask) = rows.as_mut()
             {
-                let flushed = mask.flush(&self.context, &mut self.client).await;
+                let flushed = mask.flush(&self.context_now(), &mut self.client).await;
                 self.or_withhold(flushed).await?;
             }
             let relay = match m.tag {
@@ -586,7 +654,8 @@ impl Session {
                     summary.rows += 1;
                     match rows.as_mut() {
                         Some(mask) => {
-                            let pushed = mask.push(&self.context, &m.body, &mut self.client).await;
+                            let context = self.context_now();
+                            let pushed = mask.push(&context, &m.body, &mut self.client).await;
                             self.or_withhold(pushed).await?;
                             false
                         }
@@ -665,6 +734,22 @@ impl Session {
         Ok(summary)
     }
 
+    /// Errors, notices and notifications can quote values: where masking applies, their
+    /// text goes through the masking modules too. A failure withholds the message.
+    async fn mask_message(&mut self, set: &Arc<PolicySet>, m: Message) -> Result<Message, String> {
+        let mask = match m.tag {
+            b'E' | b'N' => masking::mask_notice,
+            b'A' => masking::mask_notification,
+            _ => return Ok(m),
+        };
+        if !set.masks(&self.context.target) {
+            return Ok(m);
+        }
+        let masked = mask(set, &self.context_now(), &m.body);
+        let body = self.or_withhold(masked).await?;
+        Ok(Message { tag: m.tag, body })
+    }
+
     /// How rows of this description (`None`: no rows) are masked; a result masking
     /// cannot handle is withheld.
     async fn plan_rows(
@@ -673,7 +758,9 @@ impl Session {
         fields: Option<&[Field]>,
     ) -> Result<Option<RowMask>, String> {
         let planned = match fields {
-            Some(fields) => self.masks.rows(set, &self.context, fields),
+            Some(fields) => self
+                .masks
+                .rows(set, &self.context_now(), fields, &self.catalog),
             None => Ok(None),
         };
         self.or_withhold(planned).await

@@ -10,11 +10,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use super::catalog::{Catalog, Catalogs};
 use super::classify::ClassifyCache;
 use super::conn::Conn;
 use super::pins;
 use super::scram::{Exchange, Verifier};
-use super::session::Session;
+use super::session::{Admitted, Session};
 use super::upstream::{self, Upstream, UpstreamAddr};
 use super::wire::{self, Startup, WireError, error_response, message, ready_for_query};
 use crate::bundle::ActivePolicy;
@@ -29,6 +30,8 @@ pub struct PgServices {
     pub broker: Arc<Broker>,
     pub policy: Arc<ActivePolicy>,
     pub classify: ClassifyCache,
+    /// Each target's functions and types, as its upstream's catalog says.
+    pub catalogs: Catalogs,
     pub secrets_file: std::path::PathBuf,
     /// When a statement's record entry must be durable.
     pub durability: Durability,
@@ -229,7 +232,7 @@ async fn serve_session(
         }
     };
     let read_only = live.grant.access == Access::Read || live.grant.read_only;
-    let (upstream, addr) = match login(&services, &target, read_only).await {
+    let (upstream, addr, catalog) = match login(&services, &target, read_only).await {
         Ok(login) => login,
         Err(reason) => {
             fatal(&mut client, "08006", &reason).await;
@@ -275,15 +278,14 @@ async fn serve_session(
     if client.send_now(&hello).await.is_err() {
         return;
     }
-    let mut session = Session::new(
-        client,
-        upstream.conn,
-        services.clone(),
+    let admitted = Admitted {
         context,
-        read_only,
         live,
-        opened.id.clone(),
-    );
+        catalog,
+        read_only,
+        session_id: opened.id.clone(),
+    };
+    let mut session = Session::new(client, upstream.conn, services.clone(), admitted);
     let reason = session.serve().await;
     drop(cancel);
     if let Err(e) = services
@@ -303,7 +305,7 @@ async fn login(
     services: &PgServices,
     target: &TargetRecord,
     read_only: bool,
-) -> Result<(Upstream, UpstreamAddr), String> {
+) -> Result<(Upstream, UpstreamAddr, Arc<Catalog>), String> {
     let addr = UpstreamAddr::parse(&target.upstream)?;
     let (user, reference) = match (&target.read_user, &target.read_credential) {
         (Some(user), Some(reference)) if read_only => (user.as_str(), Some(reference)),
@@ -345,6 +347,17 @@ async fn login(
     let facts = upstream::login_facts(&mut upstream.conn)
         .await
         .map_err(|e| format!("the gateway cannot check the upstream session: {e}"))?;
+    let catalog = match services.catalogs.fresh(&target.name) {
+        Some(catalog) => catalog,
+        None => {
+            let catalog = upstream::read_catalog(&mut upstream.conn)
+                .await
+                .map(Arc::new)
+                .map_err(|e| format!("the gateway cannot read the upstream's catalog: {e}"))?;
+            services.catalogs.put(&target.name, catalog.clone());
+            catalog
+        }
+    };
     if read_only && !facts.read_only {
         return Err("the upstream session did not start read-only for a read grant".into());
     }
@@ -357,7 +370,7 @@ async fn login(
             "the gateway refuses to log in upstream as {user}: the role is a superuser or bypasses row security, which undoes every server-side limit (use a least-privilege role, or set allow-superuser = true on the target)"
         ));
     }
-    Ok((upstream, addr))
+    Ok((upstream, addr, catalog))
 }
 
 /// SCRAM-SHA-256 with the grant's secret. An unknown grant runs the same exchange

@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::catalog::{self, Catalog};
 use super::conn::Conn;
 use super::wire::{self, Message, WireError, message, put_cstr};
 use crate::secrets::Credential;
@@ -284,30 +285,62 @@ pub struct LoginFacts {
 pub async fn login_facts(conn: &mut Conn) -> Result<LoginFacts, UpstreamError> {
     let query = "SELECT current_setting('transaction_read_only') = 'on', \
                  rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user";
+    let results = simple_query(conn, query).await?;
+    let row = results
+        .first()
+        .and_then(|rows| rows.first())
+        .ok_or_else(|| UpstreamError::Refused("the upstream role is not in pg_roles".into()))?;
+    let truth = |i: usize| row.get(i).and_then(Option::as_deref) == Some("t");
+    Ok(LoginFacts {
+        read_only: truth(0),
+        privileged: truth(1),
+    })
+}
+
+/// Reads the upstream's catalog of functions and types.
+pub async fn read_catalog(conn: &mut Conn) -> Result<Catalog, UpstreamError> {
+    let results = simple_query(conn, catalog::QUERY).await?;
+    match results.as_slice() {
+        [functions, types] => Ok(Catalog::from_rows(functions, types)),
+        _ => Err(UpstreamError::Refused(
+            "the upstream's catalog could not be read".into(),
+        )),
+    }
+}
+
+/// The gateway's own simple Query on an idle upstream session: the rows of each result,
+/// values as text. Any error refuses.
+async fn simple_query(
+    conn: &mut Conn,
+    query: &str,
+) -> Result<Vec<Vec<Vec<Option<String>>>>, UpstreamError> {
     conn.send_now(&message(b'Q', |out| put_cstr(out, query)))
         .await
         .map_err(WireError::from)?;
-    let mut facts = None;
+    let mut results: Vec<Vec<Vec<Option<String>>>> = Vec::new();
+    let mut error = None;
     loop {
         let Message { tag, body } = conn.read_message().await?;
         match tag {
+            b'T' => results.push(Vec::new()),
             b'D' => {
-                let values = wire::data_row(&body)?;
-                let truth = |i: usize| values.get(i).and_then(Option::as_deref) == Some(b"t");
-                facts = Some(LoginFacts {
-                    read_only: truth(0),
-                    privileged: truth(1),
-                });
+                let row = wire::data_row(&body)?
+                    .into_iter()
+                    .map(|v| v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+                    .collect();
+                results
+                    .last_mut()
+                    .ok_or_else(|| WireError::Malformed("a DataRow before its description".into()))?
+                    .push(row);
             }
             b'E' => {
-                return Err(UpstreamError::Refused(
-                    field(&body, b'M').unwrap_or_else(|| "unknown error".into()),
-                ));
+                error.get_or_insert(field(&body, b'M').unwrap_or_else(|| "unknown error".into()));
             }
             b'Z' => {
-                return facts.ok_or_else(|| {
-                    UpstreamError::Refused("the upstream role is not in pg_roles".into())
-                });
+                return match error {
+                    Some(e) => Err(UpstreamError::Refused(e)),
+                    None => Ok(results),
+                };
             }
             _ => {}
         }

@@ -134,6 +134,18 @@ pub fn cstr(buf: &mut Bytes) -> Result<String, WireError> {
     Ok(s)
 }
 
+/// Reads a NUL-terminated string from the front of `buf`, replacing bytes that are not
+/// UTF-8 (the upstream's text is UTF-8; this only keeps a bad byte from hiding a field).
+pub fn cstr_lossy(buf: &mut Bytes) -> Result<String, WireError> {
+    let end = buf
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| WireError::Malformed("string without its NUL".into()))?;
+    let s = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.advance(end + 1);
+    Ok(s)
+}
+
 /// Reads a NUL-terminated string from the front of `buf`; the inner `Err` holds its
 /// bytes when they are not UTF-8, so the caller can refuse that statement and go on.
 pub fn cstr_bytes(buf: &mut Bytes) -> Result<Result<String, Bytes>, WireError> {
