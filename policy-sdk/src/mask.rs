@@ -78,6 +78,47 @@ pub fn is_card_number(value: &str) -> bool {
         && is_card_digits(&digits_of(value))
 }
 
+/// The whole-number digits of a number's text form, however PostgreSQL wrote it:
+/// `-4111111111111111.00`, `4.111111111111111e+15`, `$4,111,111,111,111,111.00`.
+/// `None` if it is not a number.
+pub fn whole_digits(value: &str) -> Option<String> {
+    let cleaned: String = value
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, '$' | ',' | ' ' | '(' | ')'))
+        .collect();
+    let cleaned = cleaned.trim_start_matches(['-', '+']);
+    let (mantissa, exponent) = match cleaned.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i32>().ok()?),
+        None => (cleaned, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() && fraction.is_empty()
+        || !whole
+            .bytes()
+            .chain(fraction.bytes())
+            .all(|c| c.is_ascii_digit())
+    {
+        return None;
+    }
+    let all = format!("{whole}{fraction}");
+    let point = whole.len() as i64 + i64::from(exponent);
+    let digits = if point <= 0 {
+        String::new()
+    } else if point as usize >= all.len() {
+        format!("{all}{}", "0".repeat(point as usize - all.len()))
+    } else {
+        all[..point as usize].to_string()
+    };
+    Some(digits.trim_start_matches('0').to_string())
+}
+
+/// True if the value is a number whose whole part is a card number (13 to 19 digits
+/// passing Luhn), however it is written: see [`whole_digits`].
+pub fn is_card_amount(value: &str) -> bool {
+    whole_digits(value).is_some_and(|digits| is_card_digits(&digits_of(&digits)))
+}
+
 /// True if the value looks like a phone number: 7 to 15 digits, written with a leading
 /// `+` or phone punctuation (spaces, `-`, `.`, parentheses).
 pub fn is_phone(value: &str) -> bool {
@@ -173,11 +214,14 @@ fn find_email(text: &str, from: usize) -> Option<(usize, usize)> {
         while end > i + 1 && bytes[end - 1] == b'.' {
             end -= 1;
         }
+        // A domain without a dot counts too (`alice@example` is what a cast to a
+        // qualified name leaves of an address in an error message).
         let domain = &text[i + 1..end];
-        let tld_ok = domain
-            .rsplit_once('.')
-            .is_some_and(|(host, tld)| !host.is_empty() && tld.len() >= 2);
-        if start < i && tld_ok {
+        let domain_ok = domain
+            .bytes()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+        if start < i && domain_ok {
             return Some((start, end));
         }
         at = i + 1;
@@ -223,12 +267,15 @@ fn redact_numbers(text: &str) -> Option<String> {
             None
         } else {
             let digits = digits_of(run);
-            let card_seps = run
-                .bytes()
-                .all(|c| c.is_ascii_digit() || c == b' ' || c == b'-');
+            // The digits before a decimal part (`4111111111111111.00`).
+            let whole = run
+                .rsplit_once('.')
+                .filter(|(_, fraction)| fraction.bytes().all(|c| c.is_ascii_digit()))
+                .map_or(digits.len(), |(whole, _)| digits_of(whole).len());
+            let card_like = (13..=19).contains(&digits.len()) || (13..=19).contains(&whole);
             // Card-like digit groups are masked whether or not they pass Luhn: test
             // data, typos and partial numbers are still someone's card.
-            if card_seps && (13..=19).contains(&digits.len()) {
+            if card_like && !run.contains(['(', ')']) {
                 Some(card(run))
             } else if (10..=15).contains(&digits.len())
                 && (run.starts_with('+') || run.bytes().any(|c| !c.is_ascii_digit()))
@@ -259,6 +306,8 @@ fn looks_like_date(run: &str) -> bool {
         && b[..4].iter().all(u8::is_ascii_digit)
         && (b[4] == b'-' || b[4] == b'/')
         && b[5..7].iter().all(u8::is_ascii_digit)
+        && b[7] == b[4]
+        && b[8..10].iter().all(u8::is_ascii_digit)
 }
 
 fn looks_like_ipv4(run: &str) -> bool {
@@ -332,6 +381,31 @@ mod tests {
             redact_text("card 4111 1111 1111 1111 on file").as_deref(),
             Some("card **** **** **** 1111 on file")
         );
+        assert_eq!(
+            redact_text("paid 4111111111111111.00 and 1234-5678-9012-3456").as_deref(),
+            Some("paid **************11.00 and ****-****-****-3456")
+        );
+        assert_eq!(
+            redact_text(r#"schema "alice@example" does not exist"#).as_deref(),
+            Some(r#"schema "***@example" does not exist"#)
+        );
+        assert_eq!(
+            whole_digits("4.111111111111111e+15").as_deref(),
+            Some("4111111111111111")
+        );
+        assert_eq!(
+            whole_digits("$4,111,111,111,111,111.00").as_deref(),
+            Some("4111111111111111")
+        );
+        assert_eq!(
+            whole_digits("-4111111111111111.50").as_deref(),
+            Some("4111111111111111")
+        );
+        assert_eq!(whole_digits("1.5e-3").as_deref(), Some(""));
+        assert_eq!(whole_digits("NaN"), None);
+        assert!(is_card_amount("4.111111111111111e+15"));
+        assert!(!is_card_amount("4111111111111112"));
+        assert_eq!(whole_digits("12").as_deref(), Some("12"));
         for untouched in [
             "shipped 2026-11-24 10:00:00",
             "from 192.168.100.200",

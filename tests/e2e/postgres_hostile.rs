@@ -152,6 +152,67 @@ fn the_server_reads_statements_as_the_gateway_decided_them() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// What a read grant tries in order to write, with the SQLSTATE it gets: policy refuses
+/// what the catalog says may write (42501); what it lets through because a function's
+/// declaration says it only reads, the server refuses (25006).
+const WRITES_A_READ_GRANT_TRIES: &[(&str, &str)] = &[
+    ("SELECT wipe()", "42501"),
+    ("SELECT wipe_plpgsql()", "42501"),
+    ("EXPLAIN ANALYZE SELECT wipe()", "42501"),
+    (
+        "BEGIN; DECLARE c CURSOR FOR SELECT wipe(); FETCH c; COMMIT",
+        "42501",
+    ),
+    (
+        "SELECT query_to_xml('select nextval(''order_ids'')', true, true, '')",
+        "42501",
+    ),
+    ("SELECT id FROM users FOR UPDATE", "42501"),
+    ("SELECT lo_from_bytea(0, 'x')", "42501"),
+    ("SELECT pg_try_advisory_lock(1)", "42501"),
+    ("SELECT pg_notify('c', 'x')", "42501"),
+    // A function called by field notation: `u.touch_lock` is touch_lock(u).
+    ("SELECT u.touch_lock FROM users u", "42501"),
+    ("SELECT (u).touch_lock FROM users u", "42501"),
+    // xml2's xpath_table builds and runs a query from its text arguments.
+    (
+        "SELECT * FROM xpath_table('id', '''<a/>''', 'users', '/a', 'true; SELECT pg_advisory_lock(777)') AS t(id text, x text)",
+        "42501",
+    ),
+    // Stable, yet assigns a transaction id.
+    ("SELECT txid_current()", "42501"),
+    // Limits set by the database's owner can be tightened, not lifted.
+    ("SET statement_timeout = 0", "42501"),
+    ("SET idle_in_transaction_session_timeout = '10h'", "42501"),
+    ("SELECT bump()", "25006"),
+    (
+        "BEGIN; DECLARE c CURSOR FOR SELECT bump(); FETCH c; COMMIT",
+        "25006",
+    ),
+];
+
+/// What a read grant tries in order to lift read-only: refused by the gateway.
+const LIFTS_A_READ_GRANT_TRIES: &[(&str, &str)] = &[
+    ("BEGIN READ WRITE", "42501"),
+    (
+        "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+        "42501",
+    ),
+    ("BEGIN; SET TRANSACTION READ WRITE", "42501"),
+    (
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+        "42501",
+    ),
+    ("SET default_transaction_read_only = off", "42501"),
+    (
+        "SELECT set_config('transaction_read_only', 'off', true)",
+        "42501",
+    ),
+    ("RESET ALL", "42501"),
+    ("SET ROLE postgres", "42501"),
+    ("SET SESSION AUTHORIZATION postgres", "42501"),
+];
+
 /// A read grant is read-only at the server: writes the policy never saw (inside
 /// functions, through cursors, EXPLAIN ANALYZE, SQL run from strings) fail with
 /// PostgreSQL's own 25006, and nothing lifts the read-only default.
@@ -164,6 +225,9 @@ fn a_read_grant_is_read_only_at_the_server() {
            AS $$ DELETE FROM users RETURNING 1 $$; \
          CREATE FUNCTION wipe_plpgsql() RETURNS int LANGUAGE plpgsql \
            AS $$ BEGIN DELETE FROM users; RETURN 1; END $$; \
+         CREATE EXTENSION xml2; \
+         CREATE FUNCTION touch_lock(u users) RETURNS bigint LANGUAGE sql VOLATILE \
+           AS $$ SELECT pg_advisory_lock(424242); SELECT 1::bigint $$; \
          CREATE FUNCTION bump() RETURNS bigint LANGUAGE sql STABLE \
            AS $$ SELECT nextval('order_ids') $$; \
          ALTER SEQUENCE order_ids OWNER TO airlock; \
@@ -178,47 +242,12 @@ fn a_read_grant_is_read_only_at_the_server() {
     let s = Setup::start(pg, gw);
     let (id, secret) = s.grant("prod-db");
 
-    // Policy refuses what the catalog says may write (42501); what it lets through
-    // because a function's declaration says it only reads, the server refuses (25006).
-    for (sql, code) in [
-        ("SELECT wipe()", "42501"),
-        ("SELECT wipe_plpgsql()", "42501"),
-        ("EXPLAIN ANALYZE SELECT wipe()", "42501"),
-        (
-            "BEGIN; DECLARE c CURSOR FOR SELECT wipe(); FETCH c; COMMIT",
-            "42501",
-        ),
-        (
-            "SELECT query_to_xml('select nextval(''order_ids'')', true, true, '')",
-            "42501",
-        ),
-        ("SELECT id FROM users FOR UPDATE", "42501"),
-        ("SELECT lo_from_bytea(0, 'x')", "42501"),
-        ("SELECT pg_try_advisory_lock(1)", "42501"),
-        ("SELECT pg_notify('c', 'x')", "42501"),
-        ("SELECT bump()", "25006"),
-        (
-            "BEGIN; DECLARE c CURSOR FOR SELECT bump(); FETCH c; COMMIT",
-            "25006",
-        ),
-    ] {
+    for (sql, code) in WRITES_A_READ_GRANT_TRIES
+        .iter()
+        .chain(LIFTS_A_READ_GRANT_TRIES)
+    {
         let out = s.psql(&id, &secret, "prod-db", sql);
-        assert_eq!(failure(&out), code, "{sql}: {}", text(&out));
-    }
-    // Nothing can lift it.
-    for sql in [
-        "BEGIN READ WRITE",
-        "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
-        "BEGIN; SET TRANSACTION READ WRITE",
-        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
-        "SET default_transaction_read_only = off",
-        "SELECT set_config('transaction_read_only', 'off', true)",
-        "RESET ALL",
-        "SET ROLE postgres",
-        "SET SESSION AUTHORIZATION postgres",
-    ] {
-        let out = s.psql(&id, &secret, "prod-db", sql);
-        assert_eq!(failure(&out), "42501", "{sql}: {}", text(&out));
+        assert_eq!(failure(&out), *code, "{sql}: {}", text(&out));
     }
     // Upstream: every row is there, and the sequence never moved.
     assert_eq!(
@@ -259,6 +288,32 @@ fn a_read_grant_is_read_only_at_the_server() {
         "reader",
         "{}",
         text(&out)
+    );
+    // The same attempts as the read role: each refused (by policy, by the read-only
+    // session, or by the role's own privileges), and nothing changed upstream.
+    for (sql, _) in WRITES_A_READ_GRANT_TRIES
+        .iter()
+        .chain(LIFTS_A_READ_GRANT_TRIES)
+    {
+        let out = s.psql(&id, &secret, "prod-db", sql);
+        assert!(!failure(&out).is_empty(), "{sql}: {}", text(&out));
+    }
+    assert_eq!(
+        s.pg.psql_super(
+            "SELECT (SELECT count(*) FROM users), (SELECT is_called FROM order_ids), \
+             (SELECT count(*) FROM pg_largeobject_metadata)",
+            "app"
+        )
+        .trim(),
+        "2|f|0"
+    );
+    assert_eq!(
+        s.pg.psql_super(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+            "app"
+        )
+        .trim(),
+        "0"
     );
     let (wid, wsecret) = s.grant_for("prod-db", "write");
     let out = s.psql(&wid, &wsecret, "prod-db", "SELECT current_user");
@@ -317,6 +372,9 @@ fn deep_and_huge_statements_get_postgres_answers_and_the_gateway_lives() {
     let values: Vec<String> = (0..200_000).map(|i| format!("({i})")).collect();
     let flat = format!("SELECT count(*) FROM (VALUES {}) v", values.join(","));
     assert_eq!(raw.simple(flat.as_bytes()), Ok(vec!["200000".into()]));
+    // Many statements in one Query are as deep as the deepest.
+    let many = "SELECT 1;".repeat(50_000);
+    assert!(raw.simple(many.as_bytes()).is_ok());
     // The session and the gateway go on.
     assert_eq!(raw.simple(b"SELECT 1"), Ok(vec!["1".into()]));
     let out = s.psql(&id, &secret, "prod-db", "SELECT count(*) FROM users");
@@ -516,7 +574,7 @@ fn masking_follows_the_data_wherever_it_leaves() {
     // An error that quotes a value: masked too.
     let out = s.psql(&id, &secret, "prod-db", "SELECT email::int FROM customers");
     assert_eq!(failure(&out), "22P02", "{}", text(&out));
-    assert!(received(&out).contains("***@example.com"), "{}", text(&out));
+    assert!(received(&out).contains("***@"), "{}", text(&out));
     assert_masked("error", &received(&out));
     // Planner statistics hold sample values: denied where masking applies.
     let out = s.psql(
@@ -579,4 +637,55 @@ fn masking_follows_the_data_wherever_it_leaves() {
     let second = execute(&mut raw).concat();
     assert!(second.contains("***@example.com"), "{second}");
     assert_masked("FETCH", &second);
+    assert!(raw.simple(b"COMMIT").is_ok());
+
+    // A portal the gateway bound, gone upstream with its transaction, and a cursor
+    // declared by SQL under its name: the gateway no longer knows that portal.
+    raw.send(
+        b'P',
+        &[cstrs(&["x", "SELECT 1::int4 AS a"]), vec![0, 0]].concat(),
+    );
+    raw.send(b'B', &[cstrs(&["p", "x"]), vec![0; 6]].concat());
+    raw.send(b'E', &[b"p\0".as_slice(), &0i32.to_be_bytes()].concat());
+    raw.send(b'S', &[]);
+    assert!(raw.errors_until_ready().is_empty());
+    assert!(
+        raw.simple(
+            b"DECLARE p CURSOR WITH HOLD FOR SELECT email, phone, card_number FROM customers"
+        )
+        .is_ok()
+    );
+    raw.send(b'E', &[b"p\0".as_slice(), &0i32.to_be_bytes()].concat());
+    raw.send(b'S', &[]);
+    let mut got = String::new();
+    let mut codes = Vec::new();
+    loop {
+        match raw.read() {
+            (b'E', body) => codes.push(sqlstate(&body)),
+            (b'Z', _) => break,
+            (_, body) => got.push_str(&String::from_utf8_lossy(&body)),
+        }
+    }
+    assert_eq!(codes, ["34000"]);
+    assert_masked("a cursor under a known portal's name", &got);
+
+    // Numbers in other notations, and error text that quotes a value.
+    for sql in [
+        "SELECT replace(card_number, ' ', '')::numeric::float8 AS x FROM customers",
+        "SELECT replace(card_number, ' ', '')::numeric * 1.0 AS x FROM customers",
+        "SELECT replace(card_number, ' ', '')::numeric::money AS x FROM customers",
+        "SELECT replace(card_number, ' ', '') || '.00' AS x FROM customers",
+    ] {
+        let out = s.psql(&id, &secret, "prod-db", sql);
+        assert!(out.status.success(), "{sql}: {}", text(&out));
+        assert_masked(sql, &received(&out));
+    }
+    for sql in [
+        "SELECT email::regclass FROM customers",
+        "SELECT email::json FROM customers",
+    ] {
+        let out = s.psql(&id, &secret, "prod-db", sql);
+        assert!(!failure(&out).is_empty(), "{sql}: {}", text(&out));
+        assert_masked(sql, &received(&out));
+    }
 }

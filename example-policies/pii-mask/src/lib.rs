@@ -7,9 +7,13 @@
 //! unknown type) is scanned, and card-like digit groups (13 to 19 digits) are masked
 //! whether or not they pass the Luhn check; JSON is masked string by string; a column
 //! named for what it holds (`email`, `phone`, `card_number`, …) is masked whole.
-//! Large integers and numerics are masked when they are card numbers (13 to 19 digits
-//! passing Luhn: an id column stays readable). Only types that cannot hold PII
-//! (booleans, small integers, floats, dates and times, UUIDs, OIDs) never cost a call.
+//! Numbers (big integers, numerics, floats, money) are masked when their whole part is a
+//! card number (13 to 19 digits passing Luhn, however written: `4.111111111111111e+15`,
+//! `$4,111,…`), so an id column stays readable. Only types that cannot hold PII
+//! (booleans, small integers, dates and times, UUIDs, OIDs) never cost a call.
+//!
+//! In the text of a data error (SQLSTATE class 22, e.g. `invalid input syntax for type
+//! integer: "…"`), whatever is quoted is a value, so it is hidden whatever it looks like.
 //!
 //! It also denies reading planner statistics (`pg_stats`, `pg_statistic`, …) where it
 //! applies: they hold sample values of every column, which no mask can see.
@@ -25,8 +29,6 @@ const SAFE_TYPES: &[&str] = &[
     "bool",
     "int2",
     "int4",
-    "float4",
-    "float8",
     "oid",
     "date",
     "time",
@@ -48,8 +50,8 @@ const SAFE_TYPES: &[&str] = &[
     "pg_lsn",
 ];
 
-/// Numbers wide enough to hold a card number.
-const NUMBER_TYPES: &[&str] = &["int8", "numeric"];
+/// Numbers wide enough to hold a card number, in any notation PostgreSQL writes them.
+const NUMBER_TYPES: &[&str] = &["int8", "numeric", "float4", "float8", "money"];
 
 /// Scalar text types: a column named for PII is masked whole.
 const TEXT_TYPES: &[&str] = &[
@@ -101,7 +103,7 @@ fn mask_value(type_name: &str, kind: Kind, value: &str) -> String {
         return match kind {
             Kind::Phone => mask::phone(value),
             Kind::Card => mask::card(value),
-            _ if mask::is_card_number(value) => mask::card(value),
+            _ if mask::is_card_amount(value) => mask::card(value),
             _ => value.to_string(),
         };
     }
@@ -132,6 +134,38 @@ fn mask_text(value: &str) -> String {
         return masked;
     }
     redact_text(value).unwrap_or_else(|| value.to_string())
+}
+
+/// Hides the value a data error (class 22) quotes: what is between double quotes, and
+/// in its detail and context (`JSON data, line 1: alice...`) what follows the colon.
+fn hide_data_error_value(content_type: &str, text: &str) -> String {
+    let text = hide_quoted(text);
+    let detail_or_context = ["postgres-field=D", "postgres-field=W"]
+        .iter()
+        .any(|field| content_type.contains(field));
+    match text.split_once(": ") {
+        Some((label, value)) if detail_or_context => {
+            format!("{label}: {}", mask::format_preserving(value))
+        }
+        _ => text,
+    }
+}
+
+/// Hides what is between double quotes, keeping its shape.
+fn hide_quoted(text: &str) -> String {
+    let mut quoted = false;
+    text.chars()
+        .map(|c| match c {
+            '"' => {
+                quoted = !quoted;
+                c
+            }
+            'a'..='z' if quoted => 'x',
+            'A'..='Z' if quoted => 'X',
+            '0'..='9' if quoted => '0',
+            _ => c,
+        })
+        .collect()
 }
 
 fn json_field(key: Option<&str>, value: &str) -> Option<String> {
@@ -187,7 +221,9 @@ impl Policy for PiiMask {
                 Payload::Rows(rows)
             }
             Payload::Body(mut body) => {
-                body.text = if body.content_type.contains("json") {
+                body.text = if body.content_type.contains("postgres-sqlstate=22") {
+                    mask_text(&hide_data_error_value(&body.content_type, &body.text))
+                } else if body.content_type.contains("json") {
                     json_strings(&body.text, json_field).unwrap_or_else(|_| mask_text(&body.text))
                 } else {
                     mask_text(&body.text)

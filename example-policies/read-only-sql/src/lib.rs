@@ -37,13 +37,25 @@ const HARMLESS_SETTINGS: &[&str] = &[
     "datestyle",
     "extra_float_digits",
     "intervalstyle",
-    "lock_timeout",
     "search_path",
-    "statement_timeout",
     "timezone",
     "time zone",
+];
+
+/// Limits a read grant may only tighten: set to at most five minutes, never off (0),
+/// or reset to the role's own default.
+const LIMITS: &[&str] = &[
+    "statement_timeout",
+    "lock_timeout",
     "idle_in_transaction_session_timeout",
 ];
+
+/// The longest a read grant may set one of [`LIMITS`] to, in milliseconds.
+const LONGEST_LIMIT_MS: f64 = 300_000.0;
+
+/// Stable built-ins that still change the server: each call assigns a transaction id
+/// (a WAL commit record).
+const ASSIGNS_TRANSACTION_ID: &[&str] = &["txid_current", "pg_current_xact_id"];
 
 struct ReadOnlySql;
 
@@ -98,6 +110,15 @@ impl Policy for ReadOnlySql {
             _ => {}
         }
         for function in &sql.functions {
+            if function.builtin && ASSIGNS_TRANSACTION_ID.iter().any(|name| function.is(name)) {
+                return deny_with_hint(
+                    format!(
+                        "read-only grant: {} assigns a transaction id",
+                        function.name
+                    ),
+                    "use txid_current_if_assigned() or pg_current_snapshot()",
+                );
+            }
             if function.runs_sql_text {
                 return deny_with_hint(
                     format!(
@@ -158,10 +179,53 @@ fn is_harmless_set(text: &str) -> bool {
         .or_else(|| rest.strip_prefix("local "))
         .unwrap_or(rest)
         .trim_start();
-    HARMLESS_SETTINGS.iter().any(|name| {
+    let value_of = |name: &str| {
         rest.strip_prefix(name)
-            .is_some_and(|after| after.is_empty() || after.starts_with([' ', '=', ';']))
-    })
+            .filter(|after| after.is_empty() || after.starts_with([' ', '=', ';']))
+    };
+    if HARMLESS_SETTINGS
+        .iter()
+        .any(|name| value_of(name).is_some())
+    {
+        return true;
+    }
+    LIMITS
+        .iter()
+        .find_map(|name| value_of(name))
+        .is_some_and(|after| lower.starts_with("reset") || tightens_limit(after))
+}
+
+/// True if `after` (what follows a limit's name in a SET) sets it to a duration
+/// between zero and [`LONGEST_LIMIT_MS`]: `= '5s'`, `TO 5000`, `= '2min'`.
+fn tightens_limit(after: &str) -> bool {
+    let value = after
+        .trim()
+        .trim_start_matches('=')
+        .trim_start()
+        .trim_start_matches("to ")
+        .trim()
+        .trim_end_matches(';')
+        .trim()
+        .trim_matches('\'');
+    if value == "default" {
+        return true;
+    }
+    let split = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let Ok(number) = number.parse::<f64>() else {
+        return false;
+    };
+    let ms = match unit.trim() {
+        "" | "ms" => number,
+        "s" => number * 1e3,
+        "min" => number * 60e3,
+        "h" => number * 3_600e3,
+        "d" => number * 86_400e3,
+        _ => return false,
+    };
+    ms > 0.0 && ms <= LONGEST_LIMIT_MS
 }
 
 export_policy!(ReadOnlySql);
@@ -179,5 +243,27 @@ mod tests {
         assert!(!is_harmless_set("SET ROLE postgres"));
         assert!(!is_harmless_set("SET search_path_x = 1"));
         assert!(!is_harmless_set("SET session_authorization = 'postgres'"));
+    }
+
+    #[test]
+    fn limits_may_only_tighten() {
+        for sql in [
+            "SET statement_timeout = '5s'",
+            "set local lock_timeout to 2000",
+            "SET idle_in_transaction_session_timeout = '2min'",
+            "SET statement_timeout TO DEFAULT",
+            "RESET statement_timeout",
+        ] {
+            assert!(is_harmless_set(sql), "{sql}");
+        }
+        for sql in [
+            "SET statement_timeout = 0",
+            "SET idle_in_transaction_session_timeout = '0'",
+            "SET statement_timeout = '1h'",
+            "SET lock_timeout = '10 weeks'",
+            "SET statement_timeout = 'abc'",
+        ] {
+            assert!(!is_harmless_set(sql), "{sql}");
+        }
     }
 }

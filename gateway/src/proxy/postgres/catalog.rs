@@ -46,13 +46,14 @@ pub const RUNS_SQL_TEXT: &[&str] = &[
     "crosstab3",
     "crosstab4",
     "connectby",
+    "xpath_table",
 ];
 
 /// PostgreSQL's first OID for objects made after initdb: below it, built in.
 pub const FIRST_NORMAL_OID: u32 = 16_384;
 
 /// The query that reads a catalog: functions, then types.
-pub const QUERY: &str = "SELECT p.proname, n.nspname, p.provolatile, p.oid::int8 \
+pub const QUERY: &str = "SELECT p.proname, n.nspname, p.provolatile, p.oid::int8, p.pronargs \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace; \
      SELECT t.oid::int8, t.typname FROM pg_catalog.pg_type t";
 
@@ -61,6 +62,8 @@ struct Candidate {
     schema: String,
     volatility: Volatility,
     builtin: bool,
+    /// Takes exactly one argument, so `x.name` can call it.
+    one_argument: bool,
 }
 
 /// One target's functions and types.
@@ -72,11 +75,18 @@ pub struct Catalog {
 
 impl Catalog {
     /// Builds a catalog from the rows of [`QUERY`]'s two results: (name, schema,
-    /// provolatile, oid) and (oid, type name).
+    /// provolatile, oid, number of arguments) and (oid, type name).
     pub fn from_rows(functions: &[Vec<Option<String>>], types: &[Vec<Option<String>>]) -> Self {
         let mut catalog = Catalog::default();
         for row in functions {
-            let [Some(name), Some(schema), Some(volatility), Some(oid)] = row.as_slice() else {
+            let [
+                Some(name),
+                Some(schema),
+                Some(volatility),
+                Some(oid),
+                Some(arguments),
+            ] = row.as_slice()
+            else {
                 continue;
             };
             let volatility = match volatility.as_str() {
@@ -93,6 +103,7 @@ impl Catalog {
                     schema: schema.clone(),
                     volatility,
                     builtin,
+                    one_argument: arguments == "1",
                 });
         }
         for row in types {
@@ -120,30 +131,48 @@ impl Catalog {
             .flatten()
             .filter(|c| schema.is_none_or(|s| c.schema == s))
             .collect();
-        let mut schemas: Vec<String> = candidates.iter().map(|c| c.schema.clone()).collect();
-        schemas.sort();
-        schemas.dedup();
-        let volatility = candidates
-            .iter()
-            .map(|c| c.volatility)
-            .max_by_key(|v| match v {
-                Volatility::Immutable => 0,
-                Volatility::Stable => 1,
-                Volatility::Volatile => 2,
-            })
-            .unwrap_or(Volatility::Volatile);
-        SqlFunction {
-            name: written.to_string(),
-            schemas,
-            volatility,
-            builtin: !candidates.is_empty() && candidates.iter().all(|c| c.builtin),
-            runs_sql_text: RUNS_SQL_TEXT.contains(&name),
-        }
+        resolved(written, name, &candidates)
+    }
+
+    /// A name selected from a value (`c.f`, `(c).f`) as the function PostgreSQL calls
+    /// when no column has that name, if the catalog has a one-argument function of it.
+    pub fn field_function(&self, name: &str) -> Option<SqlFunction> {
+        let candidates: Vec<&Candidate> = self
+            .functions
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.one_argument)
+            .collect();
+        (!candidates.is_empty()).then(|| resolved(name, name, &candidates))
     }
 
     /// A type's name by OID, when the catalog has it.
     pub fn type_name(&self, oid: u32) -> Option<&str> {
         self.types.get(&oid).map(String::as_str)
+    }
+}
+
+/// A function as written, resolved to the worst of its candidates.
+fn resolved(written: &str, name: &str, candidates: &[&Candidate]) -> SqlFunction {
+    let mut schemas: Vec<String> = candidates.iter().map(|c| c.schema.clone()).collect();
+    schemas.sort();
+    schemas.dedup();
+    let volatility = candidates
+        .iter()
+        .map(|c| c.volatility)
+        .max_by_key(|v| match v {
+            Volatility::Immutable => 0,
+            Volatility::Stable => 1,
+            Volatility::Volatile => 2,
+        })
+        .unwrap_or(Volatility::Volatile);
+    SqlFunction {
+        name: written.to_string(),
+        schemas,
+        volatility,
+        builtin: !candidates.is_empty() && candidates.iter().all(|c| c.builtin),
+        runs_sql_text: RUNS_SQL_TEXT.contains(&name),
     }
 }
 
@@ -191,11 +220,12 @@ mod tests {
     fn functions_resolve_to_their_worst_candidate() {
         let catalog = Catalog::from_rows(
             &[
-                row(&["lower", "pg_catalog", "i", "870"]),
-                row(&["now", "pg_catalog", "s", "1299"]),
-                row(&["nextval", "pg_catalog", "v", "1574"]),
-                row(&["lower", "app", "v", "16500"]),
-                row(&["query_to_xml", "pg_catalog", "s", "2924"]),
+                row(&["lower", "pg_catalog", "i", "870", "1"]),
+                row(&["now", "pg_catalog", "s", "1299", "0"]),
+                row(&["nextval", "pg_catalog", "v", "1574", "1"]),
+                row(&["lower", "app", "v", "16500", "1"]),
+                row(&["query_to_xml", "pg_catalog", "s", "2924", "4"]),
+                row(&["touch", "public", "v", "16501", "1"]),
             ],
             &[row(&["25", "text"]), row(&["16400", "citext"])],
         );
@@ -214,6 +244,14 @@ mod tests {
         );
         assert!(catalog.function("pg_catalog.query_to_xml").runs_sql_text);
         assert!(!catalog.function("lower").runs_sql_text);
+        // `c.touch` calls touch(c); `c.now` cannot (now takes no argument); a column
+        // name no function has is a column.
+        assert_eq!(
+            catalog.field_function("touch").map(|f| f.volatility),
+            Some(Volatility::Volatile)
+        );
+        assert!(catalog.field_function("now").is_none());
+        assert!(catalog.field_function("email").is_none());
         assert_eq!(catalog.type_name(16400), Some("citext"));
         assert_eq!(catalog.type_name(1), None);
     }

@@ -27,6 +27,10 @@ pub struct Statement {
     pub tables_written: Vec<String>,
     /// Every function called, as written (schema-qualified when the statement did).
     pub functions: Vec<String>,
+    /// Names after the first in a column reference or field selection (`c.f`,
+    /// `(c).f`): PostgreSQL calls `f(c)` when no column `f` exists, so each is a call
+    /// if the catalog has a one-argument function of that name.
+    pub field_names: Vec<String>,
     /// FOR UPDATE/SHARE anywhere in it.
     pub locks_rows: bool,
     /// Run-time settings the statement changes (`SET`, `RESET`, `set_config`, `ALTER …
@@ -39,9 +43,9 @@ pub struct Statement {
     /// SQL-level `PREPARE`, `DEALLOCATE` or `DISCARD`: it can create or drop prepared
     /// statements under names the gateway's Parse also uses.
     pub manages_prepared: bool,
-    /// `FETCH` or SQL-level `EXECUTE`: its rows take the shape of whatever cursor or
-    /// statement has that name when it runs, so no earlier row description fits it.
-    pub shape_varies: bool,
+    /// `DECLARE` or `CLOSE`: it creates or closes a cursor, which shares its name space
+    /// with the portals the gateway's Bind made.
+    pub manages_cursors: bool,
 }
 
 impl Statement {
@@ -74,7 +78,16 @@ impl Statement {
             kind: self.kind,
             tables_read: self.tables_read.clone(),
             tables_written: self.tables_written.clone(),
-            functions: self.functions.iter().map(|f| catalog.function(f)).collect(),
+            functions: self
+                .functions
+                .iter()
+                .map(|f| catalog.function(f))
+                .chain(
+                    self.field_names
+                        .iter()
+                        .filter_map(|f| catalog.field_function(f)),
+                )
+                .collect(),
             locks_rows: self.locks_rows,
         }
     }
@@ -136,20 +149,21 @@ fn range_var(fields: &Value) -> String {
     )
 }
 
+/// The `String` nodes of a list, in order (other nodes, like `*` or `[1]`, skipped).
+fn strings(list: Option<&Value>) -> Vec<String> {
+    list.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|item| match node(item) {
+            Some(("String", s)) => Some(str_field(s, "sval").to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The dotted name of a list of `String` nodes (a function's or an object's name).
 fn dotted(list: Option<&Value>) -> String {
-    list.and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|item| match node(item) {
-                    Some(("String", s)) => Some(str_field(s, "sval")),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-                .join(".")
-        })
-        .unwrap_or_default()
+    strings(list).join(".")
 }
 
 /// The text of a string constant node, if it is one.
@@ -187,6 +201,7 @@ struct Found {
     read: Vec<String>,
     written: Vec<String>,
     functions: Vec<String>,
+    field_names: Vec<String>,
     settings: Vec<String>,
     read_write: bool,
     locks_rows: bool,
@@ -253,6 +268,12 @@ fn walk(root: &Value, ddl: bool) -> Found {
                         }
                         "FuncCall" => found.function_call(fields),
                         "LockingClause" => found.locks_rows = true,
+                        "ColumnRef" => found
+                            .field_names
+                            .extend(strings(fields.get("fields")).into_iter().skip(1)),
+                        "A_Indirection" => {
+                            found.field_names.extend(strings(fields.get("indirection")))
+                        }
                         "VariableSetStmt" => found.variable_set(fields),
                         "TransactionStmt" => {
                             found.read_write |= asks_read_write(fields.get("options"))
@@ -302,6 +323,7 @@ fn walk(root: &Value, ddl: bool) -> Found {
         &mut found.read,
         &mut found.written,
         &mut found.functions,
+        &mut found.field_names,
         &mut found.settings,
     ] {
         list.sort();
@@ -336,7 +358,7 @@ fn describe(text: &str, stmt: &Value) -> Statement {
         top_name,
         Some("PrepareStmt" | "DeallocateStmt" | "DiscardStmt")
     );
-    let shape_varies = matches!(top_name, Some("FetchStmt" | "ExecuteStmt"));
+    let manages_cursors = matches!(top_name, Some("DeclareCursorStmt" | "ClosePortalStmt"));
     match top {
         Some(("CopyStmt", copy)) => copy_tables(copy, &mut found),
         // Without ANALYZE the statement is only planned: what it would write is read.
@@ -354,11 +376,12 @@ fn describe(text: &str, stmt: &Value) -> Statement {
         tables_read: found.read,
         tables_written: found.written,
         functions: found.functions,
+        field_names: found.field_names,
         locks_rows: found.locks_rows,
         settings: found.settings,
         read_write: found.read_write,
         manages_prepared,
-        shape_varies,
+        manages_cursors,
     }
 }
 
@@ -629,6 +652,14 @@ mod tests {
         assert_eq!(s.tables_read, ["secrets"]);
         let s = one("SELECT ARRAY(SELECT email FROM public.users)");
         assert_eq!(s.tables_read, ["public.users"]);
+    }
+
+    #[test]
+    fn field_selections_are_possible_calls() {
+        let s = one("SELECT c.touch, (c).stamp, u.id FROM customers c, users u");
+        assert_eq!(s.field_names, ["id", "stamp", "touch"]);
+        assert!(s.functions.is_empty());
+        assert!(one("SELECT id FROM users").field_names.is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! row description and formats.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -37,48 +37,20 @@ pub(super) enum Discard {
 }
 
 /// A statement prepared through this gateway: its classification (`None` for an empty
-/// query, which runs nothing), and the row description its portals had for one choice
-/// of result formats. PostgreSQL never lets a prepared statement's result shape change,
-/// so later Executes with those formats need no Describe of the gateway's own.
+/// query, which runs nothing).
 pub(super) struct Prepared {
     statement: Option<Statement>,
-    rows: Mutex<Option<(Bytes, RowShape)>>,
 }
 
 /// A result's columns, or `None` for a statement that returns no rows.
 pub(super) type RowShape = Option<Arc<Vec<Field>>>;
 
-/// A portal bound through this gateway: its statement, parameters (for the record) and
-/// result formats.
+/// A portal bound through this gateway: its statement, and its parameters for the
+/// record.
 #[derive(Clone)]
 pub(super) struct Portal {
     prepared: Arc<Prepared>,
     params: serde_json::Value,
-    formats: Bytes,
-}
-
-impl Portal {
-    /// True if every Execute of this portal's statement returns rows of one shape, so a
-    /// row description seen once can be reused.
-    fn shape_is_fixed(&self) -> bool {
-        self.prepared
-            .statement
-            .as_ref()
-            .is_none_or(|s| !s.shape_varies)
-    }
-
-    /// The row description of this portal's rows, if the gateway has seen it.
-    pub(super) fn known_rows(&self) -> Option<RowShape> {
-        match &*self.prepared.rows.lock().unwrap() {
-            Some((formats, shape)) if *formats == self.formats => Some(shape.clone()),
-            _ => None,
-        }
-    }
-
-    /// Remembers the row description the server gave for this portal.
-    pub(super) fn remember_rows(&self, shape: RowShape) {
-        *self.prepared.rows.lock().unwrap() = Some((self.formats.clone(), shape));
-    }
 }
 
 /// A refusal of a batch: SQLSTATE, message, hint.
@@ -133,7 +105,7 @@ impl Session {
                     .await
                     .map_err(|e| e.to_string())?;
                 let set = self.services.policy.current();
-                self.relay(&set, VecDeque::from([Expect::Sync]), &[], false)
+                self.relay(&set, VecDeque::from([Expect::Sync]), &mut [], false)
                     .await?;
                 Ok(())
             }
@@ -151,8 +123,9 @@ impl Session {
         let mut read_only = true;
         let mut executes = 0;
         let mut forget = false;
-        // The portals whose rows are masked, in Execute order.
-        let mut masked: Vec<Portal> = Vec::new();
+        // The row descriptions of the Executes whose rows are masked, in Execute order,
+        // filled in as the gateway's own Describes are answered.
+        let mut masked: Vec<Option<RowShape>> = Vec::new();
         let mut refusal: Option<Refusal> = None;
         for m in &batch {
             let mut body = m.body.clone();
@@ -164,22 +137,21 @@ impl Session {
                 b'B' => self.bind(&mut body).map(|()| Expect::Complete),
                 b'D' => describe(&mut body),
                 b'E' => match self.execute(&set, &mut body, &mut write, &mut read_only) {
-                    Ok((name, portal)) if masks => {
+                    Ok(name) if masks => {
                         executes += 1;
                         let index = masked.len();
-                        let known = portal.known_rows().is_some() && portal.shape_is_fixed();
-                        masked.push(portal);
-                        if !known {
-                            // Describe the portal first: its row description, with the
-                            // formats Bind chose, is what its rows are masked by.
-                            out.extend_from_slice(&message(b'D', |o| {
-                                o.extend_from_slice(b"P");
-                                put_cstr(o, &name);
-                            }));
-                            expects.push_back(Expect::DescribePortal {
-                                gateway: Some(index),
-                            });
-                        }
+                        masked.push(None);
+                        // Describe the portal right before it runs, every time: its row
+                        // description, with the formats Bind chose, is what its rows are
+                        // masked by, and a name can stand for another portal or cursor
+                        // than the last time (a cursor declared by SQL, FETCH, EXECUTE).
+                        out.extend_from_slice(&message(b'D', |o| {
+                            o.extend_from_slice(b"P");
+                            put_cstr(o, &name);
+                        }));
+                        expects.push_back(Expect::DescribePortal {
+                            gateway: Some(index),
+                        });
                         Ok(Expect::Execute {
                             masked: Some(index),
                         })
@@ -211,6 +183,7 @@ impl Session {
         self.statements += write.events.len() as u64;
         if let Some((code, reason, hint)) = refusal {
             (self.prepared, self.portals) = saved;
+            self.portals_stale = false;
             self.record(write).await?;
             return self
                 .refuse(
@@ -223,11 +196,14 @@ impl Session {
         if forget {
             self.forget_prepared();
         }
+        if std::mem::take(&mut self.portals_stale) {
+            self.portals.clear();
+        }
         self.unsynced = !synced;
         if expects.is_empty() {
             return Ok(());
         }
-        let summary = self.relay(&set, expects, &masked, read_only).await?;
+        let summary = self.relay(&set, expects, &mut masked, read_only).await?;
         if executes > 0 {
             self.record_result(summary);
         }
@@ -285,13 +261,7 @@ impl Session {
             }
         }
         let manages = statement.as_ref().is_some_and(|s| s.manages_prepared);
-        self.prepared.insert(
-            name,
-            Arc::new(Prepared {
-                statement,
-                rows: Mutex::new(None),
-            }),
-        );
+        self.prepared.insert(name, Arc::new(Prepared { statement }));
         Ok(manages)
     }
 
@@ -309,28 +279,20 @@ impl Session {
             ));
         };
         let params = bind_params(body).map_err(malformed)?;
-        // What is left is the result formats.
-        let formats = body.clone();
-        self.portals.insert(
-            portal,
-            Portal {
-                prepared,
-                params,
-                formats,
-            },
-        );
+        self.portals.insert(portal, Portal { prepared, params });
         Ok(())
     }
 
     /// Execute: checked again (cached), and recorded with its parameters. Returns the
-    /// portal and its name.
+    /// portal's name.
     fn execute(
         &mut self,
         set: &Arc<crate::policy::PolicySet>,
         body: &mut Bytes,
         write: &mut Write,
         read_only: &mut bool,
-    ) -> Result<(String, Portal), Refusal> {
+    ) -> Result<String, Refusal> {
+        let mut cursors = false;
         let name = wire::cstr(body).map_err(malformed)?;
         let Some(portal) = self.portals.get(&name).cloned() else {
             return Err(("34000", format!("portal \"{name}\" does not exist"), None));
@@ -345,8 +307,12 @@ impl Session {
             }
             *read_only &= statement.changes_nothing();
             self.catalog_stale |= statement.may_change_catalog();
+            cursors |= statement.manages_cursors;
         }
-        Ok((name, portal))
+        // A cursor declared or closed by SQL may take a portal's name: after this
+        // batch, the gateway forgets its portals rather than guess which.
+        self.portals_stale |= cursors;
+        Ok(name)
     }
 
     /// Close of a statement or portal.

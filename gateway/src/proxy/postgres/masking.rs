@@ -202,14 +202,18 @@ impl Encoding {
     }
 }
 
-/// Fields of an ErrorResponse or NoticeResponse that can quote values: message,
-/// detail, hint, where, and the internal query.
-const QUOTING_FIELDS: &[u8] = b"MDHWq";
+/// Fields of an ErrorResponse or NoticeResponse that only identify it (severity, code,
+/// position, source file, line, routine): every other field can quote a value, even the
+/// schema, table, column and constraint names (`RAISE … USING COLUMN = …`).
+const IDENTIFYING_FIELDS: &[u8] = b"SVCPpFLR";
 
 /// Masks the fields of an ErrorResponse or NoticeResponse that can quote data (`invalid
 /// input syntax for type integer: "alice@example.com"`) through the masking modules, as
 /// text. The codes and names that identify the error pass as they are.
 pub fn mask_notice(set: &PolicySet, context: &GrantContext, body: &Bytes) -> Result<Bytes, String> {
+    // Modules are told the SQLSTATE and the field: a data error's quotes, detail and
+    // context hold a value.
+    let sqlstate = error_field(body, b'C').unwrap_or_default();
     let mut rest = body.clone();
     let mut out = BytesMut::with_capacity(body.len());
     while let Some(&code) = rest.first() {
@@ -218,10 +222,14 @@ pub fn mask_notice(set: &PolicySet, context: &GrantContext, body: &Bytes) -> Res
             break;
         }
         let value = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
-        let value = if QUOTING_FIELDS.contains(&code) {
-            mask_text(set, context, value)?
-        } else {
+        let value = if IDENTIFYING_FIELDS.contains(&code) {
             value
+        } else {
+            let content_type = format!(
+                "text/plain; postgres-sqlstate={sqlstate}; postgres-field={}",
+                code as char
+            );
+            mask_text(set, context, &content_type, value)?
         };
         out.put_u8(code);
         wire::put_cstr(&mut out, &value);
@@ -245,19 +253,40 @@ pub fn mask_notification(
     let payload = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
     let mut out = BytesMut::with_capacity(body.len());
     out.put_i32(pid);
-    wire::put_cstr(&mut out, &mask_text(set, context, channel)?);
-    wire::put_cstr(&mut out, &mask_text(set, context, payload)?);
+    wire::put_cstr(&mut out, &mask_text(set, context, "text/plain", channel)?);
+    wire::put_cstr(&mut out, &mask_text(set, context, "text/plain", payload)?);
     Ok(out.freeze())
 }
 
-fn mask_text(set: &PolicySet, context: &GrantContext, text: String) -> Result<String, String> {
+/// One field of an ErrorResponse body, if present.
+fn error_field(body: &Bytes, wanted: u8) -> Option<String> {
+    let mut rest = body.clone();
+    while let Some(&code) = rest.first() {
+        rest.advance(1);
+        if code == 0 {
+            break;
+        }
+        let value = wire::cstr_lossy(&mut rest).ok()?;
+        if code == wanted {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn mask_text(
+    set: &PolicySet,
+    context: &GrantContext,
+    content_type: &str,
+    text: String,
+) -> Result<String, String> {
     if text.is_empty() {
         return Ok(text);
     }
     set.mask_body(
         context,
         Body {
-            content_type: "text/plain".into(),
+            content_type: content_type.into(),
             text,
         },
     )

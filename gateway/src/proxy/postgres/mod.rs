@@ -4,6 +4,8 @@
 pub mod catalog;
 pub mod classify;
 mod conn;
+#[cfg(test)]
+mod corpus_replay;
 mod extended;
 mod masking;
 mod parser;

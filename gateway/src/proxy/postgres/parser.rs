@@ -202,8 +202,11 @@ pub(super) fn depth_bound(tokens: &[pg_query::protobuf::ScanToken]) -> u64 {
     }
     let mut groups = vec![Group::default()];
     let mut nesting = 0;
+    // Statements are siblings: the deepest one bounds the text.
+    let mut deepest_statement = 0;
     for token in tokens {
         let kind = Token::from_i32(token.token).unwrap_or(Token::Nul);
+        let outermost = groups.len() == 1;
         let group = groups.last_mut().expect("the outermost group stays");
         match kind {
             Token::Ascii40 | Token::Ascii91 => {
@@ -216,6 +219,10 @@ pub(super) fn depth_bound(tokens: &[pg_query::protobuf::ScanToken]) -> u64 {
                     let outer = groups.last_mut().expect("the outermost group stays");
                     outer.element_child = outer.element_child.max(inner);
                 }
+            }
+            Token::Ascii59 if outermost => {
+                let statement = std::mem::take(group);
+                deepest_statement = deepest_statement.max(statement.depth());
             }
             Token::Ascii44 | Token::Ascii59 | Token::And | Token::Or => group.end_element(),
             Token::Ident
@@ -247,7 +254,8 @@ pub(super) fn depth_bound(tokens: &[pg_query::protobuf::ScanToken]) -> u64 {
         let outer = groups.last_mut().expect("the outermost group stays");
         outer.element_child = outer.element_child.max(inner);
     }
-    BASE_LEVELS + groups.pop().expect("the outermost group").depth()
+    let last = groups.pop().expect("the outermost group").depth();
+    BASE_LEVELS + deepest_statement.max(last)
 }
 
 #[cfg(test)]
@@ -270,6 +278,8 @@ mod tests {
         assert!(bound(&select) < 100, "{}", bound(&select));
         let sums: Vec<String> = (0..20_000).map(|i| format!("a + {i}")).collect();
         assert!(bound(&format!("SELECT {}", sums.join(", "))) < 100);
+        // Many statements are as deep as the deepest one.
+        assert!(bound(&"SELECT 1 UNION SELECT 2;".repeat(50_000)) < 100);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::catalog::Catalog;
 use super::classify::{ParseError, Statement};
 use super::conn::Conn;
-use super::extended::{Discard, Portal, Prepared};
+use super::extended::{Discard, Portal, Prepared, RowShape};
 use super::masking::{self, MaskPlans, RowMask};
 use super::pins;
 use super::startup::{PgServices, fatal};
@@ -97,6 +97,8 @@ pub(super) struct Session {
     /// Prepared statements and portals made through this session's Parse and Bind.
     pub(super) prepared: HashMap<String, Arc<Prepared>>,
     pub(super) portals: HashMap<String, Portal>,
+    /// An Execute in the batch being decided declares or closes a cursor.
+    pub(super) portals_stale: bool,
     /// After an error in an extended-protocol batch, messages up to Sync are dropped.
     pub(super) discard: Discard,
     /// The upstream has had extended-protocol messages since its last Sync, so it may be
@@ -148,6 +150,7 @@ impl Session {
             verdicts: HashMap::new(),
             prepared: HashMap::new(),
             portals: HashMap::new(),
+            portals_stale: false,
             discard: Discard::No,
             unsynced: false,
             result_summary: None,
@@ -282,12 +285,15 @@ impl Session {
         if statements.iter().any(|s| s.manages_prepared) {
             self.forget_prepared();
         }
+        if statements.iter().any(|s| s.manages_cursors) {
+            self.portals.clear();
+        }
         let read_only = statements.iter().all(Statement::changes_nothing);
         self.catalog_stale |= statements.iter().any(Statement::may_change_catalog);
         self.forward_recorded(write, &message_bytes(&message), read_only)
             .await?;
         let summary = self
-            .relay(&set, VecDeque::from([Expect::Query]), &[], read_only)
+            .relay(&set, VecDeque::from([Expect::Query]), &mut [], read_only)
             .await?;
         self.record_result(summary);
         self.refresh_catalog().await
@@ -585,7 +591,7 @@ impl Session {
         &mut self,
         set: &Arc<PolicySet>,
         mut expects: VecDeque<Expect>,
-        masked: &[Portal],
+        masked: &mut [Option<RowShape>],
         changes_nothing: bool,
     ) -> Result<ResultSummary, String> {
         let started = Instant::now();
@@ -614,7 +620,7 @@ impl Session {
                 // The first answer to a masked Execute: its rows' description is known
                 // by now (remembered, or from the gateway's Describe just before).
                 executing = true;
-                let fields = masked[i].known_rows().flatten();
+                let fields = masked[i].clone().flatten();
                 rows = self
                     .plan_rows(set, fields.as_deref().map(Vec::as_slice))
                     .await?;
@@ -643,7 +649,7 @@ impl Session {
                         Expect::DescribePortal { gateway } => {
                             expects.pop_front();
                             if let Some(i) = gateway {
-                                masked[i].remember_rows(fields.map(Arc::new));
+                                masked[i] = Some(fields.map(Arc::new));
                             }
                             gateway.is_none()
                         }
@@ -702,6 +708,10 @@ impl Session {
                 b'Z' => {
                     expects.pop_front();
                     self.tx_status = m.body.first().copied().unwrap_or(b'I');
+                    if self.tx_status == b'I' {
+                        // Portals end with their transaction, upstream as here.
+                        self.portals.clear();
+                    }
                     if front == Expect::Sync {
                         self.unsynced = false;
                     }
