@@ -94,22 +94,14 @@ pub struct RowMask {
 }
 
 impl RowMask {
-    /// Takes one DataRow; masks and sends a batch when one is full.
-    pub async fn push(
-        &mut self,
-        context: &GrantContext,
-        body: &Bytes,
-        client: &mut Conn,
-    ) -> Result<(), String> {
+    /// Takes one DataRow; returns true when a batch is full and should be flushed.
+    pub fn push(&mut self, body: &Bytes) -> Result<bool, String> {
         let values = wire::data_row(body).map_err(|e| e.to_string())?;
         if values.len() != self.columns.len() {
             return Err("a DataRow does not match its RowDescription".into());
         }
         self.pending.push(values);
-        if self.pending.len() >= MASK_BATCH {
-            self.flush(context, client).await?;
-        }
-        Ok(())
+        Ok(self.pending.len() >= MASK_BATCH)
     }
 
     /// Masks and sends the rows taken so far.

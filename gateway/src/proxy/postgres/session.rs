@@ -660,9 +660,12 @@ impl Session {
                     summary.rows += 1;
                     match rows.as_mut() {
                         Some(mask) => {
-                            let context = self.context_now();
-                            let pushed = mask.push(&context, &m.body, &mut self.client).await;
-                            self.or_withhold(pushed).await?;
+                            let full = mask.push(&m.body);
+                            if self.or_withhold(full).await? {
+                                let context = self.context_now();
+                                let flushed = mask.flush(&context, &mut self.client).await;
+                                self.or_withhold(flushed).await?;
+                            }
                             false
                         }
                         None => true,

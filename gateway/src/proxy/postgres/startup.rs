@@ -234,8 +234,13 @@ async fn serve_session(
     let read_only = live.grant.access == Access::Read || live.grant.read_only;
     let (upstream, addr, catalog) = match login(&services, &target, read_only).await {
         Ok(login) => login,
-        Err(reason) => {
-            fatal(&mut client, "08006", &reason).await;
+        Err(e) => {
+            let detail = match &e {
+                LoginError::Credential(detail) => detail.clone(),
+                other => other.to_string(),
+            };
+            tracing::error!(error = %detail, "upstream login refused");
+            fatal(&mut client, "08006", &e.to_string()).await;
             return;
         }
     };
@@ -297,79 +302,72 @@ async fn serve_session(
     }
 }
 
+/// Why the gateway did not give a session an upstream: said to the client as it is
+/// (no secret is in any of it), and logged.
+#[derive(Debug, thiserror::Error)]
+enum LoginError {
+    #[error("{0}")]
+    Address(String),
+    #[error("the gateway cannot log in upstream (its credential is unavailable)")]
+    Credential(String),
+    #[error("the gateway cannot reach the upstream database: {0}")]
+    Upstream(#[from] upstream::UpstreamError),
+    #[error("the gateway refuses the upstream session: {0}")]
+    Pinned(String),
+    #[error("the upstream session did not start read-only for a read grant")]
+    NotReadOnly,
+    #[error(
+        "the gateway refuses to log in upstream as {0}: the role is a superuser or bypasses row security, which undoes every server-side limit (use a least-privilege role, or set allow-superuser = true on the target)"
+    )]
+    Privileged(String),
+}
+
 /// Logs in upstream for a session: as the target's read role when the grant is
 /// read-only and the target names one, with the pinned settings (and a read-only
-/// default for a read grant), then checks what the server says it is. Returns the
-/// client-facing reason on failure; the details go to the log.
+/// default for a read grant), then checks what the server says it is, and reads the
+/// target's catalog unless a fresh one is kept.
 async fn login(
     services: &PgServices,
     target: &TargetRecord,
     read_only: bool,
-) -> Result<(Upstream, UpstreamAddr, Arc<Catalog>), String> {
-    let addr = UpstreamAddr::parse(&target.upstream)?;
+) -> Result<(Upstream, UpstreamAddr, Arc<Catalog>), LoginError> {
+    let addr = UpstreamAddr::parse(&target.upstream).map_err(LoginError::Address)?;
     let (user, reference) = match (&target.read_user, &target.read_credential) {
         (Some(user), Some(reference)) if read_only => (user.as_str(), Some(reference)),
         _ => (addr.user.as_str(), target.credential.as_ref()),
     };
     let credential = match reference {
         None => None,
-        Some(reference) => {
-            let resolved = Secrets::load(&services.secrets_file)
+        Some(reference) => Some(
+            Secrets::load(&services.secrets_file)
                 .map_err(|e| e.to_string())
-                .and_then(|secrets| secrets.resolve(reference).map_err(|e| e.to_string()));
-            match resolved {
-                Ok(credential) => Some(credential),
-                Err(e) => {
-                    tracing::error!(error = %e, "upstream credential unavailable");
-                    return Err(
-                        "the gateway cannot log in upstream (its credential is unavailable)".into(),
-                    );
-                }
-            }
-        }
+                .and_then(|secrets| secrets.resolve(reference).map_err(|e| e.to_string()))
+                .map_err(LoginError::Credential)?,
+        ),
     };
     let settings = pins::upstream_parameters(read_only);
-    let mut upstream = upstream::connect(&addr, user, credential.as_ref(), &settings)
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "upstream login failed");
-            format!("the gateway cannot reach the upstream database: {e}")
-        })?;
+    let mut upstream = upstream::connect(&addr, user, credential.as_ref(), &settings).await?;
     for parameter in &upstream.parameters {
         let mut body = parameter.slice(5..);
         if let (Ok(name), Ok(value)) = (wire::cstr(&mut body), wire::cstr(&mut body)) {
-            pins::check_parameter(&name, &value, read_only).map_err(|reason| {
-                tracing::error!(%reason, "upstream session refused");
-                format!("the gateway refuses the upstream session: {reason}")
-            })?;
+            pins::check_parameter(&name, &value, read_only).map_err(LoginError::Pinned)?;
         }
     }
-    let facts = upstream::login_facts(&mut upstream.conn)
-        .await
-        .map_err(|e| format!("the gateway cannot check the upstream session: {e}"))?;
+    let facts = upstream::login_facts(&mut upstream.conn).await?;
+    if read_only && !facts.read_only {
+        return Err(LoginError::NotReadOnly);
+    }
+    if facts.privileged && !target.allow_superuser {
+        return Err(LoginError::Privileged(user.to_string()));
+    }
     let catalog = match services.catalogs.fresh(&target.name) {
         Some(catalog) => catalog,
         None => {
-            let catalog = upstream::read_catalog(&mut upstream.conn)
-                .await
-                .map(Arc::new)
-                .map_err(|e| format!("the gateway cannot read the upstream's catalog: {e}"))?;
+            let catalog = Arc::new(upstream::read_catalog(&mut upstream.conn).await?);
             services.catalogs.put(&target.name, catalog.clone());
             catalog
         }
     };
-    if read_only && !facts.read_only {
-        return Err("the upstream session did not start read-only for a read grant".into());
-    }
-    if facts.privileged && !target.allow_superuser {
-        tracing::error!(
-            user,
-            "upstream role is a superuser or bypasses row security"
-        );
-        return Err(format!(
-            "the gateway refuses to log in upstream as {user}: the role is a superuser or bypasses row security, which undoes every server-side limit (use a least-privilege role, or set allow-superuser = true on the target)"
-        ));
-    }
     Ok((upstream, addr, catalog))
 }
 
