@@ -8,8 +8,9 @@
 //!   statement may change them, and the upstream's own reports of them are watched.
 //! - **Read at the server.** A read session starts with `default_transaction_read_only`
 //!   and may not lift it (`READ WRITE`, the read-only settings, `RESET ALL`, a role
-//!   change): PostgreSQL itself then refuses writes inside functions, sequences, large
-//!   objects and `FOR UPDATE` (`25006`), whatever a policy missed.
+//!   change): PostgreSQL itself then refuses writes inside functions, sequences and
+//!   `FOR UPDATE` (`25006`), whatever a policy missed. (It allows large objects,
+//!   advisory locks and `NOTIFY` in a read-only transaction: policy holds those.)
 
 use super::classify::Statement;
 
