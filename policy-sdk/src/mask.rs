@@ -181,15 +181,20 @@ pub fn redact_text(text: &str) -> Option<String> {
     }
     out.push_str(&text[last..]);
     let text_after_emails = if changed { out } else { text.to_string() };
-    match redact_numbers(&text_after_emails) {
+    let after_numbers = redact_numbers(&text_after_emails);
+    let changed = changed || after_numbers.is_some();
+    let text = after_numbers.unwrap_or(text_after_emails);
+    match redact_amounts(&text) {
         Some(masked) => Some(masked),
-        None if changed => Some(text_after_emails),
+        None if changed => Some(text),
         None => None,
     }
 }
 
+/// A byte of an address's local part: ASCII letters, digits and `._%+-'`, and any byte
+/// of a non-ASCII character (`josé@…`).
 fn is_local_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || b"._%+-".contains(&c)
+    c.is_ascii_alphanumeric() || b"._%+-'".contains(&c) || !c.is_ascii()
 }
 
 fn is_domain_char(c: u8) -> bool {
@@ -205,6 +210,11 @@ fn find_email(text: &str, from: usize) -> Option<(usize, usize)> {
         let mut start = i;
         while start > 0 && is_local_char(bytes[start - 1]) {
             start -= 1;
+        }
+        // A quote opens the text around an address (`'alice@example.com':1`); inside
+        // one (`o'brien@`) it is part of the name.
+        while start < i && bytes[start] == b'\'' {
+            start += 1;
         }
         let mut end = i + 1;
         while end < bytes.len() && is_domain_char(bytes[end]) {
@@ -260,8 +270,18 @@ fn redact_numbers(text: &str) -> Option<String> {
                 break;
             }
         }
-        let run = &text[i..end];
-        let next = bytes.get(end).copied();
+        // A bracket at either end belongs to what encloses the number (a record, an
+        // array of records, a range), not to it.
+        let mut start = i;
+        if bytes[start] == b'(' && !text[start..end].contains(')') {
+            start += 1;
+        }
+        let mut stop = end;
+        while stop > start + 1 && bytes[stop - 1] == b')' && !text[start..stop - 1].contains('(') {
+            stop -= 1;
+        }
+        let run = &text[start..stop];
+        let next = bytes.get(stop).copied();
         let glued_after = next.is_some_and(|c| c.is_ascii_alphanumeric() || c == b':' || c == b'_');
         let masked = if glued_after || looks_like_date(run) || looks_like_ipv4(run) {
             None
@@ -286,14 +306,77 @@ fn redact_numbers(text: &str) -> Option<String> {
             }
         };
         if let Some(masked) = masked {
-            out.push_str(&text[last..i]);
+            out.push_str(&text[last..start]);
             out.push_str(&masked);
-            last = end;
+            last = stop;
             changed = true;
         }
         i = end;
     }
     if !changed {
+        return None;
+    }
+    out.push_str(&text[last..]);
+    Some(out)
+}
+
+/// Masks numbers written as amounts whose whole part is card-like (13 to 19 digits):
+/// with an exponent (`4.111111111111111e+15`), thousands separators or a currency sign
+/// (`$4,111,111,111,111,111.00`), wherever they stand (arrays, records, points).
+fn redact_amounts(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let glued = i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if !bytes[i].is_ascii_digit() || glued {
+            i += 1;
+            continue;
+        }
+        let mut end = i;
+        let digits = |end: &mut usize| {
+            while *end < bytes.len() && bytes[*end].is_ascii_digit() {
+                *end += 1;
+            }
+        };
+        digits(&mut end);
+        // Thousands separators: a comma followed by exactly three digits.
+        while bytes.get(end) == Some(&b',')
+            && bytes
+                .get(end + 1..end + 4)
+                .is_some_and(|g| g.iter().all(u8::is_ascii_digit))
+            && !bytes.get(end + 4).is_some_and(u8::is_ascii_digit)
+        {
+            end += 4;
+        }
+        if bytes.get(end) == Some(&b'.') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit) {
+            end += 1;
+            digits(&mut end);
+        }
+        if matches!(bytes.get(end), Some(b'e' | b'E')) {
+            let mut exp = end + 1;
+            if matches!(bytes.get(exp), Some(b'+' | b'-')) {
+                exp += 1;
+            }
+            if bytes.get(exp).is_some_and(u8::is_ascii_digit) {
+                end = exp;
+                digits(&mut end);
+            }
+        }
+        let token = &text[i..end];
+        let glued_after = bytes
+            .get(end)
+            .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
+        let card_like = whole_digits(token).is_some_and(|d| (13..=19).contains(&d.len()));
+        if card_like && !glued_after {
+            out.push_str(&text[last..i]);
+            out.push_str(&card(token));
+            last = end;
+        }
+        i = end.max(i + 1);
+    }
+    if last == 0 {
         return None;
     }
     out.push_str(&text[last..]);
@@ -319,7 +402,8 @@ fn looks_like_ipv4(run: &str) -> bool {
 }
 
 /// Rewrites every string value in a JSON document with `f(key, value)`, where `key` is
-/// the name of the object field holding it (if any). `f` returns `None` to keep the
+/// the name of the object field holding it (if any), and every object key with
+/// `f(None, key)`. `f` returns `None` to keep the
 /// value. Returns the document re-serialized (compact), or an error if it is not JSON.
 pub fn json_strings(
     text: &str,
@@ -343,7 +427,15 @@ fn walk(
             }
         }
         Value::Array(items) => items.iter_mut().for_each(|v| walk(v, key, f)),
-        Value::Object(map) => map.iter_mut().for_each(|(k, v)| walk(v, Some(k), f)),
+        Value::Object(map) => {
+            // Keys are data too (`jsonb_object_agg(email, …)`): rewritten with no key.
+            let entries = std::mem::take(map);
+            for (k, mut v) in entries {
+                walk(&mut v, Some(&k), f);
+                let k = f(None, &k).unwrap_or(k);
+                map.insert(k, v);
+            }
+        }
         _ => {}
     }
 }
@@ -389,6 +481,23 @@ mod tests {
             redact_text(r#"schema "alice@example" does not exist"#).as_deref(),
             Some(r#"schema "***@example" does not exist"#)
         );
+        for (text, masked) in [
+            ("(4111111111111111)", "(************1111)"),
+            (
+                r#"{"(1,4111111111111111)","(2,5500000000000004)"}"#,
+                r#"{"(1,************1111)","(2,************0004)"}"#,
+            ),
+            ("{4.111111111111111e+15}", "{*.*************11e+15}"),
+            ("(4.111111111111111e+15,0)", "(*.*************11e+15,0)"),
+            (
+                r#"{"$4,111,111,111,111,111.00"}"#,
+                r#"{"$*,***,***,***,***,*11.00"}"#,
+            ),
+            ("(1,josé@example.com)", "(1,***@example.com)"),
+            ("o'brien@example.com", "***@example.com"),
+        ] {
+            assert_eq!(redact_text(text).as_deref(), Some(masked), "{text}");
+        }
         assert_eq!(
             whole_digits("4.111111111111111e+15").as_deref(),
             Some("4111111111111111")

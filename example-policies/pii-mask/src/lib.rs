@@ -44,7 +44,6 @@ const SAFE_TYPES: &[&str] = &[
     "regnamespace",
     "regrole",
     "xid",
-    "xid8",
     "cid",
     "tid",
     "pg_lsn",

@@ -225,7 +225,8 @@ fn tightens_limit(after: &str) -> bool {
         "d" => number * 86_400e3,
         _ => return false,
     };
-    ms > 0.0 && ms <= LONGEST_LIMIT_MS
+    // PostgreSQL rounds to whole milliseconds, and 0 is no limit at all.
+    (1.0..=LONGEST_LIMIT_MS).contains(&ms.round())
 }
 
 export_policy!(ReadOnlySql);
@@ -262,6 +263,7 @@ mod tests {
             "SET statement_timeout = '1h'",
             "SET lock_timeout = '10 weeks'",
             "SET statement_timeout = 'abc'",
+            "SET statement_timeout = '.4'",
         ] {
             assert!(!is_harmless_set(sql), "{sql}");
         }

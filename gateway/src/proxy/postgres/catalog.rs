@@ -53,7 +53,8 @@ pub const RUNS_SQL_TEXT: &[&str] = &[
 pub const FIRST_NORMAL_OID: u32 = 16_384;
 
 /// The query that reads a catalog: functions, then types.
-pub const QUERY: &str = "SELECT p.proname, n.nspname, p.provolatile, p.oid::int8, p.pronargs \
+pub const QUERY: &str = "SELECT p.proname, n.nspname, p.provolatile, p.oid::int8, \
+     p.pronargs - p.pronargdefaults <= 1 AND p.pronargs >= 1 \
      FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace; \
      SELECT t.oid::int8, t.typname FROM pg_catalog.pg_type t";
 
@@ -62,7 +63,7 @@ struct Candidate {
     schema: String,
     volatility: Volatility,
     builtin: bool,
-    /// Takes exactly one argument, so `x.name` can call it.
+    /// Can be called with one argument (others have defaults), so `x.name` can call it.
     one_argument: bool,
 }
 
@@ -75,7 +76,7 @@ pub struct Catalog {
 
 impl Catalog {
     /// Builds a catalog from the rows of [`QUERY`]'s two results: (name, schema,
-    /// provolatile, oid, number of arguments) and (oid, type name).
+    /// provolatile, oid, callable with one argument) and (oid, type name).
     pub fn from_rows(functions: &[Vec<Option<String>>], types: &[Vec<Option<String>>]) -> Self {
         let mut catalog = Catalog::default();
         for row in functions {
@@ -84,7 +85,7 @@ impl Catalog {
                 Some(schema),
                 Some(volatility),
                 Some(oid),
-                Some(arguments),
+                Some(one_argument),
             ] = row.as_slice()
             else {
                 continue;
@@ -103,7 +104,7 @@ impl Catalog {
                     schema: schema.clone(),
                     volatility,
                     builtin,
-                    one_argument: arguments == "1",
+                    one_argument: one_argument == "t",
                 });
         }
         for row in types {
@@ -135,7 +136,8 @@ impl Catalog {
     }
 
     /// A name selected from a value (`c.f`, `(c).f`) as the function PostgreSQL calls
-    /// when no column has that name, if the catalog has a one-argument function of it.
+    /// when no column has that name, if the catalog has a function of it callable with
+    /// one argument (`pg_terminate_backend(pid, timeout DEFAULT 0)` is).
     pub fn field_function(&self, name: &str) -> Option<SqlFunction> {
         let candidates: Vec<&Candidate> = self
             .functions
@@ -220,12 +222,12 @@ mod tests {
     fn functions_resolve_to_their_worst_candidate() {
         let catalog = Catalog::from_rows(
             &[
-                row(&["lower", "pg_catalog", "i", "870", "1"]),
-                row(&["now", "pg_catalog", "s", "1299", "0"]),
-                row(&["nextval", "pg_catalog", "v", "1574", "1"]),
-                row(&["lower", "app", "v", "16500", "1"]),
-                row(&["query_to_xml", "pg_catalog", "s", "2924", "4"]),
-                row(&["touch", "public", "v", "16501", "1"]),
+                row(&["lower", "pg_catalog", "i", "870", "t"]),
+                row(&["now", "pg_catalog", "s", "1299", "f"]),
+                row(&["nextval", "pg_catalog", "v", "1574", "t"]),
+                row(&["lower", "app", "v", "16500", "t"]),
+                row(&["query_to_xml", "pg_catalog", "s", "2924", "f"]),
+                row(&["touch", "public", "v", "16501", "t"]),
             ],
             &[row(&["25", "text"]), row(&["16400", "citext"])],
         );

@@ -114,7 +114,7 @@ impl Session {
 
     async fn run_batch(&mut self, batch: Vec<Message>, synced: bool) -> Result<(), String> {
         let set = self.services.policy.current();
-        self.pick_up_catalog();
+        self.current_catalog().await?;
         let masks = set.masks(&self.context.target);
         let saved = (self.prepared.clone(), self.portals.clone());
         let mut write = Write::default();

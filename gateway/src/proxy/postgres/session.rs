@@ -264,7 +264,7 @@ impl Session {
             return self.client.send(&out).await.map_err(|e| e.to_string());
         }
         let set = self.services.policy.current();
-        self.pick_up_catalog();
+        self.current_catalog().await?;
         let mut write = Write::default();
         let mut denial: Option<(String, Option<String>)> = None;
         for statement in statements {
@@ -299,15 +299,23 @@ impl Session {
         self.refresh_catalog().await
     }
 
-    /// Takes a catalog another session read since this one's: verdicts made with the
-    /// old one are forgotten.
-    pub(super) fn pick_up_catalog(&mut self) {
+    /// Before deciding: takes a catalog another session read since this one's, or,
+    /// once the target's is older than its TTL and the upstream session is idle, reads
+    /// it again (a function created outside the gateway resolves within the TTL).
+    /// Verdicts made with the old one are forgotten.
+    pub(super) async fn current_catalog(&mut self) -> Result<(), String> {
+        let target = &self.context.target.name;
+        if self.services.catalogs.fresh(target).is_none() {
+            self.catalog_stale = true;
+            self.refresh_catalog().await?;
+        }
         if let Some(latest) = self.services.catalogs.latest(&self.context.target.name)
             && !Arc::ptr_eq(&latest, &self.catalog)
         {
             self.catalog = latest;
             self.verdicts.clear();
         }
+        Ok(())
     }
 
     /// Reads the target's catalog again after DDL, once the upstream session is idle
