@@ -404,7 +404,11 @@ fn hot_swap_under_concurrent_decisions_never_mixes_bundles() {
                         );
                     } else {
                         assert_eq!(voters, ["hostile"], "v{version}");
-                        assert!(decision.outcome.is_allow(), "v{version}");
+                        assert!(
+                            decision.outcome.is_allow(),
+                            "v{version}: {:?}",
+                            decision.outcome
+                        );
                     }
                     seen[version as usize] += 1;
                 }
@@ -550,4 +554,131 @@ fn a_spawned_reloader_activates_a_newly_installed_bundle() {
     assert!(setup.install(&setup.sign(2)).status.success());
     wait_for(2);
     drop(handle);
+}
+
+/// Rewrites a signed bundle's manifest with `edit` and signs it again with the trusted
+/// key, as a compromised build pipeline holding that key could.
+fn resign(setup: &Setup, bundle: &Path, edit: impl FnOnce(String) -> String) {
+    let manifest = bundle.join("manifest.toml");
+    let text = edit(std::fs::read_to_string(&manifest).unwrap());
+    std::fs::write(&manifest, &text).unwrap();
+    let key = SecretKey::read(&setup.key()).unwrap();
+    let signature = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        key.sign(text.as_bytes()),
+    );
+    std::fs::write(
+        bundle.join("manifest.sig"),
+        format!(
+            "algorithm = \"ed25519\"\nkey-id = \"{}\"\nsignature = \"{signature}\"\n",
+            key.public().id()
+        ),
+    )
+    .unwrap();
+}
+
+/// Replaces the manifest's `created` line.
+fn set_created(text: &str, created: &str) -> String {
+    let start = text.find("created = ").unwrap();
+    let end = start + text[start..].find('\n').unwrap();
+    format!("{}created = \"{created}\"{}", &text[..start], &text[end..])
+}
+
+/// A signing key in the wrong hands: a bundle named to escape the policy directory or
+/// to write control characters, a version that would end rotation, a `created` that is
+/// no time or lies in the future. Each is refused naming the problem, nothing is
+/// written outside the policy directory, and the installed bundle stays.
+#[test]
+fn a_signed_manifest_cannot_escape_end_rotation_or_lie_about_time() {
+    let setup = Setup::new();
+    assert!(setup.install(&setup.sign(1)).status.success());
+    let escaped = setup.dir.path().join("escaped");
+    let tomorrow =
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(86_400))
+            .to_string();
+    type Edit = Box<dyn Fn(String) -> String>;
+    let edits: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|t| t.replace("name = \"test\"", "name = \"../../../escaped\"")),
+            "must be 1-64 characters of letters, digits",
+        ),
+        (
+            Box::new(|t| t.replace("name = \"test\"", "name = \"te\\u001b[2Jst\"")),
+            "must be 1-64 characters of letters, digits",
+        ),
+        (
+            Box::new(|t| t.replace("version = 2", "version = 18446744073709551615")),
+            "over the limit of 9007199254740992",
+        ),
+        (
+            Box::new(|t| set_created(&t, "yesterday")),
+            "is not an RFC 3339 time",
+        ),
+        (
+            Box::new(move |t| set_created(&t, &tomorrow)),
+            "is in the future",
+        ),
+    ];
+    for (edit, expected) in edits {
+        let bundle = setup.sign(2);
+        resign(&setup, &bundle, edit);
+        refused(&setup.verify(&bundle), expected);
+        refused(&setup.install(&bundle), expected);
+        assert!(!escaped.exists());
+        assert!(setup.status().contains("test v1"), "{}", setup.status());
+    }
+    // The signer refuses such a version too.
+    let out = run(&[
+        "bundle",
+        "sign",
+        setup.src().to_str().unwrap(),
+        "--key",
+        setup.key().to_str().unwrap(),
+        "--version",
+        "18446744073709551615",
+        "--out",
+        setup.dir.path().join("never").to_str().unwrap(),
+    ]);
+    refused(&out, "would leave no room for the next bundle");
+    assert!(setup.install(&setup.sign(3)).status.success());
+}
+
+/// Files that are not what they claim: a module that is a FIFO, a manifest linked to
+/// /dev/zero, an oversized manifest. Refused at once, by name, without hanging or
+/// holding the install lock.
+#[test]
+fn bundle_files_must_be_bounded_regular_files() {
+    let setup = Setup::new();
+    let started = std::time::Instant::now();
+
+    let fifo_bundle = setup.sign(1);
+    let module = fifo_bundle.join("modules/read-only-sql.wasm");
+    std::fs::remove_file(&module).unwrap();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&module)
+            .status()
+            .unwrap()
+            .success()
+    );
+    refused(&setup.verify(&fifo_bundle), "is a FIFO, not a regular file");
+    refused(
+        &setup.install(&fifo_bundle),
+        "is a FIFO, not a regular file",
+    );
+
+    let zero = setup.sign(1);
+    std::fs::remove_file(zero.join("manifest.toml")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", zero.join("manifest.toml")).unwrap();
+    refused(&setup.verify(&zero), "manifest.toml is a symbolic link");
+
+    let huge = setup.sign(1);
+    let mut text = std::fs::read_to_string(huge.join("manifest.toml")).unwrap();
+    text.push_str(&format!("# {}\n", "x".repeat(2 << 20)));
+    std::fs::write(huge.join("manifest.toml"), text).unwrap();
+    refused(&setup.verify(&huge), "over the limit of 1048576");
+
+    // None of it hung, and the lock was never left held: a good bundle installs.
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert!(setup.install(&setup.sign(2)).status.success());
 }

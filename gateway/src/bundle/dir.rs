@@ -63,11 +63,29 @@ impl PolicyDir {
         self.root.join(CACHE)
     }
 
-    /// The active bundle's directory, if one is installed.
+    /// The active bundle's directory, if one is installed. `current` is followed only
+    /// to a directory the gateway made: `bundles/<one name>`, inside the policy
+    /// directory.
     pub fn current(&self) -> Result<Option<PathBuf>, BundleError> {
         let link = self.root.join(CURRENT);
         match fs::read_link(&link) {
-            Ok(target) => Ok(Some(self.root.join(target))),
+            Ok(target) => {
+                let mut parts = target.components();
+                let inside = matches!(
+                    (parts.next(), parts.next(), parts.next()),
+                    (
+                        Some(std::path::Component::Normal(first)),
+                        Some(std::path::Component::Normal(_)),
+                        None
+                    ) if first == BUNDLES
+                );
+                if !inside {
+                    return Err(BundleError::UnsafePath {
+                        file: format!("{CURRENT} -> {}", target.display()),
+                    });
+                }
+                Ok(Some(self.root.join(target)))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(BundleError::Io {
                 path: link,
@@ -82,7 +100,12 @@ impl PolicyDir {
             return Ok(None);
         };
         let manifest_path = path.join(MANIFEST_FILE);
-        let text = fs::read_to_string(&manifest_path).map_err(io_err(&manifest_path))?;
+        let bytes = super::read::read_bounded(&manifest_path, super::read::MANIFEST_LIMIT)
+            .map_err(|reason| BundleError::UnreadableFile {
+                file: manifest_path.display().to_string(),
+                reason,
+            })?;
+        let text = String::from_utf8_lossy(&bytes);
         Ok(Some(BundleStatus {
             manifest: Manifest::parse(&text)?,
             path,

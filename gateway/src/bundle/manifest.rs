@@ -72,6 +72,15 @@ pub struct FileDigest {
 
 pub(crate) const FORMAT: u32 = 1;
 
+/// The highest version a bundle may have: a version at the top of `u64` would leave no
+/// version to rotate to (every later install a "rollback"). Epoch seconds, dates
+/// (`20261129`) and counters all fit far below it, and it is exact in JSON.
+pub const MAX_VERSION: u64 = 1 << 53;
+
+/// How far in the future a bundle's `created` may lie (clock skew between the signer
+/// and the gateway).
+const CREATED_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl Manifest {
     pub fn parse(text: &str) -> Result<Self, BundleError> {
         let bad = |reason: String| BundleError::BadManifest {
@@ -85,6 +94,8 @@ impl Manifest {
                 manifest.format
             )));
         }
+        check_name(&manifest.name).map_err(bad)?;
+        check_version(manifest.version).map_err(bad)?;
         let mut names = std::collections::HashSet::new();
         for module in &manifest.modules {
             check_name(&module.name).map_err(bad)?;
@@ -95,8 +106,32 @@ impl Manifest {
                 return Err(bad(format!("module `{}` applies to no hook", module.name)));
             }
         }
-        manifest.expires_at().map_err(bad)?;
+        let expires = manifest.expires_at().map_err(bad)?;
+        let created = humantime::parse_rfc3339(&manifest.created).map_err(|e| {
+            bad(format!(
+                "created `{}` is not an RFC 3339 time: {e}",
+                manifest.created
+            ))
+        })?;
+        if created > expires {
+            return Err(bad("created is after expires".into()));
+        }
         Ok(manifest)
+    }
+
+    /// Refuses a bundle created in the future (beyond clock skew): its signer's clock,
+    /// or its claims, cannot be trusted.
+    pub fn check_created(&self, now: std::time::SystemTime) -> Result<(), String> {
+        let created = humantime::parse_rfc3339(&self.created)
+            .map_err(|e| format!("created `{}`: {e}", self.created))?;
+        if created > now + CREATED_SKEW {
+            return Err(format!(
+                "created {} is in the future (more than {}s ahead of this gateway's clock)",
+                self.created,
+                CREATED_SKEW.as_secs()
+            ));
+        }
+        Ok(())
     }
 
     pub fn expires_at(&self) -> Result<std::time::SystemTime, String> {
@@ -120,6 +155,16 @@ impl SourceBundle {
             .map_err(|e| bad(format!("valid-for `{}`: {e}", source.valid_for)))?;
         Ok(source)
     }
+}
+
+/// Versions must leave room to rotate: see [`MAX_VERSION`].
+pub fn check_version(version: u64) -> Result<(), String> {
+    if version > MAX_VERSION {
+        return Err(format!(
+            "version {version} is over the limit of {MAX_VERSION} (2^53): a version that high would leave no room for the next bundle; use epoch seconds or a counter"
+        ));
+    }
+    Ok(())
 }
 
 /// Names become file names: keep them to a safe alphabet.

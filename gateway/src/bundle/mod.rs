@@ -10,6 +10,7 @@
 
 mod dir;
 mod manifest;
+mod read;
 mod sign;
 mod verify;
 mod watch;
@@ -63,6 +64,11 @@ pub enum BundleError {
     MissingFile {
         file: String,
         source: std::io::Error,
+    },
+    #[error("{file} {reason}")]
+    UnreadableFile {
+        file: String,
+        reason: read::ReadError,
     },
     #[error("{file} does not match its digest: manifest says sha256 {expected}, file has {actual}")]
     DigestMismatch {

@@ -27,6 +27,10 @@ pub fn sign(
     let source_path = src_dir.join("bundle.toml");
     let text = fs::read_to_string(&source_path).map_err(io_err(&source_path))?;
     let source = SourceBundle::parse(&text, &source_path)?;
+    super::manifest::check_version(version).map_err(|reason| BundleError::BadManifest {
+        file: source_path.display().to_string(),
+        reason,
+    })?;
     let valid_for = humantime::parse_duration(&source.valid_for).unwrap_or(Duration::ZERO);
 
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{Manifest, ManifestModule, inside};
-use super::{BundleError, MANIFEST_FILE, SIGNATURE_FILE, io_err};
+use super::{BundleError, MANIFEST_FILE, SIGNATURE_FILE, io_err, read};
 use crate::fsperm;
 use crate::keys::TrustedKeys;
 
@@ -42,12 +42,9 @@ pub struct VerifiedModule {
     pub fixtures: Vec<(String, Vec<u8>)>,
 }
 
-fn read_listed(dir: &Path, file: &str, expected: &str) -> Result<Vec<u8>, BundleError> {
+fn read_listed(dir: &Path, file: &str, expected: &str, limit: u64) -> Result<Vec<u8>, BundleError> {
     let path = inside(dir, file)?;
-    let bytes = fs::read(&path).map_err(|source| BundleError::MissingFile {
-        file: file.to_string(),
-        source,
-    })?;
+    let bytes = read_file(&path, file, limit)?;
     let actual = hex::encode(Sha256::digest(&bytes));
     if actual != expected {
         return Err(BundleError::DigestMismatch {
@@ -59,6 +56,21 @@ fn read_listed(dir: &Path, file: &str, expected: &str) -> Result<Vec<u8>, Bundle
     Ok(bytes)
 }
 
+/// Reads one of the bundle's files, named `file` in errors: a regular file within
+/// `limit` bytes, or a refusal naming the problem.
+fn read_file(path: &Path, file: &str, limit: u64) -> Result<Vec<u8>, BundleError> {
+    read::read_bounded(path, limit).map_err(|reason| match reason {
+        read::ReadError::Io(source) => BundleError::MissingFile {
+            file: file.to_string(),
+            source,
+        },
+        reason => BundleError::UnreadableFile {
+            file: file.to_string(),
+            reason,
+        },
+    })
+}
+
 /// Verifies the bundle in `dir` against the gateway's trusted keys, at time `now`.
 pub fn verify(
     dir: &Path,
@@ -66,25 +78,19 @@ pub fn verify(
     now: SystemTime,
 ) -> Result<VerifiedBundle, BundleError> {
     let manifest_path = dir.join(MANIFEST_FILE);
-    let manifest_bytes = fs::read(&manifest_path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => BundleError::NoManifest {
+    if manifest_path.symlink_metadata().is_err() {
+        return Err(BundleError::NoManifest {
             dir: dir.to_path_buf(),
-        },
-        _ => BundleError::Io {
-            path: manifest_path.clone(),
-            source: e,
-        },
-    })?;
+        });
+    }
+    let manifest_bytes = read_file(&manifest_path, MANIFEST_FILE, read::MANIFEST_LIMIT)?;
     let sig_path = dir.join(SIGNATURE_FILE);
-    let signature_bytes = fs::read(&sig_path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => BundleError::Unsigned {
+    if sig_path.symlink_metadata().is_err() {
+        return Err(BundleError::Unsigned {
             dir: dir.to_path_buf(),
-        },
-        _ => BundleError::Io {
-            path: sig_path.clone(),
-            source: e,
-        },
-    })?;
+        });
+    }
+    let signature_bytes = read_file(&sig_path, SIGNATURE_FILE, read::SIGNATURE_LIMIT)?;
     let bad_sig = |reason: String| BundleError::BadSignatureFile { reason };
     let sig: SignatureFile = std::str::from_utf8(&signature_bytes)
         .map_err(|e| bad_sig(e.to_string()))
@@ -134,15 +140,24 @@ pub fn verify(
             expires: manifest.expires.clone(),
         });
     }
+    manifest
+        .check_created(now)
+        .map_err(|reason| BundleError::BadManifest {
+            file: MANIFEST_FILE.into(),
+            reason,
+        })?;
     let modules = manifest
         .modules
         .iter()
         .map(|entry| {
-            let bytes = read_listed(dir, &entry.file, &entry.sha256)?;
+            let bytes = read_listed(dir, &entry.file, &entry.sha256, read::MODULE_LIMIT)?;
             let fixtures = entry
                 .fixtures
                 .iter()
-                .map(|f| Ok((f.file.clone(), read_listed(dir, &f.file, &f.sha256)?)))
+                .map(|f| {
+                    let bytes = read_listed(dir, &f.file, &f.sha256, read::FIXTURE_LIMIT)?;
+                    Ok((f.file.clone(), bytes))
+                })
                 .collect::<Result<_, BundleError>>()?;
             Ok(VerifiedModule {
                 entry: entry.clone(),
