@@ -682,3 +682,45 @@ fn bundle_files_must_be_bounded_regular_files() {
     assert!(started.elapsed() < Duration::from_secs(60));
     assert!(setup.install(&setup.sign(2)).status.success());
 }
+
+/// Expiry is enforced while the bundle is active, not only at install and load: once
+/// its window closes, every decision is a denial naming the expiry.
+#[test]
+fn an_active_bundle_stops_deciding_when_it_expires() {
+    let setup = Setup::new();
+    let key = SecretKey::read(&setup.key()).unwrap();
+    let bundle = setup.dir.path().join("expiring");
+    // Signed so that its 365-day window closes three seconds from now.
+    let signed_at = SystemTime::now() - Duration::from_secs(365 * 86_400) + Duration::from_secs(3);
+    airlock::bundle::sign(&setup.src(), &key, 1, &bundle, signed_at).unwrap();
+    assert!(setup.install(&bundle).status.success());
+    let dir = PolicyDir::open(&setup.policy_dir()).unwrap();
+    let set = dir
+        .load_current(&engine(), &setup.trust(), SystemTime::now())
+        .unwrap()
+        .unwrap();
+    let at = |time: SystemTime| {
+        let mut context = grant_context("fine");
+        context.now_unix_ms = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        set.check(&context, &update_users())
+    };
+    // Before: the module decides (an UPDATE under read is denied by read-only-sql).
+    let before = at(SystemTime::now());
+    assert_eq!(before.votes.len(), 1);
+    // After: no module is asked, and the denial says why and what to do.
+    let after = at(SystemTime::now() + Duration::from_secs(10));
+    assert!(after.votes.is_empty());
+    match after.outcome {
+        Outcome::Deny { reason, hint, .. } => {
+            assert!(
+                reason.contains("policy bundle test v1 expired at "),
+                "{reason}"
+            );
+            assert!(hint.unwrap().contains("airlock bundle install"));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -251,11 +251,21 @@ pub fn load_reporting(
         }
         modules.push(loaded);
     }
-    Ok(PolicySet::new(
+    let set = PolicySet::new(
         BundleId {
             name: bundle.manifest.name.clone(),
             version: bundle.manifest.version,
         },
         modules,
-    ))
+    );
+    // Verified bundles always have a parsed expiry; time is enforced while running,
+    // not only at install and load.
+    Ok(match bundle.manifest.expires_at() {
+        Ok(expires) => set.expiring_at(
+            expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        ),
+        Err(_) => set.expiring_at(0),
+    })
 }

@@ -67,6 +67,9 @@ impl Drop for ReloaderHandle {
     }
 }
 
+/// How long before its expiry the active bundle is warned about.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 86_400);
+
 impl Reloader {
     /// `seen` is the bundle directory `active` was loaded from, if any.
     pub fn new(
@@ -118,6 +121,27 @@ impl Reloader {
         Ok(Some(id))
     }
 
+    /// Warns, once per bundle version, when the active bundle expires within
+    /// [`EXPIRY_WARNING`]: at expiry every decision becomes a denial.
+    fn warn_of_expiry(&self, warned: &mut Option<u64>) {
+        let set = self.active.current();
+        let (Some(bundle), Some(expires)) = (set.bundle(), set.expires_unix_ms()) else {
+            return;
+        };
+        let expires = SystemTime::UNIX_EPOCH + Duration::from_millis(expires);
+        let soon = expires
+            .duration_since(SystemTime::now())
+            .map_or(true, |left| left < EXPIRY_WARNING);
+        if soon && *warned != Some(bundle.version) {
+            *warned = Some(bundle.version);
+            tracing::warn!(
+                bundle = %bundle,
+                expires = %humantime::format_rfc3339_seconds(expires),
+                "the active policy bundle expires soon: at expiry every decision is denied; install a newer signed bundle"
+            );
+        }
+    }
+
     /// Polls every `interval` on a thread of its own until the handle is dropped.
     pub fn spawn(mut self, interval: Duration) -> ReloaderHandle {
         let stop = Arc::new(AtomicBool::new(false));
@@ -125,7 +149,9 @@ impl Reloader {
         let thread = std::thread::Builder::new()
             .name("airlock-policy-reload".into())
             .spawn(move || {
+                let mut warned: Option<u64> = None;
                 while !flag.load(Ordering::Relaxed) {
+                    self.warn_of_expiry(&mut warned);
                     match self.poll() {
                         Ok(Some(id)) => tracing::info!(bundle = %id, "policy bundle activated"),
                         Ok(None) => {}

@@ -27,6 +27,11 @@ impl std::fmt::Display for BundleId {
 pub struct PolicySet {
     bundle: Option<Arc<BundleId>>,
     modules: Vec<LoadedModule>,
+    /// When the bundle's signature stops vouching for it: from then on every decision
+    /// is a denial, whatever the modules would say.
+    expires_unix_ms: Option<u64>,
+    /// The expiry has been logged (once per set).
+    expiry_logged: std::sync::atomic::AtomicBool,
 }
 
 /// A masking module failed: the result must not be released.
@@ -43,6 +48,8 @@ impl PolicySet {
         PolicySet {
             bundle: None,
             modules: Vec::new(),
+            expires_unix_ms: None,
+            expiry_logged: Default::default(),
         }
     }
 
@@ -50,7 +57,20 @@ impl PolicySet {
         PolicySet {
             bundle: Some(Arc::new(bundle)),
             modules,
+            expires_unix_ms: None,
+            expiry_logged: Default::default(),
         }
+    }
+
+    /// The set stops deciding at `expires_unix_ms` (the bundle's signed expiry).
+    pub fn expiring_at(mut self, expires_unix_ms: u64) -> Self {
+        self.expires_unix_ms = Some(expires_unix_ms);
+        self
+    }
+
+    /// When the set stops deciding, if it ever does.
+    pub fn expires_unix_ms(&self) -> Option<u64> {
+        self.expires_unix_ms
     }
 
     pub fn bundle(&self) -> Option<&Arc<BundleId>> {
@@ -68,15 +88,20 @@ impl PolicySet {
             Hook::Authorize,
             &request.target,
             "this grant request",
+            request.now_unix_ms,
             |m| m.authorize(request),
         )
     }
 
     /// Decides one action under a live grant.
     pub fn check(&self, context: &GrantContext, action: &Action) -> Decision {
-        self.decide(Hook::Check, &context.target, "this action", |m| {
-            m.check(context, action)
-        })
+        self.decide(
+            Hook::Check,
+            &context.target,
+            "this action",
+            context.now_unix_ms,
+            |m| m.check(context, action),
+        )
     }
 
     fn decide(
@@ -84,8 +109,36 @@ impl PolicySet {
         hook: Hook,
         target: &Target,
         what: &str,
+        now_unix_ms: u64,
         call: impl Fn(&LoadedModule) -> Result<Verdict, Fault>,
     ) -> Decision {
+        if let (Some(bundle), Some(expires)) = (&self.bundle, self.expires_unix_ms)
+            && now_unix_ms >= expires
+        {
+            let at = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(expires),
+            );
+            if !self
+                .expiry_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::error!(bundle = %bundle, expires = %at, "the active policy bundle has expired: every decision is denied until a newer one is installed");
+            }
+            return Decision {
+                outcome: Outcome::Deny {
+                    module: None,
+                    reason: format!(
+                        "policy bundle {bundle} expired at {at}; every decision is denied (fail closed)"
+                    ),
+                    hint: Some(
+                        "an operator must install a newer signed bundle (airlock bundle install)"
+                            .into(),
+                    ),
+                },
+                bundle: self.bundle.clone(),
+                votes: Vec::new(),
+            };
+        }
         let mut votes = Vec::new();
         for module in self.modules.iter().filter(|m| m.applies(hook, target)) {
             let verdict = call(module);
