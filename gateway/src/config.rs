@@ -225,6 +225,14 @@ pub struct PolicyConfig {
     /// Linear-memory cap per policy instance, in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: usize,
+    /// The longest window a bundle may be signed for (`expires` − `created`): a bundle
+    /// signed for longer is refused at install.
+    #[serde(default = "default_max_validity")]
+    pub max_validity: String,
+}
+
+fn default_max_validity() -> String {
+    "400d".to_string()
 }
 
 fn default_deadline_ms() -> u64 {
@@ -240,6 +248,7 @@ impl Default for PolicyConfig {
             trusted_keys: Vec::new(),
             deadline_ms: default_deadline_ms(),
             memory_mib: default_memory_mib(),
+            max_validity: default_max_validity(),
         }
     }
 }
@@ -271,6 +280,11 @@ impl Config {
         }
         if !(1..=4096).contains(&config.policy.memory_mib) {
             return Err(invalid("policy.memory-mib must be between 1 and 4096"));
+        }
+        if humantime::parse_duration(&config.policy.max_validity).is_err() {
+            return Err(invalid(
+                "policy.max-validity must be a duration such as \"400d\"",
+            ));
         }
         config.trusted_keys()?;
         config.validate().map_err(|reason| invalid(&reason))?;
@@ -355,6 +369,12 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The longest window a bundle may be signed for.
+    pub fn max_bundle_validity(&self) -> Duration {
+        humantime::parse_duration(&self.policy.max_validity)
+            .unwrap_or(Duration::from_secs(400 * 86_400))
     }
 
     pub fn max_grant_ttl(&self) -> Duration {

@@ -724,3 +724,30 @@ fn an_active_bundle_stops_deciding_when_it_expires() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A bundle signed for longer than the gateway's `policy.max-validity` is refused, and
+/// the operator can raise the limit.
+#[test]
+fn a_bundle_signed_for_too_long_is_refused() {
+    let setup = Setup::new();
+    let source = setup.src().join("bundle.toml");
+    let text = std::fs::read_to_string(&source).unwrap();
+    std::fs::write(
+        &source,
+        text.replace("name = \"test\"", "name = \"test\"\nvalid-for = \"500d\""),
+    )
+    .unwrap();
+    let bundle = setup.sign(1);
+    refused(
+        &setup.install(&bundle),
+        "bundle test v1 is signed for 500 days, longer than this gateway's policy.max-validity of 400 days",
+    );
+    let config = setup.data().join("airlock.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[policy]\n", "[policy]\nmax-validity = \"600d\"\n"),
+    )
+    .unwrap();
+    assert!(setup.install(&bundle).status.success());
+}

@@ -120,11 +120,15 @@ impl PolicyDir {
         trust: &TrustedKeys,
         engine: &Arc<PolicyEngine>,
         now: SystemTime,
+        max_validity: std::time::Duration,
     ) -> Result<Manifest, BundleError> {
         let _lock = self.lock()?;
         fsperm::check_private_tree(&self.root)?;
         let verified = verify(src, trust, now)?;
         let manifest = &verified.manifest;
+        manifest
+            .check_validity(max_validity)
+            .map_err(BundleError::TooLong)?;
         if let Some(installed) = self.status()?
             && manifest.version <= installed.manifest.version
         {

@@ -119,6 +119,24 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// Refuses a bundle signed for longer than `max` (`policy.max-validity`).
+    pub fn check_validity(&self, max: std::time::Duration) -> Result<(), String> {
+        let created = humantime::parse_rfc3339(&self.created).map_err(|e| e.to_string())?;
+        let expires = self.expires_at()?;
+        let window = expires.duration_since(created).unwrap_or_default();
+        if window > max {
+            let days = |d: std::time::Duration| d.as_secs().div_ceil(86_400);
+            return Err(format!(
+                "bundle {} v{} is signed for {} days, longer than this gateway's policy.max-validity of {} days",
+                self.name,
+                self.version,
+                days(window),
+                days(max)
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses a bundle created in the future (beyond clock skew): its signer's clock,
     /// or its claims, cannot be trusted.
     pub fn check_created(&self, now: std::time::SystemTime) -> Result<(), String> {

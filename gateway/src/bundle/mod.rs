@@ -84,6 +84,8 @@ pub enum BundleError {
         version: u64,
         installed: u64,
     },
+    #[error("{0}")]
+    TooLong(String),
     #[error("bundle v{version} is already installed")]
     AlreadyInstalled { version: u64 },
     #[error(transparent)]

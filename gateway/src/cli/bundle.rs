@@ -96,7 +96,13 @@ pub(crate) fn run(context: &Context, command: BundleCommand) -> anyhow::Result<E
             let dir = PolicyDir::open(&data.policy_dir())?;
             let engine = PolicyEngine::new(config.policy_limits(), Some(&dir.cache_dir()))?;
             let manifest = dir
-                .install(&bundle, &config.trusted_keys()?, &engine, SystemTime::now())
+                .install(
+                    &bundle,
+                    &config.trusted_keys()?,
+                    &engine,
+                    SystemTime::now(),
+                    config.max_bundle_validity(),
+                )
                 .with_context(|| format!("bundle {} refused", bundle.display()))?;
             println!(
                 "installed {} v{} into {}",
