@@ -751,3 +751,33 @@ fn a_bundle_signed_for_too_long_is_refused() {
     .unwrap();
     assert!(setup.install(&bundle).status.success());
 }
+
+/// An old, inactive bundle that others can write is reported, not fatal: it is never
+/// loaded again. The active one stays strictly checked.
+#[test]
+fn a_writable_inactive_bundle_is_reported_not_fatal() {
+    let setup = Setup::new();
+    assert!(setup.install(&setup.sign(1)).status.success());
+    assert!(setup.install(&setup.sign(2)).status.success());
+    let old = setup.policy_dir().join("bundles/test-v1/manifest.toml");
+    std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(
+        setup.status().contains("bundle:  test v2"),
+        "{}",
+        setup.status()
+    );
+    let dir = PolicyDir::open(&setup.policy_dir()).unwrap();
+    assert!(
+        dir.load_current(&engine(), &setup.trust(), SystemTime::now())
+            .unwrap()
+            .is_some()
+    );
+    assert!(setup.install(&setup.sign(3)).status.success());
+    let active = setup.policy_dir().join("bundles/test-v3/manifest.toml");
+    std::fs::set_permissions(&active, std::fs::Permissions::from_mode(0o666)).unwrap();
+    assert!(
+        setup.status().contains("refusing to use it"),
+        "{}",
+        setup.status()
+    );
+}

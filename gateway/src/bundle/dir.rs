@@ -49,10 +49,40 @@ impl PolicyDir {
         fsperm::create_private_dir(root)?;
         fsperm::create_private_dir(&root.join(BUNDLES))?;
         fsperm::create_private_dir(&root.join(CACHE))?;
-        fsperm::check_private_tree(root)?;
-        Ok(PolicyDir {
+        let dir = PolicyDir {
             root: root.to_path_buf(),
-        })
+        };
+        dir.check_permissions()?;
+        Ok(dir)
+    }
+
+    /// Refuses the directory if anyone but the gateway's user could write what the
+    /// gateway loads or installs through: the directory, `bundles/`, the cache, and the
+    /// active bundle. An inactive bundle others could write is never loaded again (a
+    /// rollback is refused), so it is reported, not fatal: remove it.
+    fn check_permissions(&self) -> Result<(), BundleError> {
+        fsperm::check_private(&self.root)?;
+        fsperm::check_private(&self.root.join(BUNDLES))?;
+        fsperm::check_private_tree(&self.root.join(CACHE))?;
+        let active = self.current()?;
+        if let Some(active) = &active {
+            fsperm::check_private_tree(active)?;
+        }
+        let bundles = self.root.join(BUNDLES);
+        for entry in fs::read_dir(&bundles).map_err(io_err(&bundles))? {
+            let path = entry.map_err(io_err(&bundles))?.path();
+            if Some(&path) == active.as_ref() {
+                continue;
+            }
+            if let Err(e) = fsperm::check_private_tree(&path) {
+                tracing::warn!(
+                    bundle = %path.display(),
+                    error = %e,
+                    "an inactive bundle is writable by others; it is never loaded again, remove it"
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -123,7 +153,7 @@ impl PolicyDir {
         max_validity: std::time::Duration,
     ) -> Result<Manifest, BundleError> {
         let _lock = self.lock()?;
-        fsperm::check_private_tree(&self.root)?;
+        self.check_permissions()?;
         let verified = verify(src, trust, now)?;
         let manifest = &verified.manifest;
         manifest
@@ -176,7 +206,7 @@ impl PolicyDir {
         trust: &TrustedKeys,
         now: SystemTime,
     ) -> Result<Option<PolicySet>, BundleError> {
-        fsperm::check_private_tree(&self.root)?;
+        self.check_permissions()?;
         match self.current()? {
             None => Ok(None),
             Some(path) => load(engine, &verify(&path, trust, now)?).map(Some),
