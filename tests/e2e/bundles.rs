@@ -781,3 +781,31 @@ fn a_writable_inactive_bundle_is_reported_not_fatal() {
         setup.status()
     );
 }
+
+/// Fixtures a module passed are remembered by the module's and fixtures' digests, so a
+/// reload does not run them again; a failure is never remembered.
+#[test]
+fn fixture_results_are_cached_by_digest() {
+    let setup = Setup::new();
+    let markers = || {
+        std::fs::read_dir(setup.policy_dir().join("cache"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("fixtures-"))
+            .count()
+    };
+    assert_eq!(markers(), 0);
+    assert!(setup.install(&setup.sign(1)).status.success());
+    let passed = markers();
+    assert!(passed > 0, "each module with fixtures passed them once");
+    // The same modules and fixtures in a new version: nothing new to remember.
+    assert!(setup.install(&setup.sign(2)).status.success());
+    assert_eq!(markers(), passed);
+    let dir = PolicyDir::open(&setup.policy_dir()).unwrap();
+    assert!(
+        dir.load_current(&engine(), &setup.trust(), SystemTime::now())
+            .unwrap()
+            .is_some()
+    );
+}

@@ -237,20 +237,36 @@ impl PolicyDir {
 
 /// Compiles every module of a verified bundle and runs each module's own fixtures
 /// against it. A module that fails to load or fails a fixture refuses the bundle.
+/// Fixtures a module passed before (same module, fixtures, engine and gateway version)
+/// are not run again, so a reload costs no fixture run.
 pub fn load(engine: &Arc<PolicyEngine>, bundle: &VerifiedBundle) -> Result<PolicySet, BundleError> {
-    load_reporting(engine, bundle, |_| {})
+    load_with(engine, bundle, true, |_| {})
 }
 
-/// [`load`], handing every fixture case's result to `report` as it runs.
+/// [`load`], running every fixture case and handing its result to `report`.
 pub fn load_reporting(
     engine: &Arc<PolicyEngine>,
     bundle: &VerifiedBundle,
+    report: impl FnMut(&fixture::CaseResult),
+) -> Result<PolicySet, BundleError> {
+    load_with(engine, bundle, false, report)
+}
+
+fn load_with(
+    engine: &Arc<PolicyEngine>,
+    bundle: &VerifiedBundle,
+    cached: bool,
     mut report: impl FnMut(&fixture::CaseResult),
 ) -> Result<PolicySet, BundleError> {
     let mut modules = Vec::with_capacity(bundle.modules.len());
     for module in &bundle.modules {
         let entry = &module.entry;
         let loaded = engine.load_module(&entry.name, &module.bytes, entry.applies_to.clone())?;
+        let key = fixtures_key(module);
+        if cached && engine.fixtures_passed(&key) {
+            modules.push(loaded);
+            continue;
+        }
         let subject = fixture::Subject::Module(&loaded);
         let mut total = 0;
         let mut failed = 0;
@@ -283,6 +299,7 @@ pub fn load_reporting(
             }
             .into());
         }
+        engine.remember_fixtures_passed(&key);
         modules.push(loaded);
     }
     let set = PolicySet::new(
@@ -302,4 +319,17 @@ pub fn load_reporting(
         ),
         Err(_) => set.expiring_at(0),
     })
+}
+
+/// A digest of a module's bytes and its fixtures' names and bytes.
+fn fixtures_key(module: &super::verify::VerifiedModule) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(module.entry.sha256.as_bytes());
+    for (file, bytes) in &module.fixtures {
+        hasher.update(file.as_bytes());
+        hasher.update([0]);
+        hasher.update(Sha256::digest(bytes));
+    }
+    hex::encode(hasher.finalize())
 }

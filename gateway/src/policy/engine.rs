@@ -176,6 +176,32 @@ impl PolicyEngine {
         ))
     }
 
+    /// True if a module with these fixtures (`key`: a digest of the module's and the
+    /// fixtures' bytes) passed them before on this engine and gateway version, as
+    /// recorded in the cache directory. Without a cache, never.
+    pub(crate) fn fixtures_passed(&self, key: &str) -> bool {
+        self.fixture_marker(key).is_some_and(|path| path.is_file())
+    }
+
+    /// Records that the fixtures behind `key` passed. Best effort: without the marker
+    /// they only run again.
+    pub(crate) fn remember_fixtures_passed(&self, key: &str) {
+        if let Some(path) = self.fixture_marker(key)
+            && let Err(e) = fsperm::write_private_atomic(&path, b"passed\n")
+        {
+            tracing::warn!(error = %e, "cannot cache a fixture result");
+        }
+    }
+
+    fn fixture_marker(&self, key: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        Some(dir.join(format!(
+            "fixtures-{key}-{}-{}.ok",
+            self.engine_key,
+            env!("CARGO_PKG_VERSION")
+        )))
+    }
+
     fn component(&self, name: &str, bytes: &[u8], digest: &str) -> Result<Component, LoadError> {
         let invalid = |e: wasmtime::Error| LoadError::InvalidComponent {
             module: name.to_string(),
