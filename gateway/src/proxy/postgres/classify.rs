@@ -725,8 +725,10 @@ mod tests {
     fn deep_and_long_texts() {
         let sum = format!("SELECT {}", vec!["c"; 48].join(" + "));
         assert_eq!(one(&sum).kind, SqlKind::Select);
+        let deep = format!("SELECT 1{}", "+1".repeat(100_000));
+        assert_eq!(classify(&deep), Err(ParseError::TooDeep));
         let huge = format!("SELECT 1{}", "+1".repeat(1_000_000));
-        assert_eq!(classify(&huge), Err(ParseError::TooDeep));
+        assert_eq!(classify(&huge), Err(ParseError::TooLong(huge.len())));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::classify::{ParseError, Statement};
+use super::classify::Statement;
 use super::session::{Expect, Session, invalid_utf8, message_bytes};
 use super::startup::fatal;
 use super::wire::{self, Field, Message, error_response, message, put_cstr, ready_for_query};
@@ -236,11 +236,7 @@ impl Session {
                 write
                     .events
                     .push(self.refusal_event(&text, "unparsed", &e.to_string()));
-                let code = match e {
-                    ParseError::Syntax(_) => "42601",
-                    ParseError::TooDeep => "54001",
-                };
-                return Err((code, e.to_string(), None));
+                return Err((e.sqlstate(), e.to_string(), None));
             }
             Ok(all) if all.len() > 1 => {
                 let reason = "cannot insert multiple commands into a prepared statement";

@@ -468,7 +468,8 @@ impl Session {
     }
 
     /// Records a statement the parser rejected (a denial) and refuses it as PostgreSQL
-    /// would: `42601` for a syntax error, `54001` for nesting too deep.
+    /// would: `42601` for a syntax error, `54001` for nesting too deep; `54000` for one
+    /// longer than the gateway checks.
     pub(super) async fn refuse_unparsed(
         &mut self,
         text: &str,
@@ -479,15 +480,9 @@ impl Session {
         let refused = self.refusal_event(text, "unparsed", &reason);
         self.statements += 1;
         self.record(Write::event(refused)).await?;
-        let response = match error {
-            ParseError::Syntax(_) => error_response("ERROR", "42601", &reason, None),
-            ParseError::TooDeep => error_response(
-                "ERROR",
-                "54001",
-                &reason,
-                Some("simplify the statement: PostgreSQL refuses expressions nested this deeply"),
-            ),
-        };
+        let hint = matches!(error, ParseError::TooDeep)
+            .then_some("simplify the statement: PostgreSQL refuses expressions nested this deeply");
+        let response = error_response("ERROR", error.sqlstate(), &reason, hint);
         self.refuse(response, ready).await
     }
 
