@@ -333,8 +333,15 @@ fn a_read_grant_is_read_only_at_the_server() {
         text(&out)
     );
 
-    // An upstream role that is a superuser (or bypasses row security) is refused
-    // unless the target allows it.
+    // An upstream role that is a superuser (or bypasses row security), or can become
+    // one with SET ROLE, is refused unless the target allows it.
+    s.pg.psql_super(
+        "CREATE ROLE boss SUPERUSER NOLOGIN; GRANT boss TO airlock",
+        "postgres",
+    );
+    let out = s.psql(&wid, &wsecret, "prod-db", "SET ROLE boss");
+    assert!(text(&out).contains("or can become one"), "{}", text(&out));
+    s.pg.psql_super("REVOKE boss FROM airlock", "postgres");
     s.pg.psql_super("ALTER ROLE airlock SUPERUSER", "postgres");
     let out = s.psql(&wid, &wsecret, "prod-db", "SELECT 1");
     assert!(

@@ -117,8 +117,18 @@ pub(super) fn refusal(statement: &Statement, read_only: bool) -> Option<Refusal>
 
 /// Checks a ParameterStatus from the upstream against what is pinned; `Err` says why
 /// the session must end.
-pub(super) fn check_parameter(name: &str, value: &str, read_only: bool) -> Result<(), String> {
+pub(super) fn check_parameter(
+    name: &str,
+    value: &str,
+    read_only: bool,
+    superuser_allowed: bool,
+) -> Result<(), String> {
     let name = name.to_ascii_lowercase();
+    if name == "is_superuser" && value.eq_ignore_ascii_case("on") && !superuser_allowed {
+        return Err(
+            "the upstream session became a superuser, which this target does not allow".into(),
+        );
+    }
     if let Some((_, pinned)) = LEXING.iter().find(|(n, _)| *n == name)
         && !value.eq_ignore_ascii_case(pinned)
     {
@@ -208,11 +218,14 @@ mod tests {
 
     #[test]
     fn reported_parameters() {
-        assert!(check_parameter("client_encoding", "UTF8", false).is_ok());
-        assert!(check_parameter("client_encoding", "SJIS", false).is_err());
-        assert!(check_parameter("standard_conforming_strings", "off", true).is_err());
-        assert!(check_parameter("default_transaction_read_only", "off", true).is_err());
-        assert!(check_parameter("default_transaction_read_only", "off", false).is_ok());
-        assert!(check_parameter("TimeZone", "UTC", true).is_ok());
+        assert!(check_parameter("client_encoding", "UTF8", false, false).is_ok());
+        assert!(check_parameter("client_encoding", "SJIS", false, false).is_err());
+        assert!(check_parameter("standard_conforming_strings", "off", true, false).is_err());
+        assert!(check_parameter("default_transaction_read_only", "off", true, false).is_err());
+        assert!(check_parameter("default_transaction_read_only", "off", false, false).is_ok());
+        assert!(check_parameter("TimeZone", "UTC", true, false).is_ok());
+        assert!(check_parameter("is_superuser", "on", false, false).is_err());
+        assert!(check_parameter("is_superuser", "on", false, true).is_ok());
+        assert!(check_parameter("is_superuser", "off", false, false).is_ok());
     }
 }

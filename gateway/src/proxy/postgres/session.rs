@@ -87,6 +87,7 @@ pub(super) struct Session {
     /// The grant is read-only: the upstream session was opened read-only, and nothing
     /// may lift that.
     read_only: bool,
+    superuser_allowed: bool,
     live: LiveGrant,
     session_id: String,
     pub(super) tx_status: u8,
@@ -117,6 +118,8 @@ pub(super) struct Admitted {
     pub(super) live: LiveGrant,
     pub(super) catalog: Arc<Catalog>,
     pub(super) read_only: bool,
+    /// The target allows a superuser upstream role (`allow-superuser`).
+    pub(super) superuser_allowed: bool,
     pub(super) session_id: String,
 }
 
@@ -132,6 +135,7 @@ impl Session {
             live,
             catalog,
             read_only,
+            superuser_allowed,
             session_id,
         } = admitted;
         Session {
@@ -142,6 +146,7 @@ impl Session {
             catalog,
             catalog_stale: false,
             read_only,
+            superuser_allowed,
             live,
             session_id,
             tx_status: b'I',
@@ -877,7 +882,9 @@ impl Session {
         let (Ok(name), Ok(value)) = (wire::cstr(&mut body), wire::cstr(&mut body)) else {
             return Err(self.out_of_step(m.tag).await);
         };
-        let Err(reason) = pins::check_parameter(&name, &value, self.read_only) else {
+        let Err(reason) =
+            pins::check_parameter(&name, &value, self.read_only, self.superuser_allowed)
+        else {
             return Ok(());
         };
         let event = self.event(

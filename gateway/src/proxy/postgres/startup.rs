@@ -288,6 +288,7 @@ async fn serve_session(
         live,
         catalog,
         read_only,
+        superuser_allowed: target.allow_superuser,
         session_id: opened.id.clone(),
     };
     let mut session = Session::new(client, upstream.conn, services.clone(), admitted);
@@ -317,7 +318,7 @@ enum LoginError {
     #[error("the upstream session did not start read-only for a read grant")]
     NotReadOnly,
     #[error(
-        "the gateway refuses to log in upstream as {0}: the role is a superuser or bypasses row security, which undoes every server-side limit (use a least-privilege role, or set allow-superuser = true on the target)"
+        "the gateway refuses to log in upstream as {0}: the role is a superuser or bypasses row security, or can become one, which undoes every server-side limit (use a least-privilege role, or set allow-superuser = true on the target)"
     )]
     Privileged(String),
 }
@@ -350,7 +351,8 @@ async fn login(
     for parameter in &upstream.parameters {
         let mut body = parameter.slice(5..);
         if let (Ok(name), Ok(value)) = (wire::cstr(&mut body), wire::cstr(&mut body)) {
-            pins::check_parameter(&name, &value, read_only).map_err(LoginError::Pinned)?;
+            // A superuser login is refused below, by what the role can become.
+            pins::check_parameter(&name, &value, read_only, true).map_err(LoginError::Pinned)?;
         }
     }
     let facts = upstream::login_facts(&mut upstream.conn).await?;

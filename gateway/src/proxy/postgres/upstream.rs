@@ -276,15 +276,20 @@ pub async fn connect(
 pub struct LoginFacts {
     /// `transaction_read_only` as the session starts.
     pub read_only: bool,
-    /// The role is a superuser or bypasses row-level security.
+    /// The role, or a role it can become, is a superuser or bypasses row-level
+    /// security.
     pub privileged: bool,
 }
 
 /// Asks the upstream session what it is: one round trip, before the client's first
 /// statement.
 pub async fn login_facts(conn: &mut Conn) -> Result<LoginFacts, UpstreamError> {
+    // Privileged if the role, or any role it is a member of (and so can SET ROLE to),
+    // is a superuser or bypasses row security.
     let query = "SELECT current_setting('transaction_read_only') = 'on', \
-                 rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user";
+                 coalesce(bool_or(r.rolsuper OR r.rolbypassrls), false) \
+                 FROM pg_catalog.pg_roles r \
+                 WHERE pg_catalog.pg_has_role(current_user, r.oid, 'MEMBER')";
     let results = simple_query(conn, query).await?;
     let row = results
         .first()
