@@ -957,6 +957,18 @@ impl Raw {
         Some((header[0], body))
     }
 
+    /// Reads until the gateway closes the connection; returns the last ErrorResponse
+    /// on the way (the FATAL that closed it), as text.
+    pub(crate) fn fatal_until_closed(&mut self) -> String {
+        let mut fatal = None;
+        while let Some((tag, body)) = self.read_or_closed() {
+            if tag == b'E' {
+                fatal = Some(body);
+            }
+        }
+        String::from_utf8_lossy(&fatal.expect("a FATAL")).into_owned()
+    }
+
     /// Reads up to ReadyForQuery; returns the SQLSTATEs of the errors on the way.
     pub(crate) fn errors_until_ready(&mut self) -> Vec<String> {
         let mut codes = Vec::new();

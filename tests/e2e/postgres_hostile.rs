@@ -131,13 +131,7 @@ fn the_server_reads_statements_as_the_gateway_decided_them() {
     // A function that flips a lexing setting from inside: the upstream reports the
     // change, and the session ends before another statement is read, recorded.
     raw.send(b'Q', b"SELECT flip()\0");
-    let mut fatal = None;
-    while let Some((tag, body)) = raw.read_or_closed() {
-        if tag == b'E' {
-            fatal = Some(body);
-        }
-    }
-    let fatal = String::from_utf8_lossy(&fatal.expect("a FATAL")).into_owned();
+    let fatal = raw.fatal_until_closed();
     assert!(
         fatal.contains("FATAL") && fatal.contains("standard_conforming_strings"),
         "{fatal}"
@@ -508,13 +502,7 @@ fn a_read_answered_with_a_write_trips_the_tripwire() {
     );
     let mut raw = Raw::login(gw.pg_port(), id, secret);
     raw.send(b'Q', b"SELECT 1\0");
-    let mut fatal = None;
-    while let Some((tag, body)) = raw.read_or_closed() {
-        if tag == b'E' {
-            fatal = Some(body);
-        }
-    }
-    let fatal = String::from_utf8_lossy(&fatal.expect("a FATAL")).into_owned();
+    let fatal = raw.fatal_until_closed();
     assert!(
         fatal.contains("FATAL") && fatal.contains("DELETE 2"),
         "{fatal}"

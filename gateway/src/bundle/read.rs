@@ -43,7 +43,8 @@ pub(crate) fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError
             Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => ReadError::Link,
             _ => ReadError::Io(e),
         })?;
-    let kind = file.metadata()?.file_type();
+    let metadata = file.metadata()?;
+    let kind = metadata.file_type();
     if !kind.is_file() {
         return Err(ReadError::NotRegular(if kind.is_fifo() {
             "FIFO"
@@ -57,7 +58,7 @@ pub(crate) fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError
             "special file"
         }));
     }
-    let size = file.metadata()?.len();
+    let size = metadata.len();
     if size > limit {
         return Err(ReadError::TooLarge { size, limit });
     }

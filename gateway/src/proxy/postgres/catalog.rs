@@ -185,20 +185,13 @@ pub struct Catalogs {
 }
 
 impl Catalogs {
-    /// The target's catalog if it was read less than [`CATALOG_TTL`] ago.
-    pub fn fresh(&self, target: &str) -> Option<Arc<Catalog>> {
+    /// The target's catalog as last read (a session picks up what another session
+    /// read after DDL), and whether it was read less than [`CATALOG_TTL`] ago.
+    pub fn latest(&self, target: &str) -> Option<(Arc<Catalog>, bool)> {
         let by_target = self.by_target.lock().unwrap();
         by_target
             .get(target)
-            .filter(|(at, _)| at.elapsed() < CATALOG_TTL)
-            .map(|(_, catalog)| catalog.clone())
-    }
-
-    /// The target's catalog as last read, however old: a session picks up what another
-    /// session read after DDL.
-    pub fn latest(&self, target: &str) -> Option<Arc<Catalog>> {
-        let by_target = self.by_target.lock().unwrap();
-        by_target.get(target).map(|(_, catalog)| catalog.clone())
+            .map(|(at, catalog)| (catalog.clone(), at.elapsed() < CATALOG_TTL))
     }
 
     /// Keeps a catalog just read.

@@ -288,7 +288,6 @@ impl Session {
         write: &mut Write,
         read_only: &mut bool,
     ) -> Result<String, Refusal> {
-        let mut cursors = false;
         let name = wire::cstr(body).map_err(malformed)?;
         let Some(portal) = self.portals.get(&name).cloned() else {
             return Err(("34000", format!("portal \"{name}\" does not exist"), None));
@@ -303,11 +302,10 @@ impl Session {
             }
             *read_only &= statement.changes_nothing();
             self.catalog_stale |= statement.may_change_catalog();
-            cursors |= statement.manages_cursors;
+            // A cursor declared or closed by SQL may take a portal's name: after this
+            // batch, the gateway forgets its portals rather than guess which.
+            self.portals_stale |= statement.manages_cursors;
         }
-        // A cursor declared or closed by SQL may take a portal's name: after this
-        // batch, the gateway forgets its portals rather than guess which.
-        self.portals_stale |= cursors;
         Ok(name)
     }
 

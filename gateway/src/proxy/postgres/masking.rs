@@ -205,7 +205,7 @@ const IDENTIFYING_FIELDS: &[u8] = b"SVCPpFLR";
 pub fn mask_notice(set: &PolicySet, context: &GrantContext, body: &Bytes) -> Result<Bytes, String> {
     // Modules are told the SQLSTATE and the field: a data error's quotes, detail and
     // context hold a value.
-    let sqlstate = error_field(body, b'C').unwrap_or_default();
+    let sqlstate = wire::error_field(body, b'C').unwrap_or_default();
     let mut rest = body.clone();
     let mut out = BytesMut::with_capacity(body.len());
     while let Some(&code) = rest.first() {
@@ -248,22 +248,6 @@ pub fn mask_notification(
     wire::put_cstr(&mut out, &mask_text(set, context, "text/plain", channel)?);
     wire::put_cstr(&mut out, &mask_text(set, context, "text/plain", payload)?);
     Ok(out.freeze())
-}
-
-/// One field of an ErrorResponse body, if present.
-fn error_field(body: &Bytes, wanted: u8) -> Option<String> {
-    let mut rest = body.clone();
-    while let Some(&code) = rest.first() {
-        rest.advance(1);
-        if code == 0 {
-            break;
-        }
-        let value = wire::cstr_lossy(&mut rest).ok()?;
-        if code == wanted {
-            return Some(value);
-        }
-    }
-    None
 }
 
 fn mask_text(

@@ -309,18 +309,14 @@ impl Session {
     /// it again (a function created outside the gateway resolves within the TTL).
     /// Verdicts made with the old one are forgotten.
     pub(super) async fn current_catalog(&mut self) -> Result<(), String> {
-        let target = &self.context.target.name;
-        if self.services.catalogs.fresh(target).is_none() {
-            self.catalog_stale = true;
-            self.refresh_catalog().await?;
+        if let Some((latest, fresh)) = self.services.catalogs.latest(&self.context.target.name) {
+            if !Arc::ptr_eq(&latest, &self.catalog) {
+                self.catalog = latest;
+                self.verdicts.clear();
+            }
+            self.catalog_stale |= !fresh;
         }
-        if let Some(latest) = self.services.catalogs.latest(&self.context.target.name)
-            && !Arc::ptr_eq(&latest, &self.catalog)
-        {
-            self.catalog = latest;
-            self.verdicts.clear();
-        }
-        Ok(())
+        self.refresh_catalog().await
     }
 
     /// Reads the target's catalog again after DDL, once the upstream session is idle

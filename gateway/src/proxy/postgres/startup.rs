@@ -362,9 +362,9 @@ async fn login(
     if facts.privileged && !target.allow_superuser {
         return Err(LoginError::Privileged(user.to_string()));
     }
-    let catalog = match services.catalogs.fresh(&target.name) {
-        Some(catalog) => catalog,
-        None => {
+    let catalog = match services.catalogs.latest(&target.name) {
+        Some((catalog, true)) => catalog,
+        _ => {
             let catalog = Arc::new(upstream::read_catalog(&mut upstream.conn).await?);
             services.catalogs.put(&target.name, catalog.clone());
             catalog

@@ -130,22 +130,6 @@ pub struct Upstream {
     pub backend_key: (i32, i32),
 }
 
-fn field(body: &Bytes, code: u8) -> Option<String> {
-    let mut b = body.clone();
-    while !b.is_empty() {
-        let tag = b[0];
-        b = b.slice(1..);
-        if tag == 0 {
-            break;
-        }
-        let value = wire::cstr(&mut b).ok()?;
-        if tag == code {
-            return Some(value);
-        }
-    }
-    None
-}
-
 /// Logs in upstream as `user`, with `settings` as startup parameters.
 pub async fn connect(
     addr: &UpstreamAddr,
@@ -256,7 +240,7 @@ pub async fn connect(
             }
             b'E' => {
                 return Err(UpstreamError::Refused(
-                    field(&body, b'M').unwrap_or_else(|| "unknown error".into()),
+                    wire::error_field(&body, b'M').unwrap_or_else(|| "unknown error".into()),
                 ));
             }
             b'Z' => {
@@ -339,7 +323,9 @@ async fn simple_query(
                     .push(row);
             }
             b'E' => {
-                error.get_or_insert(field(&body, b'M').unwrap_or_else(|| "unknown error".into()));
+                error.get_or_insert(
+                    wire::error_field(&body, b'M').unwrap_or_else(|| "unknown error".into()),
+                );
             }
             b'Z' => {
                 return match error {

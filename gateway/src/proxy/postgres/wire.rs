@@ -204,6 +204,22 @@ pub fn error_response(severity: &str, code: &str, message: &str, hint: Option<&s
     })
 }
 
+/// One field (`M` message, `C` SQLSTATE, …) of an ErrorResponse or NoticeResponse body.
+pub fn error_field(body: &Bytes, wanted: u8) -> Option<String> {
+    let mut rest = body.clone();
+    while let Some(&code) = rest.first() {
+        rest.advance(1);
+        if code == 0 {
+            break;
+        }
+        let value = cstr_lossy(&mut rest).ok()?;
+        if code == wanted {
+            return Some(value);
+        }
+    }
+    None
+}
+
 /// ReadyForQuery with a transaction status (`I`, `T` or `E`).
 pub fn ready_for_query(status: u8) -> Bytes {
     message(b'Z', |out| out.put_u8(status))
