@@ -5,13 +5,13 @@
 //! - `check` of a SQL SELECT on a postgres target across the bundle,
 //! - `authorize` of a grant request (task-guard),
 //! - `mask` of a 256-row batch with PII (pii-mask), and the plan that precedes it,
+//! - `check` on the decision pool, awaited from an async runtime, as the gateway calls it,
 //! - `check` throughput with one thread per core.
 //!
 //! Latency is wall clock per call (p50/p99); CPU per call is the thread's CPU time over
 //! the run divided by the calls.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use airlock::bundle::SourceBundle;
@@ -19,11 +19,18 @@ use airlock::policy::types::{
     Access, Action, Agent, Column, GrantContext, GrantRequest, Label, Rows, SqlKind, SqlStatement,
     Target, TargetKind,
 };
-use airlock::policy::{BundleId, PolicyEngine, PolicyLimits, PolicySet, build_policy_crate};
+use airlock::policy::{
+    ActivePolicy, BundleId, PolicyEngine, PolicyLimits, PolicySet, build_policy_crate,
+};
 
 const WARMUP: usize = 2_000;
 const CALLS: usize = 50_000;
 const MASK_CALLS: usize = 2_000;
+
+/// A whole-decision deadline that never cuts: each module call keeps its own.
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(60)
+}
 
 fn thread_cpu() -> Duration {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
@@ -85,13 +92,18 @@ fn main() {
                 .unwrap()
         })
         .collect();
-    let set = Arc::new(PolicySet::new(
-        BundleId {
-            name: source.name.clone(),
-            version: 1,
-        },
-        modules,
-    ));
+    // Direct calls use the set; the pool row goes through `active` as the gateway does.
+    let active = ActivePolicy::new(
+        PolicySet::new(
+            BundleId {
+                name: source.name.clone(),
+                version: 1,
+            },
+            modules,
+        ),
+        &PolicyLimits::default(),
+    );
+    let set = active.current();
 
     let agent = Agent {
         id: "claude-code".into(),
@@ -158,8 +170,8 @@ fn main() {
             .collect(),
     };
 
-    assert!(set.check(&context, &select).outcome.is_allow());
-    assert!(set.authorize(&request).outcome.is_allow());
+    assert!(set.check(&context, &select, far()).outcome.is_allow());
+    assert!(set.authorize(&request, far()).outcome.is_allow());
 
     println!(
         "policy benchmark: example bundle ({} modules), fresh instance per call",
@@ -183,30 +195,47 @@ fn main() {
     report(
         "check (SQL SELECT, postgres target)",
         &measure(CALLS, || {
-            std::hint::black_box(set.check(&context, &select));
+            std::hint::black_box(set.check(&context, &select, far()));
         }),
     );
     report(
         "authorize (grant request)",
         &measure(CALLS, || {
-            std::hint::black_box(set.authorize(&request));
+            std::hint::black_box(set.authorize(&request, far()));
         }),
     );
     report(
         "mask plan (per row description)",
         &measure(CALLS, || {
-            std::hint::black_box(set.mask_plan(&context, &columns).unwrap());
+            std::hint::black_box(set.mask_plan(&context, &columns, far()).unwrap());
         }),
     );
-    let plan = set.mask_plan(&context, &columns).unwrap();
+    let plan = set.mask_plan(&context, &columns, far()).unwrap();
     let mask = measure(MASK_CALLS, || {
-        std::hint::black_box(plan.mask_rows(&context, rows.clone()).unwrap());
+        std::hint::black_box(plan.mask_rows(&context, rows.clone(), far()).unwrap());
     });
     report("mask (256-row batch, 3 text columns)", &mask);
     println!(
         "{:<44} {:>7.2}µs",
         "  mask cost per row",
         mask.cpu_per_call.as_secs_f64() * 1e6 / 256.0
+    );
+
+    // The same check as the gateway makes it: on the decision pool, awaited from the
+    // async runtime. The difference to the direct call is the hand-off.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    report(
+        "check on the decision pool (as the gateway)",
+        &measure(CALLS, || {
+            std::hint::black_box(runtime.block_on(active.check(
+                &set,
+                context.clone(),
+                select.clone(),
+            )));
+        }),
     );
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -216,7 +245,7 @@ fn main() {
             let (set, context, select) = (set.clone(), context.clone(), select.clone());
             std::thread::spawn(move || {
                 for _ in 0..CALLS {
-                    std::hint::black_box(set.check(&context, &select));
+                    std::hint::black_box(set.check(&context, &select, far()));
                 }
             })
         })

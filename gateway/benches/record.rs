@@ -11,11 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use airlock::bundle::ActivePolicy;
 use airlock::grants::{Broker, GrantRequestBody, TargetRecord};
 use airlock::keys::SecretKey;
 use airlock::policy::{
-    BundleId, Kind, PolicyEngine, PolicyLimits, PolicySet, Scope, build_policy_crate,
+    ActivePolicy, BundleId, Kind, PolicyEngine, PolicyLimits, PolicySet, Scope, build_policy_crate,
 };
 use airlock::record::{AuditEvent, Record, RecordOptions, Write};
 
@@ -78,13 +77,16 @@ fn main() {
             Scope::everything(),
         )
         .unwrap();
-    let policy = Arc::new(ActivePolicy::new(PolicySet::new(
-        BundleId {
-            name: "example".into(),
-            version: 1,
-        },
-        vec![module],
-    )));
+    let policy = Arc::new(ActivePolicy::new(
+        PolicySet::new(
+            BundleId {
+                name: "example".into(),
+                version: 1,
+            },
+            vec![module],
+        ),
+        &Default::default(),
+    ));
     let record = Record::open(
         RecordOptions::new(dir.path().join("grants")),
         SecretKey::generate(),

@@ -229,6 +229,24 @@ pub struct PolicyConfig {
     /// signed for longer is refused at install.
     #[serde(default = "default_max_validity")]
     pub max_validity: String,
+    /// Wall-clock deadline of one whole decision (every module it asks, and its wait
+    /// for a worker), in milliseconds.
+    #[serde(default = "default_decision_deadline_ms")]
+    pub decision_deadline_ms: u64,
+    /// Threads that run policy decisions (default: one per core).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Decisions one agent may have queued or running at once; more are denied.
+    #[serde(default = "default_agent_decisions")]
+    pub agent_decisions: usize,
+}
+
+fn default_decision_deadline_ms() -> u64 {
+    100
+}
+
+fn default_agent_decisions() -> usize {
+    16
 }
 
 fn default_max_validity() -> String {
@@ -249,6 +267,9 @@ impl Default for PolicyConfig {
             deadline_ms: default_deadline_ms(),
             memory_mib: default_memory_mib(),
             max_validity: default_max_validity(),
+            decision_deadline_ms: default_decision_deadline_ms(),
+            workers: None,
+            agent_decisions: default_agent_decisions(),
         }
     }
 }
@@ -280,6 +301,23 @@ impl Config {
         }
         if !(1..=4096).contains(&config.policy.memory_mib) {
             return Err(invalid("policy.memory-mib must be between 1 and 4096"));
+        }
+        if !(1..=60_000).contains(&config.policy.decision_deadline_ms) {
+            return Err(invalid(
+                "policy.decision-deadline-ms must be between 1 and 60000",
+            ));
+        }
+        if config
+            .policy
+            .workers
+            .is_some_and(|n| !(1..=256).contains(&n))
+        {
+            return Err(invalid("policy.workers must be between 1 and 256"));
+        }
+        if !(1..=10_000).contains(&config.policy.agent_decisions) {
+            return Err(invalid(
+                "policy.agent-decisions must be between 1 and 10000",
+            ));
         }
         if humantime::parse_duration(&config.policy.max_validity).is_err() {
             return Err(invalid(
@@ -413,6 +451,12 @@ impl Config {
         PolicyLimits {
             deadline: Duration::from_millis(self.policy.deadline_ms),
             memory_bytes: self.policy.memory_mib << 20,
+            decision_deadline: Duration::from_millis(self.policy.decision_deadline_ms),
+            agent_decisions: self.policy.agent_decisions,
+            workers: self
+                .policy
+                .workers
+                .unwrap_or_else(|| PolicyLimits::default().workers),
             ..PolicyLimits::default()
         }
     }

@@ -12,12 +12,12 @@ use tokio::net::TcpListener;
 
 use crate::api::admin;
 use crate::api::agent::AgentApi;
-use crate::bundle::{ActivePolicy, PolicyDir, Reloader};
+use crate::bundle::{PolicyDir, Reloader};
 use crate::config::{Config, DataDir};
 use crate::fsperm;
 use crate::grants::Broker;
 use crate::keys::SecretKey;
-use crate::policy::{PolicyEngine, PolicySet};
+use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
 use crate::proxy::postgres::classify::ClassifyCache;
 use crate::proxy::postgres::startup::{self, PgServices};
 use crate::record::{Record, RecordOptions};
@@ -108,7 +108,7 @@ pub async fn run(
     if let Some(bundle) = initial.bundle() {
         tracing::info!(bundle = %bundle, "policy bundle active");
     }
-    let policy = Arc::new(ActivePolicy::new(initial));
+    let policy = Arc::new(ActivePolicy::new(initial, engine.limits()));
     let _reloader = Reloader::new(
         policy_dir.clone(),
         engine,

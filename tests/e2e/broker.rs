@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock::bundle::ActivePolicy;
 use airlock::grants::{
     AgentRecord, Broker, GrantAuthError, GrantRequestBody, GrantStatus, TargetRecord,
 };
 use airlock::keys::SecretKey;
+use airlock::policy::ActivePolicy;
 use airlock::policy::{BundleId, Kind, PolicySet};
 use airlock::record::{Record, RecordOptions};
 
@@ -42,7 +42,7 @@ fn broker(dir: &std::path::Path) -> Arc<Broker> {
     Arc::new(
         Broker::load(
             record,
-            Arc::new(ActivePolicy::new(set)),
+            Arc::new(ActivePolicy::new(set, &Default::default())),
             vec![target("db-a"), target("db-b")],
             Duration::from_secs(3600),
         )

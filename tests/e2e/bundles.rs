@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use airlock::bundle::{ActivePolicy, BundleError, PolicyDir, Reloader};
+use airlock::bundle::{BundleError, PolicyDir, Reloader};
 use airlock::keys::{PublicKey, SecretKey, TrustedKeys};
+use airlock::policy::ActivePolicy;
 use airlock::policy::{Outcome, PolicySet};
 
 use crate::support::{
-    component, engine, grant_context, run, tempdir, text, update_users, workspace,
+    component, engine, grant_context, run, soon, tempdir, text, update_users, workspace,
 };
 
 /// A bundle source with two modules, a signing key, and a gateway data directory whose
@@ -370,7 +371,7 @@ fn hot_swap_under_concurrent_decisions_never_mixes_bundles() {
         .load_current(&engine, &trust, SystemTime::now())
         .unwrap()
         .unwrap();
-    let active = Arc::new(ActivePolicy::new(first));
+    let active = Arc::new(ActivePolicy::new(first, &Default::default()));
     let mut reloader = Reloader::new(
         dir.clone(),
         engine.clone(),
@@ -393,7 +394,7 @@ fn hot_swap_under_concurrent_decisions_never_mixes_bundles() {
                     }
                     let set = active.current();
                     let version = set.bundle().unwrap().version;
-                    let decision = set.check(&grant_context("fine"), &update_users());
+                    let decision = set.check(&grant_context("fine"), &update_users(), soon());
                     assert_eq!(decision.bundle.as_ref().unwrap().version, version);
                     let voters: Vec<&str> = decision.votes.iter().map(|v| &*v.module).collect();
                     if version % 2 == 1 {
@@ -440,7 +441,7 @@ fn hot_swap_under_concurrent_decisions_never_mixes_bundles() {
     assert_eq!(in_flight.bundle().unwrap().version, 1);
     assert!(matches!(
         in_flight
-            .check(&grant_context("fine"), &update_users())
+            .check(&grant_context("fine"), &update_users(), soon())
             .outcome,
         Outcome::Deny { .. }
     ));
@@ -456,7 +457,7 @@ fn the_reloader_keeps_the_active_bundle_when_the_installed_one_is_broken() {
         .load_current(&engine, &setup.trust(), SystemTime::now())
         .unwrap()
         .unwrap();
-    let active = Arc::new(ActivePolicy::new(first));
+    let active = Arc::new(ActivePolicy::new(first, &Default::default()));
     let mut reloader = Reloader::new(
         dir.clone(),
         engine,
@@ -479,7 +480,7 @@ fn the_reloader_keeps_the_active_bundle_when_the_installed_one_is_broken() {
     assert!(matches!(err, BundleError::DigestMismatch { .. }), "{err}");
     assert_eq!(active.current().bundle().unwrap().version, 1);
     assert!(matches!(
-        active.current().check(&grant_context("fine"), &update_users()).outcome,
+        active.current().check(&grant_context("fine"), &update_users(), soon()).outcome,
         Outcome::Deny { ref reason, .. } if reason.contains("UPDATE writes to users")
     ));
     assert_eq!(
@@ -520,7 +521,7 @@ fn a_corrupt_cached_artifact_is_recompiled_and_a_writable_one_refused() {
         .unwrap()
         .unwrap();
     assert!(matches!(
-        set.check(&grant_context("fine"), &update_users()).outcome,
+        set.check(&grant_context("fine"), &update_users(), soon()).outcome,
         Outcome::Deny { ref reason, .. } if reason.contains("UPDATE writes to users")
     ));
     assert_eq!(std::fs::metadata(victim).unwrap().len(), original);
@@ -540,7 +541,7 @@ fn a_spawned_reloader_activates_a_newly_installed_bundle() {
     assert!(setup.install(&setup.sign(1)).status.success());
     let engine = engine();
     let dir = PolicyDir::open(&setup.policy_dir()).unwrap();
-    let active = Arc::new(ActivePolicy::new(PolicySet::empty()));
+    let active = Arc::new(ActivePolicy::new(PolicySet::empty(), &Default::default()));
     let handle = Reloader::new(dir, engine, setup.trust(), active.clone(), None)
         .spawn(Duration::from_millis(20));
     let wait_for = |version: u64| {
@@ -705,7 +706,7 @@ fn an_active_bundle_stops_deciding_when_it_expires() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
-        set.check(&context, &update_users())
+        set.check(&context, &update_users(), soon())
     };
     // Before: the module decides (an UPDATE under read is denied by read-only-sql).
     let before = at(SystemTime::now());

@@ -215,12 +215,19 @@ impl Gateway {
             manifest, template.manifest,
             "{module} is in the example bundle"
         );
-        let src = self.dir.path().join("bundle-src");
+        self.install_bundle(2, &manifest);
+    }
+
+    /// Signs `manifest` (a bundle.toml with absolute paths) as `version` with the
+    /// trusted key and installs it; a running gateway picks it up within a second.
+    pub fn install_bundle(&self, version: u64, manifest: &str) {
+        let src = self.dir.path().join(format!("bundle-src-v{version}"));
         std::fs::create_dir(&src).unwrap();
         std::fs::write(src.join("bundle.toml"), manifest).unwrap();
-        let bundle = self.dir.path().join("bundle-v2");
+        let bundle = self.dir.path().join(format!("bundle-v{version}"));
         let (src, bundle) = (src.to_str().unwrap(), bundle.to_str().unwrap());
-        let key = template.key.to_str().unwrap();
+        let key = template().key.to_str().unwrap();
+        let version = version.to_string();
         let out = run(&[
             "bundle",
             "sign",
@@ -228,19 +235,12 @@ impl Gateway {
             "--key",
             key,
             "--version",
-            "2",
+            &version,
             "--out",
             bundle,
         ]);
         assert!(out.status.success(), "{}", text(&out));
-        let data = self.data();
-        let out = run(&[
-            "--data",
-            data.to_str().unwrap(),
-            "bundle",
-            "install",
-            bundle,
-        ]);
+        let out = self.cli(&["bundle", "install", bundle]);
         assert!(out.status.success(), "{}", text(&out));
     }
 

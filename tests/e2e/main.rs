@@ -4,6 +4,7 @@
 mod broker;
 mod bundles;
 mod examples;
+mod flood;
 mod gateway;
 mod pg;
 mod policy_host;

@@ -2,12 +2,14 @@
 //! the deadline, and the host keeps deciding correctly afterwards.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use airlock::policy::types::{Column, Constraints, Rows, Verdict};
-use airlock::policy::{BundleId, Fault, LoadError, Outcome, PolicySet, Scope};
+use airlock::policy::{BundleId, Fault, LoadError, MaskError, Outcome, PolicySet, Scope};
 
-use crate::support::{component, engine, grant_context, load, run, tempdir, text, update_users};
+use crate::support::{
+    component, engine, grant_context, load, run, soon, tempdir, text, update_users,
+};
 
 const HOSTILE: &str = "tests/policies/hostile";
 const READ_ONLY_SQL: &str = "example-policies/read-only-sql";
@@ -41,7 +43,7 @@ fn each_fault_is_a_deny_naming_its_cause_and_the_host_keeps_serving() {
     ];
     for (task, expected) in cases {
         let started = Instant::now();
-        let verdict = hostile.check(&grant_context(task), &update_users());
+        let verdict = hostile.check(&grant_context(task), &update_users(), soon());
         let elapsed = started.elapsed();
         match &verdict {
             Err(fault) => assert!(expected(fault), "{task}: unexpected fault {fault:?}"),
@@ -54,11 +56,11 @@ fn each_fault_is_a_deny_naming_its_cause_and_the_host_keeps_serving() {
             "{task}: took {elapsed:?} with a {deadline:?} deadline"
         );
         assert_eq!(
-            hostile.check(&grant_context("fine"), &update_users()),
+            hostile.check(&grant_context("fine"), &update_users(), soon()),
             Ok(allowed())
         );
         assert!(matches!(
-            good.check(&grant_context("fine"), &update_users()),
+            good.check(&grant_context("fine"), &update_users(), soon()),
             Ok(Verdict::Deny(d)) if d.reason.contains("UPDATE writes to users")
         ));
     }
@@ -74,7 +76,7 @@ fn a_fault_in_a_bundle_denies_the_combined_verdict_and_names_the_module() {
         },
         vec![load(&engine, HOSTILE)],
     );
-    let decision = set.check(&grant_context("loop"), &update_users());
+    let decision = set.check(&grant_context("loop"), &update_users(), soon());
     match &decision.outcome {
         Outcome::Deny { module, reason, .. } => {
             assert_eq!(module.as_deref(), Some("hostile"));
@@ -87,7 +89,50 @@ fn a_fault_in_a_bundle_denies_the_combined_verdict_and_names_the_module() {
     }
     assert_eq!(decision.votes.len(), 1);
     assert!(
-        set.check(&grant_context("fine"), &update_users())
+        set.check(&grant_context("fine"), &update_users(), soon())
+            .outcome
+            .is_allow()
+    );
+}
+
+#[test]
+fn a_decision_has_one_deadline_for_all_its_modules() {
+    let engine = engine();
+    // Each call's own deadline is 20 ms; the whole decision gets 5 ms, so the first
+    // looping call is cut by the decision's deadline, not its own, and says so.
+    let set = PolicySet::new(
+        BundleId {
+            name: "test".into(),
+            version: 1,
+        },
+        vec![
+            load(&engine, HOSTILE),
+            load(&engine, HOSTILE),
+            load(&engine, HOSTILE),
+        ],
+    );
+    let decision = set.check(
+        &grant_context("loop"),
+        &update_users(),
+        Instant::now() + Duration::from_millis(5),
+    );
+    match &decision.outcome {
+        Outcome::Deny { reason, .. } => assert!(
+            reason.contains("ran past the 100ms deadline of the whole decision"),
+            "{reason}"
+        ),
+        other => panic!("expected deny, got {other:?}"),
+    }
+    // A decision whose deadline has passed asks no module at all.
+    let late = set.check(&grant_context("fine"), &update_users(), Instant::now());
+    assert!(
+        matches!(&late.votes[..], [vote] if vote.verdict == Err(Fault::DecisionDeadline(Duration::from_millis(100)))),
+        "{:?}",
+        late.votes
+    );
+    assert!(!late.outcome.is_allow());
+    assert!(
+        set.check(&grant_context("fine"), &update_users(), soon())
             .outcome
             .is_allow()
     );
@@ -112,9 +157,9 @@ fn a_mask_that_changes_the_shape_withholds_the_result() {
         values: vec![vec![Some("alice@example.com".into())]],
     };
     let ctx = grant_context("garbage");
-    let plan = set.mask_plan(&ctx, &columns).unwrap();
-    let err = plan.mask_rows(&ctx, rows.clone()).unwrap_err();
-    assert_eq!(&*err.module, "hostile");
+    let plan = set.mask_plan(&ctx, &columns, soon()).unwrap();
+    let err = plan.mask_rows(&ctx, rows.clone(), soon()).unwrap_err();
+    assert!(matches!(&err, MaskError::Module { module, .. } if &**module == "hostile"));
     assert!(
         err.to_string()
             .contains("returned malformed output: mask returned 2 rows for 1; result withheld"),
@@ -122,9 +167,9 @@ fn a_mask_that_changes_the_shape_withholds_the_result() {
     );
     let ctx = grant_context("fine");
     assert_eq!(
-        set.mask_plan(&ctx, &columns)
+        set.mask_plan(&ctx, &columns, soon())
             .unwrap()
-            .mask_rows(&ctx, rows.clone())
+            .mask_rows(&ctx, rows.clone(), soon())
             .unwrap(),
         rows
     );
@@ -136,7 +181,7 @@ fn no_state_survives_between_decisions() {
     let hostile = load(&engine, HOSTILE);
     for _ in 0..3 {
         assert_eq!(
-            hostile.check(&grant_context("count"), &update_users()),
+            hostile.check(&grant_context("count"), &update_users(), soon()),
             Ok(Verdict::Allow(Constraints {
                 max_ttl_seconds: Some(1),
                 read_only: false
@@ -156,7 +201,7 @@ fn concurrent_decisions_each_get_their_own_instance() {
             std::thread::spawn(move || {
                 for _ in 0..200 {
                     let verdict = module
-                        .check(&grant_context("fine"), &update_users())
+                        .check(&grant_context("fine"), &update_users(), soon())
                         .unwrap();
                     assert!(matches!(verdict, Verdict::Deny(_)));
                 }

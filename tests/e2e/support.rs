@@ -106,6 +106,11 @@ pub fn grant_context(task: &str) -> GrantContext {
     }
 }
 
+/// A whole-decision deadline for calling modules directly: each call keeps its own.
+pub fn soon() -> std::time::Instant {
+    std::time::Instant::now() + std::time::Duration::from_secs(5)
+}
+
 /// `UPDATE users …`: denied by read-only-sql under a read grant.
 pub fn update_users() -> Action {
     Action::Sql(SqlStatement {

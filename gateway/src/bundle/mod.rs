@@ -19,7 +19,7 @@ pub use dir::{BundleStatus, PolicyDir, load, load_reporting};
 pub use manifest::{FileDigest, Manifest, ManifestModule, SourceBundle, SourceModule};
 pub use sign::sign;
 pub use verify::{VerifiedBundle, VerifiedModule, verify};
-pub use watch::{ActivePolicy, Reloader, ReloaderHandle};
+pub use watch::{Reloader, ReloaderHandle};
 
 use std::path::PathBuf;
 

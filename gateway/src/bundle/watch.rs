@@ -1,7 +1,4 @@
-//! The active policy set and hot reload.
-//!
-//! Decisions take an `Arc` of the current set and finish on it, so swapping in a new
-//! bundle never drops or splits a decision in flight.
+//! Hot reload: the installed bundle, once it verifies and loads, becomes the active one.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,37 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
-
 use super::{BundleError, PolicyDir};
 use crate::keys::TrustedKeys;
-use crate::policy::{BundleId, PolicyEngine, PolicySet};
-
-/// The policy set decisions are made with right now.
-pub struct ActivePolicy {
-    set: ArcSwap<PolicySet>,
-}
-
-impl ActivePolicy {
-    pub fn new(set: PolicySet) -> Self {
-        ActivePolicy {
-            set: ArcSwap::from_pointee(set),
-        }
-    }
-
-    /// The current set; hold it for the length of one decision or one result stream.
-    pub fn current(&self) -> Arc<PolicySet> {
-        self.set.load_full()
-    }
-
-    fn version(&self) -> Option<u64> {
-        self.set.load().bundle().map(|b| b.version)
-    }
-
-    fn replace(&self, set: PolicySet) {
-        self.set.store(Arc::new(set));
-    }
-}
+use crate::policy::{ActivePolicy, BundleId, PolicyEngine};
 
 /// Watches the policy directory and swaps in each newly installed bundle that
 /// verifies, compiles and passes its fixtures. A bundle that fails keeps the old one

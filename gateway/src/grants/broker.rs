@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use super::model::{Access, AgentRecord, GrantRecord, GrantStatus, SessionRecord, TargetRecord};
 use super::secret::{hash_secret, new_id, new_secret, secret_matches};
-use crate::bundle::ActivePolicy;
+use crate::policy::ActivePolicy;
 use crate::policy::types::GrantRequest;
 use crate::policy::{Decision, Kind, Outcome};
 use crate::record::{AuditEvent, Record, RecordError, Space, Write};
@@ -454,7 +454,7 @@ impl Broker {
             ttl_seconds: ttl as u32,
             now_unix_ms: now,
         };
-        let decision = self.policy.current().authorize(&request);
+        let decision = self.policy.authorize(request).await;
         let id = new_id("g_");
         let mut grant = GrantRecord {
             id: id.clone(),

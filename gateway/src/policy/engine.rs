@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 use super::bindings::{Policy, PolicyPre};
-use super::module::{GuestState, LoadedModule};
+use super::module::{Fault, GuestState, LoadedModule};
 use super::scope::Scope;
 use crate::fsperm;
 
@@ -35,6 +35,13 @@ pub struct PolicyLimits {
     pub stack_bytes: usize,
     /// Instances that may be live at once (the pooling allocator's size).
     pub max_instances: u32,
+    /// Wall-clock deadline for one whole decision (every module it asks, and the time
+    /// it waited for a worker), from when it was asked for.
+    pub decision_deadline: Duration,
+    /// Threads that run decisions: the async runtime never runs a Wasm call.
+    pub workers: usize,
+    /// Decisions one agent may have queued or running at once.
+    pub agent_decisions: usize,
 }
 
 impl Default for PolicyLimits {
@@ -44,6 +51,9 @@ impl Default for PolicyLimits {
             memory_bytes: 64 << 20,
             stack_bytes: 512 << 10,
             max_instances: 256,
+            decision_deadline: Duration::from_millis(100),
+            workers: std::thread::available_parallelism().map_or(2, usize::from),
+            agent_decisions: 16,
         }
     }
 }
@@ -240,16 +250,27 @@ impl PolicyEngine {
         Ok(component)
     }
 
-    /// A store for one call: fresh state, memory cap, and the deadline armed.
-    pub(crate) fn new_store(&self, module: &Arc<str>) -> Store<GuestState> {
+    /// A store for one call: fresh state, memory cap, and the deadline armed: the
+    /// call's own, or what is left of the decision's if that is sooner.
+    pub(crate) fn new_store(
+        &self,
+        module: &Arc<str>,
+        decision_deadline: Instant,
+    ) -> Result<Store<GuestState>, Fault> {
+        let left = decision_deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Fault::DecisionDeadline(self.limits.decision_deadline));
+        }
+        let left_ticks = left.as_millis().max(1) as u64;
+        let cut_by_decision = left_ticks < self.deadline_ticks;
         let mut store = Store::new(
             &self.engine,
-            GuestState::new(module.clone(), self.limits.memory_bytes),
+            GuestState::new(module.clone(), self.limits.memory_bytes, cut_by_decision),
         );
         store.limiter(|state| &mut state.memory);
-        store.set_epoch_deadline(self.deadline_ticks);
+        store.set_epoch_deadline(left_ticks.min(self.deadline_ticks));
         store.epoch_deadline_trap();
-        store
+        Ok(store)
     }
 }
 

@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -31,6 +32,9 @@ use super::types::{
     KubeRequest, Payload, Rows, SqlFunction, SqlKind, SqlStatement, Target, Verdict, Volatility,
 };
 use super::verdict::Outcome;
+
+/// How long one fixture case may take in all (each module call also has its own).
+const CASE_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -370,6 +374,8 @@ pub fn run(subject: &Subject, name: &str, bytes: &[u8]) -> Result<Vec<CaseResult
 }
 
 fn run_case(subject: &Subject, defaults: &Given, case: &Case) -> Result<(), String> {
+    // Each module call keeps its own deadline; a case is not bounded as a whole.
+    let deadline = Instant::now() + CASE_DEADLINE;
     let given = merge(defaults, &case.given);
     if let Some(spec) = &case.authorize {
         let request = GrantRequest {
@@ -382,9 +388,9 @@ fn run_case(subject: &Subject, defaults: &Given, case: &Case) -> Result<(), Stri
         };
         let observed: Observed = match subject {
             Subject::Module(m) => m
-                .authorize(&request)
+                .authorize(&request, deadline)
                 .map_or_else(fault_observed, Into::into),
-            Subject::Set(s) => s.authorize(&request).outcome.into(),
+            Subject::Set(s) => s.authorize(&request, deadline).outcome.into(),
         };
         return compare_verdict(&case.expect, &observed);
     }
@@ -393,9 +399,9 @@ fn run_case(subject: &Subject, defaults: &Given, case: &Case) -> Result<(), Stri
         let action = spec.to_action();
         let observed: Observed = match subject {
             Subject::Module(m) => m
-                .check(&context, &action)
+                .check(&context, &action, deadline)
                 .map_or_else(fault_observed, Into::into),
-            Subject::Set(s) => s.check(&context, &action).outcome.into(),
+            Subject::Set(s) => s.check(&context, &action, deadline).outcome.into(),
         };
         return compare_verdict(&case.expect, &observed);
     }
@@ -415,7 +421,7 @@ fn run_case(subject: &Subject, defaults: &Given, case: &Case) -> Result<(), Stri
                     .collect(),
                 values: rows.values.clone(),
             };
-            let (masked_columns, out) = mask_rows(subject, &context, rows)?;
+            let (masked_columns, out) = mask_rows(subject, &context, rows, deadline)?;
             if let Some(expected) = &case.expect.masked_columns
                 && masked_columns.as_ref() != Some(expected)
             {
@@ -436,12 +442,14 @@ fn run_case(subject: &Subject, defaults: &Given, case: &Case) -> Result<(), Stri
                 text: body.text.clone(),
             };
             let out = match subject {
-                Subject::Module(m) => match m.mask(&context, &Payload::Body(body)) {
+                Subject::Module(m) => match m.mask(&context, &Payload::Body(body), deadline) {
                     Ok(Payload::Body(b)) => b,
                     Ok(Payload::Rows(_)) => unreachable!("mask output shape is checked"),
                     Err(fault) => return Err(format!("mask failed: {fault}")),
                 },
-                Subject::Set(s) => s.mask_body(&context, body).map_err(|e| e.to_string())?,
+                Subject::Set(s) => s
+                    .mask_body(&context, body, deadline)
+                    .map_err(|e| e.to_string())?,
             };
             match &case.expect.body {
                 Some(expected) if *expected != out.text => {
@@ -459,16 +467,17 @@ fn mask_rows(
     subject: &Subject,
     context: &GrantContext,
     rows: Rows,
+    deadline: Instant,
 ) -> Result<(Option<Vec<u32>>, Rows), String> {
     match subject {
         Subject::Module(m) => {
             let columns = m
-                .mask_columns(context, &rows.columns)
+                .mask_columns(context, &rows.columns, deadline)
                 .map_err(|f| format!("mask-columns failed: {f}"))?;
             if columns.is_empty() {
                 return Ok((Some(columns), rows));
             }
-            match m.mask(context, &Payload::Rows(rows)) {
+            match m.mask(context, &Payload::Rows(rows), deadline) {
                 Ok(Payload::Rows(out)) => Ok((Some(columns), out)),
                 Ok(Payload::Body(_)) => unreachable!("mask output shape is checked"),
                 Err(fault) => Err(format!("mask failed: {fault}")),
@@ -476,12 +485,14 @@ fn mask_rows(
         }
         Subject::Set(s) => {
             let plan = s
-                .mask_plan(context, &rows.columns)
+                .mask_plan(context, &rows.columns, deadline)
                 .map_err(|e| e.to_string())?;
             if plan.is_empty() {
                 return Ok((None, rows));
             }
-            let out = plan.mask_rows(context, rows).map_err(|e| e.to_string())?;
+            let out = plan
+                .mask_rows(context, rows, deadline)
+                .map_err(|e| e.to_string())?;
             Ok((None, out))
         }
     }

@@ -10,19 +10,23 @@
 //! Anything a module does wrong (trap, timeout, memory or stack exhaustion, malformed
 //! output) becomes a deny that names the module and the cause. The host keeps serving.
 
+mod active;
 mod bindings;
 mod build;
 mod engine;
 pub mod fixture;
 mod module;
+mod pool;
 mod scope;
 mod set;
 mod verdict;
 
+pub use active::ActivePolicy;
 pub use bindings::types;
 pub use build::{BuildError, build_policy_crate, componentize};
 pub use engine::{LoadError, PolicyEngine, PolicyLimits};
 pub use module::{Fault, LoadedModule};
+pub use pool::{DecisionPool, Refusal};
 pub use scope::{Hook, Kind, Scope};
 pub use set::{BundleId, MaskError, MaskPlan, PolicySet};
 pub use verdict::{Decision, ModuleVote, Outcome};

@@ -2,7 +2,7 @@
 //! way a call can go wrong turned into a [`Fault`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::ResourceLimiter;
 use wasmtime::{Store, Trap};
@@ -24,6 +24,8 @@ const MAX_LOG_BYTES: usize = 1024;
 pub enum Fault {
     #[error("ran past its {0:?} deadline")]
     Deadline(Duration),
+    #[error("ran past the {0:?} deadline of the whole decision")]
+    DecisionDeadline(Duration),
     #[error("exceeded its memory limit of {0} bytes")]
     Memory(usize),
     #[error("overflowed its stack")]
@@ -75,14 +77,23 @@ impl LoadedModule {
         self.scope.applies(hook, target)
     }
 
-    pub fn authorize(&self, request: &GrantRequest) -> Result<Verdict, Fault> {
-        self.call(|policy, store| policy.call_authorize(store, request))
-            .and_then(checked_verdict)
+    pub fn authorize(&self, request: &GrantRequest, deadline: Instant) -> Result<Verdict, Fault> {
+        self.call(deadline, |policy, store| {
+            policy.call_authorize(store, request)
+        })
+        .and_then(checked_verdict)
     }
 
-    pub fn check(&self, context: &GrantContext, action: &Action) -> Result<Verdict, Fault> {
-        self.call(|policy, store| policy.call_check(store, context, action))
-            .and_then(checked_verdict)
+    pub fn check(
+        &self,
+        context: &GrantContext,
+        action: &Action,
+        deadline: Instant,
+    ) -> Result<Verdict, Fault> {
+        self.call(deadline, |policy, store| {
+            policy.call_check(store, context, action)
+        })
+        .and_then(checked_verdict)
     }
 
     /// The indices of `columns` this module masks.
@@ -90,9 +101,11 @@ impl LoadedModule {
         &self,
         context: &GrantContext,
         columns: &[Column],
+        deadline: Instant,
     ) -> Result<Vec<u32>, Fault> {
-        let indices =
-            self.call(|policy, store| policy.call_mask_columns(store, context, columns))?;
+        let indices = self.call(deadline, |policy, store| {
+            policy.call_mask_columns(store, context, columns)
+        })?;
         match indices.iter().find(|&&i| i as usize >= columns.len()) {
             Some(i) => Err(Fault::Malformed(format!(
                 "mask-columns named column {i}, but there are {}",
@@ -103,17 +116,25 @@ impl LoadedModule {
     }
 
     /// Masks one payload; the result must keep the input's kind, columns and shape.
-    pub fn mask(&self, context: &GrantContext, payload: &Payload) -> Result<Payload, Fault> {
-        let masked = self.call(|policy, store| policy.call_mask(store, context, payload))?;
+    pub fn mask(
+        &self,
+        context: &GrantContext,
+        payload: &Payload,
+        deadline: Instant,
+    ) -> Result<Payload, Fault> {
+        let masked = self.call(deadline, |policy, store| {
+            policy.call_mask(store, context, payload)
+        })?;
         same_shape(payload, &masked)?;
         Ok(masked)
     }
 
     fn call<R>(
         &self,
+        deadline: Instant,
         f: impl FnOnce(&Policy, &mut Store<GuestState>) -> wasmtime::Result<R>,
     ) -> Result<R, Fault> {
-        let mut store = self.engine.new_store(&self.name);
+        let mut store = self.engine.new_store(&self.name, deadline)?;
         let policy = self.pre.instantiate(&mut store).map_err(|e| {
             self.fault(e, &store)
                 .unwrap_or_else(|e| Fault::Instantiate(format!("{e:#}")))
@@ -136,6 +157,9 @@ impl LoadedModule {
             return Ok(Fault::Memory(limits.memory_bytes));
         }
         match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) if store.data().cut_by_decision => {
+                Ok(Fault::DecisionDeadline(limits.decision_deadline))
+            }
             Some(Trap::Interrupt) => Ok(Fault::Deadline(limits.deadline)),
             Some(Trap::StackOverflow) => Ok(Fault::StackOverflow),
             Some(Trap::UnreachableCodeReached) => Ok(Fault::Trap(
@@ -221,10 +245,12 @@ pub(crate) struct GuestState {
     module: Arc<str>,
     pub(crate) memory: MemoryCap,
     log_lines: u32,
+    /// The decision's deadline, not the call's own, is what an interrupt means.
+    cut_by_decision: bool,
 }
 
 impl GuestState {
-    pub(crate) fn new(module: Arc<str>, memory_bytes: usize) -> Self {
+    pub(crate) fn new(module: Arc<str>, memory_bytes: usize, cut_by_decision: bool) -> Self {
         GuestState {
             module,
             memory: MemoryCap {
@@ -232,6 +258,7 @@ impl GuestState {
                 exceeded: false,
             },
             log_lines: 0,
+            cut_by_decision,
         }
     }
 }

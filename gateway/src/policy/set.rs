@@ -1,8 +1,10 @@
 //! The group evaluator: every module of one bundle that applies, combined.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::module::{Fault, LoadedModule};
+use super::pool::Refusal;
 use super::scope::Hook;
 use super::types::{
     Action, Body, Column, GrantContext, GrantRequest, Payload, Rows, Target, Verdict,
@@ -34,12 +36,13 @@ pub struct PolicySet {
     expiry_logged: std::sync::atomic::AtomicBool,
 }
 
-/// A masking module failed: the result must not be released.
+/// Masking failed: the result must not be released.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("masking module `{module}` {fault}; result withheld (fail closed)")]
-pub struct MaskError {
-    pub module: Arc<str>,
-    pub fault: Fault,
+pub enum MaskError {
+    #[error("masking module `{module}` {fault}; result withheld (fail closed)")]
+    Module { module: Arc<str>, fault: Fault },
+    #[error("{0}; result withheld")]
+    Refused(#[from] Refusal),
 }
 
 impl PolicySet {
@@ -81,26 +84,35 @@ impl PolicySet {
         &self.modules
     }
 
+    /// The denial for a decision the pool would not make.
+    pub(crate) fn refused(&self, refusal: Refusal) -> Decision {
+        Decision {
+            outcome: Outcome::fail_closed(refusal.to_string()),
+            bundle: self.bundle.clone(),
+            votes: Vec::new(),
+        }
+    }
+
     /// Decides a grant request with every module whose scope covers `authorize` on the
     /// requested target.
-    pub fn authorize(&self, request: &GrantRequest) -> Decision {
+    pub fn authorize(&self, request: &GrantRequest, deadline: Instant) -> Decision {
         self.decide(
             Hook::Authorize,
             &request.target,
             "this grant request",
             request.now_unix_ms,
-            |m| m.authorize(request),
+            |m| m.authorize(request, deadline),
         )
     }
 
     /// Decides one action under a live grant.
-    pub fn check(&self, context: &GrantContext, action: &Action) -> Decision {
+    pub fn check(&self, context: &GrantContext, action: &Action, deadline: Instant) -> Decision {
         self.decide(
             Hook::Check,
             &context.target,
             "this action",
             context.now_unix_ms,
-            |m| m.check(context, action),
+            |m| m.check(context, action, deadline),
         )
     }
 
@@ -176,13 +188,14 @@ impl PolicySet {
         self: &Arc<Self>,
         context: &GrantContext,
         columns: &[Column],
+        deadline: Instant,
     ) -> Result<MaskPlan, MaskError> {
         let mut modules = Vec::new();
         let mut masked = Vec::new();
         for (index, module) in self.maskers(&context.target) {
             let wanted = module
-                .mask_columns(context, columns)
-                .map_err(|fault| MaskError {
+                .mask_columns(context, columns, deadline)
+                .map_err(|fault| MaskError::Module {
                     module: module.name().clone(),
                     fault,
                 })?;
@@ -201,10 +214,15 @@ impl PolicySet {
     }
 
     /// Masks a text or JSON body with every masking module that applies, in bundle order.
-    pub fn mask_body(&self, context: &GrantContext, body: Body) -> Result<Body, MaskError> {
+    pub fn mask_body(
+        &self,
+        context: &GrantContext,
+        body: Body,
+        deadline: Instant,
+    ) -> Result<Body, MaskError> {
         let mut payload = Payload::Body(body);
         for (_, module) in self.maskers(&context.target) {
-            payload = mask_one(module, context, &payload)?;
+            payload = mask_one(module, context, &payload, deadline)?;
         }
         match payload {
             Payload::Body(body) => Ok(body),
@@ -232,11 +250,14 @@ fn mask_one(
     module: &LoadedModule,
     context: &GrantContext,
     payload: &Payload,
+    deadline: Instant,
 ) -> Result<Payload, MaskError> {
-    module.mask(context, payload).map_err(|fault| MaskError {
-        module: module.name().clone(),
-        fault,
-    })
+    module
+        .mask(context, payload, deadline)
+        .map_err(|fault| MaskError::Module {
+            module: module.name().clone(),
+            fault,
+        })
 }
 
 /// The masking modules that care about one row description. It keeps its policy set
@@ -260,10 +281,15 @@ impl MaskPlan {
     }
 
     /// Masks one batch of rows with each planned module in bundle order.
-    pub fn mask_rows(&self, context: &GrantContext, rows: Rows) -> Result<Rows, MaskError> {
+    pub fn mask_rows(
+        &self,
+        context: &GrantContext,
+        rows: Rows,
+        deadline: Instant,
+    ) -> Result<Rows, MaskError> {
         let mut payload = Payload::Rows(rows);
         for &index in &self.modules {
-            payload = mask_one(&self.set.modules[index], context, &payload)?;
+            payload = mask_one(&self.set.modules[index], context, &payload, deadline)?;
         }
         match payload {
             Payload::Rows(rows) => Ok(rows),

@@ -130,13 +130,19 @@ impl Session {
         for m in &batch {
             let mut body = m.body.clone();
             let step = match m.tag {
-                b'P' => self.parse(&set, &mut body, &mut write).map(|manages| {
-                    forget |= manages;
-                    Expect::Complete
-                }),
+                b'P' => self
+                    .parse(&set, &mut body, &mut write)
+                    .await
+                    .map(|manages| {
+                        forget |= manages;
+                        Expect::Complete
+                    }),
                 b'B' => self.bind(&mut body).map(|()| Expect::Complete),
                 b'D' => describe(&mut body),
-                b'E' => match self.execute(&set, &mut body, &mut write, &mut read_only) {
+                b'E' => match self
+                    .execute(&set, &mut body, &mut write, &mut read_only)
+                    .await
+                {
                     Ok(name) if masks => {
                         executes += 1;
                         let index = masked.len();
@@ -212,7 +218,7 @@ impl Session {
 
     /// Parse: classified and checked now, so a denied statement is never prepared.
     /// Returns whether the statement manages SQL-level prepared statements.
-    fn parse(
+    async fn parse(
         &mut self,
         set: &Arc<crate::policy::PolicySet>,
         body: &mut Bytes,
@@ -248,7 +254,7 @@ impl Session {
             Ok(all) => all.first().cloned(),
         };
         if let Some(statement) = &statement {
-            let checked = self.check(set, statement);
+            let checked = self.check(set, statement).await;
             if let Some((reason, hint)) = &checked.denial {
                 write
                     .events
@@ -281,7 +287,7 @@ impl Session {
 
     /// Execute: checked again (cached), and recorded with its parameters. Returns the
     /// portal's name.
-    fn execute(
+    async fn execute(
         &mut self,
         set: &Arc<crate::policy::PolicySet>,
         body: &mut Bytes,
@@ -293,7 +299,7 @@ impl Session {
             return Err(("34000", format!("portal \"{name}\" does not exist"), None));
         };
         if let Some(statement) = &portal.prepared.statement {
-            let checked = self.check(set, statement);
+            let checked = self.check(set, statement).await;
             write
                 .events
                 .push(self.statement_event(statement, &checked, Some(&portal.params)));

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -13,7 +14,7 @@ use super::catalog::Catalog;
 use super::conn::Conn;
 use super::wire::{self, Field};
 use crate::policy::types::{Body, Column, GrantContext, Rows};
-use crate::policy::{MaskPlan, PolicySet};
+use crate::policy::{ActivePolicy, MaskError, MaskPlan, PolicySet};
 
 /// Rows masked per policy call.
 const MASK_BATCH: usize = 256;
@@ -30,8 +31,9 @@ pub struct MaskPlans {
 impl MaskPlans {
     /// How to treat rows of this description: `None` when they pass untouched. Refuses
     /// (fails closed) when a masked column comes in a binary format masking cannot read.
-    pub fn rows(
+    pub async fn rows(
         &mut self,
+        policy: &ActivePolicy,
         set: &Arc<PolicySet>,
         context: &GrantContext,
         fields: &[Field],
@@ -50,7 +52,15 @@ impl MaskPlans {
         let plan = match self.plans.get(&key) {
             Some(plan) => plan.clone(),
             None => {
-                let plan = set.mask_plan(context, &key.1).map_err(|e| e.to_string())?;
+                let (set, context, columns) = (set.clone(), context.clone(), key.1.clone());
+                let plan = policy
+                    .run(&context.agent.id.clone(), move |deadline| {
+                        set.mask_plan(&context, &columns, deadline)
+                    })
+                    .await
+                    .map_err(MaskError::from)
+                    .flatten()
+                    .map_err(|e| e.to_string())?;
                 let plan = (!plan.is_empty()).then(|| Arc::new(plan));
                 if self.plans.len() >= PLANS_KEPT {
                     self.plans.clear();
@@ -105,7 +115,12 @@ impl RowMask {
     }
 
     /// Masks and sends the rows taken so far.
-    pub async fn flush(&mut self, context: &GrantContext, client: &mut Conn) -> Result<(), String> {
+    pub async fn flush(
+        &mut self,
+        policy: &ActivePolicy,
+        context: &GrantContext,
+        client: &mut Conn,
+    ) -> Result<(), String> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -121,15 +136,18 @@ impl RowMask {
                     .collect()
             })
             .collect();
-        let masked = self
-            .plan
-            .mask_rows(
-                context,
-                Rows {
-                    columns: self.columns.clone(),
-                    values,
-                },
-            )
+        let rows = Rows {
+            columns: self.columns.clone(),
+            values,
+        };
+        let (plan, context) = (self.plan.clone(), context.clone());
+        let masked = policy
+            .run(&context.agent.id.clone(), move |deadline| {
+                plan.mask_rows(&context, rows, deadline)
+            })
+            .await
+            .map_err(MaskError::from)
+            .flatten()
             .map_err(|e| e.to_string())?;
         for (original, row) in originals.into_iter().zip(masked.values) {
             // Only the columns a module declared are taken from its output; every other
@@ -202,7 +220,12 @@ const IDENTIFYING_FIELDS: &[u8] = b"SVCPpFLR";
 /// Masks the fields of an ErrorResponse or NoticeResponse that can quote data (`invalid
 /// input syntax for type integer: "alice@example.com"`) through the masking modules, as
 /// text. The codes and names that identify the error pass as they are.
-pub fn mask_notice(set: &PolicySet, context: &GrantContext, body: &Bytes) -> Result<Bytes, String> {
+pub fn mask_notice(
+    set: &PolicySet,
+    context: &GrantContext,
+    body: &Bytes,
+    deadline: Instant,
+) -> Result<Bytes, String> {
     // Modules are told the SQLSTATE and the field: a data error's quotes, detail and
     // context hold a value.
     let sqlstate = wire::error_field(body, b'C').unwrap_or_default();
@@ -221,7 +244,7 @@ pub fn mask_notice(set: &PolicySet, context: &GrantContext, body: &Bytes) -> Res
                 "text/plain; postgres-sqlstate={sqlstate}; postgres-field={}",
                 code as char
             );
-            mask_text(set, context, &content_type, value)?
+            mask_text(set, context, &content_type, value, deadline)?
         };
         out.put_u8(code);
         wire::put_cstr(&mut out, &value);
@@ -235,6 +258,7 @@ pub fn mask_notification(
     set: &PolicySet,
     context: &GrantContext,
     body: &Bytes,
+    deadline: Instant,
 ) -> Result<Bytes, String> {
     let mut rest = body.clone();
     if rest.len() < 4 {
@@ -245,8 +269,14 @@ pub fn mask_notification(
     let payload = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
     let mut out = BytesMut::with_capacity(body.len());
     out.put_i32(pid);
-    wire::put_cstr(&mut out, &mask_text(set, context, "text/plain", channel)?);
-    wire::put_cstr(&mut out, &mask_text(set, context, "text/plain", payload)?);
+    wire::put_cstr(
+        &mut out,
+        &mask_text(set, context, "text/plain", channel, deadline)?,
+    );
+    wire::put_cstr(
+        &mut out,
+        &mask_text(set, context, "text/plain", payload, deadline)?,
+    );
     Ok(out.freeze())
 }
 
@@ -255,6 +285,7 @@ fn mask_text(
     context: &GrantContext,
     content_type: &str,
     text: String,
+    deadline: Instant,
 ) -> Result<String, String> {
     if text.is_empty() {
         return Ok(text);
@@ -265,6 +296,7 @@ fn mask_text(
             content_type: content_type.into(),
             text,
         },
+        deadline,
     )
     .map(|body| body.text)
     .map_err(|e| e.to_string())

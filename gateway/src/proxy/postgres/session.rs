@@ -273,7 +273,7 @@ impl Session {
         let mut write = Write::default();
         let mut denial: Option<(String, Option<String>)> = None;
         for statement in statements {
-            let checked = self.check(&set, statement);
+            let checked = self.check(&set, statement).await;
             write
                 .events
                 .push(self.statement_event(statement, &checked, None));
@@ -363,7 +363,11 @@ impl Session {
 
     /// The verdict on one statement, from the session's cache when it is recent and the
     /// policy set is the same. What the gateway pins is refused before any policy runs.
-    pub(super) fn check(&mut self, set: &Arc<PolicySet>, statement: &Statement) -> Arc<Checked> {
+    pub(super) async fn check(
+        &mut self,
+        set: &Arc<PolicySet>,
+        statement: &Statement,
+    ) -> Arc<Checked> {
         if let Some(denial) = pins::refusal(statement, self.read_only) {
             return Arc::new(Checked {
                 denial: Some(denial),
@@ -377,10 +381,15 @@ impl Session {
         {
             return checked.clone();
         }
-        let decision = set.check(
-            &self.context_now(),
-            &Action::Sql(statement.action(&self.catalog)),
-        );
+        let decision = self
+            .services
+            .policy
+            .check(
+                set,
+                self.context_now(),
+                Action::Sql(statement.action(&self.catalog)),
+            )
+            .await;
         let unmaskable = statement.kind == SqlKind::CopyTo && set.masks(&self.context.target);
         let denial = match decision.outcome {
             Outcome::Allow(_) if unmaskable => Some((
@@ -632,7 +641,9 @@ impl Session {
             if m.tag != b'D'
                 && let Some(mask) = rows.as_mut()
             {
-                let flushed = mask.flush(&self.context_now(), &mut self.client).await;
+                let flushed = mask
+                    .flush(&self.services.policy, &self.context_now(), &mut self.client)
+                    .await;
                 self.or_withhold(flushed).await?;
             }
             let relay = match m.tag {
@@ -667,7 +678,9 @@ impl Session {
                             let full = mask.push(&m.body);
                             if self.or_withhold(full).await? {
                                 let context = self.context_now();
-                                let flushed = mask.flush(&context, &mut self.client).await;
+                                let flushed = mask
+                                    .flush(&self.services.policy, &context, &mut self.client)
+                                    .await;
                                 self.or_withhold(flushed).await?;
                             }
                             false
@@ -762,7 +775,15 @@ impl Session {
         if !set.masks(&self.context.target) {
             return Ok(m);
         }
-        let masked = mask(set, &self.context_now(), &m.body);
+        let (set, context, body) = (set.clone(), self.context_now(), m.body.clone());
+        let masked = self
+            .services
+            .policy
+            .run(&self.context.agent.id, move |deadline| {
+                mask(&set, &context, &body, deadline)
+            })
+            .await
+            .unwrap_or_else(|refusal| Err(format!("{refusal}; result withheld")));
         let body = self.or_withhold(masked).await?;
         Ok(Message { tag: m.tag, body })
     }
@@ -775,9 +796,17 @@ impl Session {
         fields: Option<&[Field]>,
     ) -> Result<Option<RowMask>, String> {
         let planned = match fields {
-            Some(fields) => self
-                .masks
-                .rows(set, &self.context_now(), fields, &self.catalog),
+            Some(fields) => {
+                self.masks
+                    .rows(
+                        &self.services.policy,
+                        set,
+                        &self.context_now(),
+                        fields,
+                        &self.catalog,
+                    )
+                    .await
+            }
             None => Ok(None),
         };
         self.or_withhold(planned).await
