@@ -14,7 +14,8 @@ use airlock::policy::ActivePolicy;
 use airlock::policy::{Outcome, PolicySet};
 
 use crate::support::{
-    component, engine, grant_context, run, soon, tempdir, text, update_users, workspace,
+    component, component_unchecked, engine, grant_context, run, soon, tempdir, text, update_users,
+    workspace,
 };
 
 /// A bundle source with two modules, a signing key, and a gateway data directory whose
@@ -809,4 +810,31 @@ fn fixture_results_are_cached_by_digest() {
             .unwrap()
             .is_some()
     );
+}
+
+#[test]
+fn a_module_that_cannot_start_is_refused_at_install_and_the_active_bundle_stays() {
+    let setup = Setup::new();
+    let good = setup.sign(1);
+    let out = setup.install(&good);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Signed by the trusted key: only the module's behaviour is wrong.
+    std::fs::write(
+        setup.src().join("stuck.wasm"),
+        component_unchecked("tests/policies/stuck-start"),
+    )
+    .unwrap();
+    std::fs::write(
+        setup.src().join("bundle.toml"),
+        "name = \"test\"\n[[module]]\nname = \"stuck\"\nfile = \"stuck.wasm\"\napplies-to = { hooks = [\"check\"] }\n",
+    )
+    .unwrap();
+    let bundle = setup.sign(2);
+    refused(
+        &setup.install(&bundle),
+        "module `stuck` cannot start: instantiating it ran past its 20ms deadline",
+    );
+    let status = setup.status();
+    assert!(status.contains("bundle:  test v1"), "{status}");
 }

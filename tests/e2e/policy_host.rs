@@ -8,7 +8,8 @@ use airlock::policy::types::{Column, Constraints, Rows, Verdict};
 use airlock::policy::{BundleId, Fault, LoadError, MaskError, Outcome, PolicySet, Scope};
 
 use crate::support::{
-    component, engine, grant_context, load, run, soon, tempdir, text, update_users,
+    component, component_unchecked, engine, grant_context, load, run, soon, tempdir, text,
+    update_users, workspace,
 };
 
 const HOSTILE: &str = "tests/policies/hostile";
@@ -222,6 +223,48 @@ const WASI_FS_COMPONENT: &str = r#"
   ))
 )
 "#;
+
+#[test]
+fn a_module_whose_start_function_never_returns_is_refused_at_load() {
+    let engine = engine();
+    let bytes = component_unchecked("tests/policies/stuck-start");
+    let started = Instant::now();
+    let err = engine
+        .load_module("stuck", &bytes, Scope::everything())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(&err, LoadError::Unstartable { module, fault: Fault::Deadline(_) } if module == "stuck"),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "module `stuck` cannot start: instantiating it ran past its 20ms deadline"
+    );
+    // Bounded: the probe is cut at the call deadline (generous against a loaded box).
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // `airlock policy build` refuses it too, naming the crate, and writes nothing.
+    let dir = tempdir();
+    let out = dir.path().join("stuck.wasm");
+    let output = run(&[
+        "policy",
+        "build",
+        workspace()
+            .join("tests/policies/stuck-start")
+            .to_str()
+            .unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("module `stuck-start` cannot start"),
+        "{}",
+        text(&output)
+    );
+    assert!(!out.exists());
+}
 
 #[test]
 fn a_module_importing_wasi_is_refused_at_load_naming_the_import() {

@@ -66,6 +66,20 @@ pub fn component(crate_path: &str) -> PathBuf {
     out
 }
 
+/// Builds the policy crate at `crate_path` with the library, without the checks
+/// `airlock policy build` makes: for modules the gateway must refuse.
+pub fn component_unchecked(crate_path: &str) -> Vec<u8> {
+    static BUILT: OnceLock<Mutex<HashMap<String, Vec<u8>>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    built
+        .entry(crate_path.to_string())
+        .or_insert_with(|| {
+            airlock::policy::build_policy_crate(&workspace().join(crate_path))
+                .expect("the policy crate builds")
+        })
+        .clone()
+}
+
 pub fn engine() -> Arc<PolicyEngine> {
     PolicyEngine::new(PolicyLimits::default(), None).expect("engine builds")
 }

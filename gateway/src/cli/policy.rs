@@ -42,7 +42,12 @@ pub(crate) fn run(context: &Context, command: PolicyCommand) -> anyhow::Result<E
             let component = build_policy_crate(&crate_dir)?;
             // Refuse a component the gateway would refuse, now rather than at install.
             let engine = PolicyEngine::new(Default::default(), None)?;
-            engine.load_module("built", &component, Scope::everything())?;
+            let name = crate_dir
+                .canonicalize()
+                .ok()
+                .and_then(|dir| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "built".into());
+            engine.load_module(&name, &component, Scope::everything())?;
             std::fs::write(&out, &component).with_context(|| out.display().to_string())?;
             println!("built {} ({} bytes)", out.display(), component.len());
             Ok(ExitCode::SUCCESS)

@@ -72,6 +72,8 @@ pub enum LoadError {
     ForbiddenImport { module: String, import: String },
     #[error("module `{module}` does not implement the airlock:policy world: {reason}")]
     WrongWorld { module: String, reason: String },
+    #[error("module `{module}` cannot start: instantiating it {fault}")]
+    Unstartable { module: String, fault: Fault },
     #[error("module `{module}` failed its fixtures: {failed} of {total} cases failed")]
     FixturesFailed {
         module: String,
@@ -177,13 +179,12 @@ impl PolicyEngine {
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
         let pre = PolicyPre::new(pre).map_err(wrong_world)?;
-        Ok(LoadedModule::new(
-            self.clone(),
-            name.into(),
-            digest.into(),
-            scope,
-            pre,
-        ))
+        let module = LoadedModule::new(self.clone(), name.into(), digest.into(), scope, pre);
+        module.probe().map_err(|fault| LoadError::Unstartable {
+            module: name.to_string(),
+            fault,
+        })?;
+        Ok(module)
     }
 
     /// True if a module with these fixtures (`key`: a digest of the module's and the
@@ -261,7 +262,7 @@ impl PolicyEngine {
         if left.is_zero() {
             return Err(Fault::DecisionDeadline(self.limits.decision_deadline));
         }
-        let left_ticks = left.as_millis().max(1) as u64;
+        let left_ticks = left.as_micros().div_ceil(1000) as u64;
         let cut_by_decision = left_ticks < self.deadline_ticks;
         let mut store = Store::new(
             &self.engine,

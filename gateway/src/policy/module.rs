@@ -73,6 +73,15 @@ impl LoadedModule {
         &self.digest
     }
 
+    /// Instantiates the module once under its call deadline, as every call will: a
+    /// start function that traps or never returns would fail every decision.
+    pub(crate) fn probe(&self) -> Result<(), Fault> {
+        self.call(
+            Instant::now() + self.engine.limits().deadline,
+            |_, _| Ok(()),
+        )
+    }
+
     pub fn applies(&self, hook: Hook, target: &Target) -> bool {
         self.scope.applies(hook, target)
     }
