@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::api::admin;
 use crate::api::agent::AgentApi;
-use crate::bundle::{PolicyDir, Reloader};
+use crate::bundle::{PolicyDir, Reloader, activated_event, refused_event};
 use crate::config::{Config, DataDir};
 use crate::fsperm;
 use crate::grants::Broker;
@@ -20,7 +20,7 @@ use crate::keys::SecretKey;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
 use crate::proxy::postgres::classify::ClassifyCache;
 use crate::proxy::postgres::startup::{self, PgServices};
-use crate::record::{Record, RecordOptions};
+use crate::record::{Record, RecordOptions, Write};
 use crate::secrets::Secrets;
 
 /// How often grants are checked for expiry (their connections are cut within this).
@@ -92,8 +92,19 @@ pub async fn run(
     let policy_dir = PolicyDir::open(&data.policy_dir()).map_err(setup("policy directory"))?;
     let engine = PolicyEngine::new(config.policy_limits(), Some(&policy_dir.cache_dir()))
         .map_err(setup("policy engine"))?;
+    let installed = policy_dir.current().map_err(setup("policy directory"))?;
     let initial = match policy_dir.load_current(&engine, &trust, SystemTime::now()) {
-        Ok(Some(set)) => set,
+        Ok(Some(set)) => {
+            let recovery = policy_dir.recovery().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "the recovery note cannot be read");
+                None
+            });
+            record
+                .write_async(Write::event(activated_event(&set, None, recovery.as_ref())))
+                .await
+                .map_err(setup("record"))?;
+            set
+        }
         Ok(None) => {
             tracing::warn!(
                 "no policy bundle is installed: every request is denied until one is (airlock bundle install)"
@@ -102,6 +113,10 @@ pub async fn run(
         }
         Err(e) => {
             tracing::error!(error = %e, "the installed policy bundle is refused: every request is denied until a good one is installed");
+            record
+                .write_async(Write::event(refused_event(installed.as_deref(), &e)))
+                .await
+                .map_err(setup("record"))?;
             PolicySet::empty()
         }
     };
@@ -109,14 +124,9 @@ pub async fn run(
         tracing::info!(bundle = %bundle, "policy bundle active");
     }
     let policy = Arc::new(ActivePolicy::new(initial, engine.limits()));
-    let _reloader = Reloader::new(
-        policy_dir.clone(),
-        engine,
-        trust,
-        policy.clone(),
-        policy_dir.current().map_err(setup("policy directory"))?,
-    )
-    .spawn(RELOAD_INTERVAL);
+    let _reloader = Reloader::new(policy_dir.clone(), engine, trust, policy.clone(), installed)
+        .recording(record.clone())
+        .spawn(RELOAD_INTERVAL);
 
     let broker = Arc::new(
         Broker::load(

@@ -725,6 +725,41 @@ fn an_active_bundle_stops_deciding_when_it_expires() {
         }
         other => panic!("{other:?}"),
     }
+
+    // A running gateway's reloader records the expiry once, when it passes.
+    let store = tempdir();
+    let record = airlock::record::Record::open(
+        airlock::record::RecordOptions::new(store.path().join("store")),
+        SecretKey::generate(),
+    )
+    .unwrap();
+    let engine = engine();
+    let loaded = dir
+        .load_current(&engine, &setup.trust(), SystemTime::now())
+        .unwrap()
+        .unwrap();
+    let active = Arc::new(ActivePolicy::new(loaded, &Default::default()));
+    let current = dir.current().unwrap();
+    let reloader = Reloader::new(dir, engine, setup.trust(), active, current)
+        .recording(record.clone())
+        .spawn(Duration::from_millis(50));
+    let expired = || {
+        airlock::record::export_lines(record.spaces(), 0)
+            .unwrap()
+            .iter()
+            .filter(|line| {
+                String::from_utf8_lossy(&line.to_line()).contains("\"kind\":\"policy.expired\"")
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while expired() == 0 {
+        assert!(Instant::now() < deadline, "the expiry was never recorded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(reloader);
+    assert_eq!(expired(), 1, "recorded once, not at every poll");
 }
 
 /// A bundle signed for longer than the gateway's `policy.max-validity` is refused, and
@@ -837,4 +872,167 @@ fn a_module_that_cannot_start_is_refused_at_install_and_the_active_bundle_stays(
     );
     let status = setup.status();
     assert!(status.contains("bundle:  test v1"), "{status}");
+}
+
+/// A gateway stuck on a version (at the limit, or one an older gateway accepted and
+/// this one cannot read) recovers with `airlock bundle recover`: refused while the
+/// active bundle can be rotated from, recorded with the operator's reason when the
+/// running gateway activates the bundle, and rotation goes on normally afterwards.
+#[test]
+fn a_gateway_stuck_on_a_version_recovers_by_a_recorded_operator_procedure() {
+    use crate::gateway::{Gateway, wait_for};
+    use airlock::bundle::MAX_VERSION;
+
+    let mut gw = Gateway::start();
+    let manifest = gw.example_manifest();
+    let activated = |gw: &Gateway, bundle: &str| {
+        gw.events("policy.activated")
+            .into_iter()
+            .rfind(|e| e["detail"]["bundle"] == bundle)
+    };
+
+    // Not stuck: recovery is refused and names the normal way.
+    let v2 = gw.sign_bundle(2, &manifest);
+    let v2 = v2.to_str().unwrap();
+    refused(
+        &gw.cli(&["bundle", "recover", v2, "--reason", "testing"]),
+        "no recovery needed: the active bundle example v1 can be rotated from",
+    );
+
+    // Stuck: the highest version there is. A newer install is a rollback that says
+    // where the way out is.
+    gw.install_bundle(MAX_VERSION, &manifest);
+    let max = format!("example v{MAX_VERSION}");
+    wait_for("the top version to be active", || {
+        activated(&gw, &max).is_some()
+    });
+    refused(
+        &gw.cli(&["bundle", "install", v2]),
+        "leaves no room above it: see airlock bundle recover",
+    );
+    refused(
+        &gw.cli(&["bundle", "recover", v2, "--reason", " "]),
+        "a recovery needs --reason",
+    );
+    let out = gw.cli(&[
+        "bundle",
+        "recover",
+        v2,
+        "--reason",
+        "v2^53 came from a compromised pipeline",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut event = None;
+    wait_for("the recovery to be recorded", || {
+        event = activated(&gw, "example v2");
+        event.is_some()
+    });
+    let detail = &event.unwrap()["detail"];
+    assert_eq!(
+        detail["recovery"]["reason"],
+        "v2^53 came from a compromised pipeline"
+    );
+    assert_eq!(detail["previous"], max, "{detail}");
+    assert!(
+        detail["recovery"]["stuck_on"]
+            .as_str()
+            .unwrap()
+            .contains("leaves no version above it"),
+        "{detail}"
+    );
+    let status = text(&gw.cli(&["bundle", "status"]));
+    assert!(status.contains("bundle:  example v2"), "{status}");
+    assert!(
+        status.contains("reason: v2^53 came from a compromised pipeline"),
+        "{status}"
+    );
+
+    // Rotation goes on; the note is gone with the recovered bundle.
+    gw.install_bundle(3, &manifest);
+    wait_for("v3 to be active", || activated(&gw, "example v3").is_some());
+    let status = text(&gw.cli(&["bundle", "status"]));
+    assert!(!status.contains("recovered"), "{status}");
+
+    // Stuck on what an older gateway accepted and this one cannot read: a version
+    // over the limit. (Made by hand: this gateway refuses to install it.)
+    let policy = gw.data().join("policy");
+    let old = policy.join("bundles/example-v18446744073709551615");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(policy.join("bundles/example-v3"))
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let manifest_path = old.join("manifest.toml");
+    let text_before = std::fs::read_to_string(&manifest_path).unwrap();
+    std::fs::write(
+        &manifest_path,
+        text_before.replace("version = 3", "version = 18446744073709551615"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        "bundles/example-v18446744073709551615",
+        policy.join("current.new"),
+    )
+    .unwrap();
+    std::fs::rename(policy.join("current.new"), policy.join("current")).unwrap();
+    gw.restart();
+    let (_, denied) = gw.ask(
+        &gw.agent("stuck-agent", &[]),
+        "prod-db",
+        "confirm migration 42 ran",
+        "read",
+        "5m",
+    );
+    assert_eq!(denied["status"], "denied", "{denied}");
+    assert!(
+        !gw.events("policy.refused").is_empty(),
+        "the refusal is recorded"
+    );
+    let v4 = gw.sign_bundle(4, &manifest);
+    let v4 = v4.to_str().unwrap();
+    refused(
+        &gw.cli(&["bundle", "install", v4]),
+        "the active bundle cannot be read",
+    );
+    let out = gw.cli(&[
+        "bundle",
+        "recover",
+        v4,
+        "--reason",
+        "left over from airlock 0.0",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut event = None;
+    wait_for("the second recovery to be recorded", || {
+        event = activated(&gw, "example v4");
+        event.is_some()
+    });
+    let detail = &event.unwrap()["detail"];
+    assert_eq!(
+        detail["recovery"]["replaced"],
+        "example-v18446744073709551615"
+    );
+    assert!(
+        detail["recovery"]["stuck_on"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be read"),
+        "{detail}"
+    );
+
+    // Prune leaves only the active bundle.
+    let out = gw.cli(&["bundle", "prune"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("removed bundles/example-v18446744073709551615"));
+    let left: Vec<_> = std::fs::read_dir(policy.join("bundles"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, ["example-v4"]);
+    let status = text(&gw.cli(&["bundle", "status"]));
+    assert!(status.contains("bundle:  example v4"), "{status}");
+    let out = gw.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
 }

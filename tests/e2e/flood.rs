@@ -241,6 +241,17 @@ fn one_agents_flood_does_not_hold_other_agents_grants_or_health() {
         "the flood ran modules to their deadline: {report}"
     );
     assert!(busy > 0, "the per-agent bound refused some: {report}");
+    // The operator sees the same in the health view, with the bundle's time left.
+    let health: Value = serde_json::from_str(&crate::support::text(&gw.cli(&["health"]))).unwrap();
+    let policy = &health["policy"];
+    assert_eq!(policy["bundle"], "flood v2", "{health}");
+    assert!(
+        policy["decisions"]["refused_agent_busy"].as_u64().unwrap() >= busy,
+        "{health}"
+    );
+    let left = policy["expires_in_seconds"].as_i64().unwrap();
+    assert!((86_000..=86_400).contains(&left), "{health}");
+    assert_eq!(policy["expiring_soon"], true, "a day is within the warning");
     // The bound stated for this test (not a speed claim; BENCHMARKS.md has the
     // figures): before decisions moved off the runtime, the median was 650 ms and the
     // p99 966 ms under this flood. Now the calm agent waits for at most the decisions

@@ -221,27 +221,45 @@ impl Gateway {
     /// Signs `manifest` (a bundle.toml with absolute paths) as `version` with the
     /// trusted key and installs it; a running gateway picks it up within a second.
     pub fn install_bundle(&self, version: u64, manifest: &str) {
+        let bundle = self.sign_bundle(version, manifest);
+        let out = self.cli(&["bundle", "install", bundle.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
+    /// Signs `manifest` as `version` with the trusted key; returns the bundle.
+    pub fn sign_bundle(&self, version: u64, manifest: &str) -> PathBuf {
         let src = self.dir.path().join(format!("bundle-src-v{version}"));
         std::fs::create_dir(&src).unwrap();
         std::fs::write(src.join("bundle.toml"), manifest).unwrap();
         let bundle = self.dir.path().join(format!("bundle-v{version}"));
-        let (src, bundle) = (src.to_str().unwrap(), bundle.to_str().unwrap());
         let key = template().key.to_str().unwrap();
-        let version = version.to_string();
         let out = run(&[
             "bundle",
             "sign",
-            src,
+            src.to_str().unwrap(),
             "--key",
             key,
             "--version",
-            &version,
+            &version.to_string(),
             "--out",
-            bundle,
+            bundle.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{}", text(&out));
-        let out = self.cli(&["bundle", "install", bundle]);
-        assert!(out.status.success(), "{}", text(&out));
+        bundle
+    }
+
+    /// The example bundle's manifest, with absolute paths.
+    pub fn example_manifest(&self) -> String {
+        template().manifest.clone()
+    }
+
+    /// The record's entries of `kind`, newest last.
+    pub fn events(&self, kind: &str) -> Vec<Value> {
+        text(&self.cli(&["audit", "tail", "-n", "100000"]))
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["kind"] == kind)
+            .collect()
     }
 
     /// Runs `airlock serve` expecting it to refuse to start; returns what it said.
@@ -492,7 +510,7 @@ impl Drop for Gateway {
     }
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -851,7 +869,8 @@ fn audit_verify_names_an_edited_or_deleted_entry() {
     gw.stop(false);
     let ok = gw.cli(&["audit", "verify"]);
     assert!(ok.status.success(), "{}", text(&ok));
-    assert!(text(&ok).contains("ok: 11 entries"), "{}", text(&ok));
+    // One entry for the bundle activated at start, two per grant request.
+    assert!(text(&ok).contains("ok: 12 entries"), "{}", text(&ok));
 
     let store = gw.data().join("store");
     {

@@ -24,11 +24,7 @@ fn failure(out: &Output) -> String {
 }
 
 fn events(gw: &Gateway, kind: &str) -> Vec<Value> {
-    text(&gw.cli(&["audit", "tail", "-n", "100000"]))
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|e| e["kind"] == kind)
-        .collect()
+    gw.events(kind)
 }
 
 impl Raw {

@@ -307,7 +307,10 @@ async fn dispatch(
                     .ok_or_else(|| AdminError::new("not_found", "no checkpoint has been signed yet"))
             }),
         AdminRequest::Health => match broker.record().ready() {
-            Ok(()) => Ok(json!({ "status": "ready" })),
+            Ok(()) => Ok(json!({
+                "status": "ready",
+                "policy": broker.policy().health(),
+            })),
             Err(e) => Err(AdminError::new("not_ready", e.to_string())),
         },
     }

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::manifest::Manifest;
+use super::manifest::{MAX_VERSION, Manifest};
 use super::verify::{VerifiedBundle, verify};
 use super::{BundleError, MANIFEST_FILE, io_err};
 use crate::fsperm;
@@ -28,6 +28,7 @@ const BUNDLES: &str = "bundles";
 const CURRENT: &str = "current";
 const CACHE: &str = "cache";
 const LOCK: &str = ".install.lock";
+const RECOVERY: &str = "recovery.json";
 
 /// What `airlock bundle status` shows.
 #[derive(Debug, Clone)]
@@ -154,28 +155,163 @@ impl PolicyDir {
     ) -> Result<Manifest, BundleError> {
         let _lock = self.lock()?;
         self.check_permissions()?;
-        let verified = verify(src, trust, now)?;
+        let verified = verified_for_install(src, trust, now, max_validity)?;
         let manifest = &verified.manifest;
-        manifest
-            .check_validity(max_validity)
-            .map_err(BundleError::TooLong)?;
-        if let Some(installed) = self.status()?
+        let installed = self.status().map_err(|e| BundleError::ActiveUnreadable {
+            reason: e.to_string(),
+        })?;
+        if let Some(installed) = installed
             && manifest.version <= installed.manifest.version
         {
             return Err(BundleError::Rollback {
                 name: manifest.name.clone(),
                 version: manifest.version,
                 installed: installed.manifest.version,
+                stuck: installed.manifest.version >= MAX_VERSION,
             });
         }
         load(engine, &verified)?;
+        self.activate(&verified, None)?;
+        Ok(verified.manifest)
+    }
 
-        let dir_name = format!("{}-v{}", manifest.name, manifest.version);
+    /// The operator's way out of a gateway stuck on a bundle it cannot rotate from:
+    /// one whose manifest this gateway cannot read (a version over the limit or a name
+    /// an older gateway accepted), or whose version leaves no room above it. Installs
+    /// `src` (verified, signed by a trusted key, loaded and tested like any install)
+    /// whatever its version, and leaves a recovery note with `reason` in the policy
+    /// directory; the gateway records the note when it activates the bundle. Refused
+    /// when the active bundle is fine: then a newer version is the way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recover(
+        &self,
+        src: &Path,
+        trust: &TrustedKeys,
+        engine: &Arc<PolicyEngine>,
+        now: SystemTime,
+        max_validity: std::time::Duration,
+        reason: &str,
+        operator: &str,
+    ) -> Result<(Manifest, Recovery), BundleError> {
+        let reason = reason.trim();
+        if reason.is_empty() || reason.len() > 1024 || reason.chars().any(char::is_control) {
+            return Err(BundleError::NotStuck(
+                "a recovery needs --reason: one line of at most 1024 characters saying why".into(),
+            ));
+        }
+        let _lock = self.lock()?;
+        self.check_permissions()?;
+        let replaced = self.current()?;
+        let stuck_on = match self.status() {
+            Err(e) => format!("the active bundle cannot be read: {e}"),
+            Ok(None) => {
+                return Err(BundleError::NotStuck(
+                    "no bundle is installed; use airlock bundle install".into(),
+                ));
+            }
+            Ok(Some(active)) if active.manifest.version >= MAX_VERSION => format!(
+                "the active bundle's version {} leaves no version above it",
+                active.manifest.version
+            ),
+            Ok(Some(active)) => {
+                return Err(BundleError::NotStuck(format!(
+                    "the active bundle {} v{} can be rotated from: install a newer version with airlock bundle install",
+                    active.manifest.name, active.manifest.version
+                )));
+            }
+        };
+        let verified = verified_for_install(src, trust, now, max_validity)?;
+        load(engine, &verified)?;
+        let recovery = Recovery {
+            bundle: bundle_dir_name(&verified.manifest),
+            replaced: replaced
+                .as_deref()
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned()),
+            stuck_on,
+            reason: reason.to_string(),
+            operator: operator.to_string(),
+            at: humantime::format_rfc3339_seconds(now).to_string(),
+        };
+        self.activate(&verified, Some(&recovery))?;
+        Ok((verified.manifest, recovery))
+    }
+
+    /// The recovery note, if the active bundle was installed by `airlock bundle
+    /// recover`.
+    pub fn recovery(&self) -> Result<Option<Recovery>, BundleError> {
+        let path = self.root.join(RECOVERY);
+        let bytes = match super::read::read_bounded(&path, super::read::MANIFEST_LIMIT) {
+            Ok(bytes) => bytes,
+            Err(super::read::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(reason) => {
+                return Err(BundleError::UnreadableFile {
+                    file: path.display().to_string(),
+                    reason,
+                });
+            }
+        };
+        let recovery: Recovery =
+            serde_json::from_slice(&bytes).map_err(|e| BundleError::BadManifest {
+                file: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let active = self.current()?;
+        let names_active = active
+            .as_deref()
+            .and_then(Path::file_name)
+            .is_some_and(|n| *n == *recovery.bundle);
+        Ok(names_active.then_some(recovery))
+    }
+
+    /// Removes every installed bundle but the active one, and any staging left by an
+    /// interrupted install. Returns the names removed. Holds the install lock.
+    pub fn prune(&self) -> Result<Vec<String>, BundleError> {
+        let _lock = self.lock()?;
+        let active = self.current()?;
+        let mut removed = Vec::new();
+        let bundles = self.root.join(BUNDLES);
+        for entry in fs::read_dir(&bundles).map_err(io_err(&bundles))? {
+            let path = entry.map_err(io_err(&bundles))?.path();
+            if Some(&path) != active.as_ref() {
+                remove_entry(&path)?;
+                removed.push(format!("{BUNDLES}/{}", path_name(&path)));
+            }
+        }
+        for entry in fs::read_dir(&self.root).map_err(io_err(&self.root))? {
+            let path = entry.map_err(io_err(&self.root))?.path();
+            let name = path_name(&path);
+            if name.starts_with(".staging-") || name.starts_with(".current-") {
+                remove_entry(&path)?;
+                removed.push(name);
+            }
+        }
+        if active.is_none() {
+            let note = self.root.join(RECOVERY);
+            if note.exists() {
+                remove_entry(&note)?;
+                removed.push(RECOVERY.into());
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Writes the verified bundle to `bundles/<name>-v<version>` and points `current`
+    /// at it; with a recovery, the note is written first, so whoever sees the new
+    /// `current` finds the note that explains it.
+    fn activate(
+        &self,
+        verified: &VerifiedBundle,
+        recovery: Option<&Recovery>,
+    ) -> Result<(), BundleError> {
+        let dir_name = bundle_dir_name(&verified.manifest);
         let relative = Path::new(BUNDLES).join(&dir_name);
         let final_dir = self.root.join(&relative);
-        if final_dir.exists() {
+        if final_dir.symlink_metadata().is_ok() {
             return Err(BundleError::AlreadyInstalled {
-                version: manifest.version,
+                version: verified.manifest.version,
             });
         }
         let staging = self
@@ -188,6 +324,19 @@ impl PolicyDir {
             let _ = fs::remove_dir_all(&staging);
             return Err(e);
         }
+        let note = self.root.join(RECOVERY);
+        match recovery {
+            Some(recovery) => {
+                let json = serde_json::to_vec_pretty(recovery).expect("a note serializes");
+                fsperm::write_private_atomic(&note, &json)?;
+            }
+            None => match fs::remove_file(&note) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err(&note)(e));
+                }
+                _ => {}
+            },
+        }
         let tmp_link = self
             .root
             .join(format!(".current-{}", fsperm::random_suffix()));
@@ -196,7 +345,7 @@ impl PolicyDir {
         fs::File::open(&self.root)
             .and_then(|d| d.sync_all())
             .map_err(io_err(&self.root))?;
-        Ok(verified.manifest)
+        Ok(())
     }
 
     /// Verifies and loads the active bundle, if any.
@@ -233,6 +382,59 @@ impl PolicyDir {
         })?;
         Ok(file)
     }
+}
+
+/// Why and by whom the active bundle was installed over a stuck one: written by
+/// `airlock bundle recover`, recorded by the gateway when it activates the bundle.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recovery {
+    /// The bundle installed (its directory under `bundles/`).
+    pub bundle: String,
+    /// The bundle it replaced, if one was installed.
+    pub replaced: Option<String>,
+    /// What made the replaced bundle impossible to rotate from.
+    pub stuck_on: String,
+    pub reason: String,
+    pub operator: String,
+    pub at: String,
+}
+
+/// The directory an installed bundle gets: derived from its validated name and version.
+fn bundle_dir_name(manifest: &Manifest) -> String {
+    format!("{}-v{}", manifest.name, manifest.version)
+}
+
+fn path_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Removes a file, a link, or a directory tree, never following a link.
+fn remove_entry(path: &Path) -> Result<(), BundleError> {
+    let meta = path.symlink_metadata().map_err(io_err(path))?;
+    if meta.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+    .map_err(io_err(path))
+}
+
+/// Verification as an install needs it: signature, digests, expiry, and a validity
+/// window no longer than the gateway allows.
+fn verified_for_install(
+    src: &Path,
+    trust: &TrustedKeys,
+    now: SystemTime,
+    max_validity: std::time::Duration,
+) -> Result<VerifiedBundle, BundleError> {
+    let verified = verify(src, trust, now)?;
+    verified
+        .manifest
+        .check_validity(max_validity)
+        .map_err(BundleError::TooLong)?;
+    Ok(verified)
 }
 
 /// Compiles every module of a verified bundle and runs each module's own fixtures

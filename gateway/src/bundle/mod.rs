@@ -15,11 +15,11 @@ mod sign;
 mod verify;
 mod watch;
 
-pub use dir::{BundleStatus, PolicyDir, load, load_reporting};
-pub use manifest::{FileDigest, Manifest, ManifestModule, SourceBundle, SourceModule};
+pub use dir::{BundleStatus, PolicyDir, Recovery, load, load_reporting};
+pub use manifest::{FileDigest, MAX_VERSION, Manifest, ManifestModule, SourceBundle, SourceModule};
 pub use sign::sign;
 pub use verify::{VerifiedBundle, VerifiedModule, verify};
-pub use watch::{Reloader, ReloaderHandle};
+pub use watch::{EXPIRY_WARNING, Reloader, ReloaderHandle, activated_event, refused_event};
 
 use std::path::PathBuf;
 
@@ -77,13 +77,22 @@ pub enum BundleError {
         actual: String,
     },
     #[error(
-        "bundle {name} v{version} is not newer than the installed v{installed}; refusing a rollback"
+        "bundle {name} v{version} is not newer than the installed v{installed}; refusing a rollback{}",
+        if *stuck { " (the installed version leaves no room above it: see airlock bundle recover)" } else { "" }
     )]
     Rollback {
         name: String,
         version: u64,
         installed: u64,
+        /// The installed version is at the limit: no newer one can be signed.
+        stuck: bool,
     },
+    #[error(
+        "the active bundle cannot be read, so no install can be checked against it ({reason}); if this gateway is stuck on it, see airlock bundle recover"
+    )]
+    ActiveUnreadable { reason: String },
+    #[error("no recovery needed: {0}")]
+    NotStuck(String),
     #[error("{0}")]
     TooLong(String),
     #[error("bundle v{version} is already installed")]

@@ -40,6 +40,19 @@ pub(crate) enum BundleCommand {
     /// Install a bundle into the gateway's policy directory, trusting the keys in the
     /// gateway's configuration. A running gateway picks it up without restart.
     Install { bundle: PathBuf },
+    /// Install a bundle over one this gateway cannot rotate from (a manifest it
+    /// cannot read, or a version with no room above it), whatever its version. The
+    /// reason is kept in the policy directory and recorded when the gateway activates
+    /// the bundle. Refused while the active bundle can be rotated from normally.
+    Recover {
+        bundle: PathBuf,
+        /// Why: kept with the bundle and written to the record.
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
+    /// Remove every installed bundle but the active one (and leftovers of interrupted
+    /// installs).
+    Prune,
     /// Show the installed bundle.
     Status,
 }
@@ -111,9 +124,55 @@ pub(crate) fn run(context: &Context, command: BundleCommand) -> anyhow::Result<E
                 dir.root().display()
             );
         }
+        BundleCommand::Recover { bundle, reason } => {
+            let config = context.config()?;
+            let data = context.data_dir()?;
+            let dir = PolicyDir::open(&data.policy_dir())?;
+            let engine = PolicyEngine::new(config.policy_limits(), Some(&dir.cache_dir()))?;
+            let operator = format!("uid:{}", rustix::process::getuid().as_raw());
+            let (manifest, recovery) = dir
+                .recover(
+                    &bundle,
+                    &config.trusted_keys()?,
+                    &engine,
+                    SystemTime::now(),
+                    config.max_bundle_validity(),
+                    &reason,
+                    &operator,
+                )
+                .with_context(|| format!("recovery with bundle {} refused", bundle.display()))?;
+            println!(
+                "recovered: installed {} v{} into {} over {} ({})",
+                manifest.name,
+                manifest.version,
+                dir.root().display(),
+                recovery
+                    .replaced
+                    .as_deref()
+                    .unwrap_or("nothing")
+                    .escape_debug(),
+                recovery.stuck_on.escape_debug()
+            );
+            println!(
+                "the gateway records the recovery, with your reason, when it activates the bundle"
+            );
+        }
+        BundleCommand::Prune => {
+            let dir = PolicyDir::open(&context.data_dir()?.policy_dir())?;
+            let removed = dir.prune()?;
+            if removed.is_empty() {
+                println!("nothing to prune in {}", dir.root().display());
+            }
+            for name in removed {
+                println!("removed {name}");
+            }
+        }
         BundleCommand::Status => {
             let dir = PolicyDir::open(&context.data_dir()?.policy_dir())?;
-            match dir.status()? {
+            let status = dir.status().with_context(|| {
+                "the active bundle cannot be read; if this gateway is stuck on it, see airlock bundle recover"
+            })?;
+            match status {
                 None => println!(
                     "no bundle installed in {}: every request is denied",
                     dir.root().display()
@@ -124,6 +183,22 @@ pub(crate) fn run(context: &Context, command: BundleCommand) -> anyhow::Result<E
                     println!("path:    {}", status.path.display());
                     println!("created: {}", m.created);
                     println!("expires: {}", m.expires);
+                    if let Some(recovery) = dir.recovery()? {
+                        // Escaped: the note quotes file names and errors from a
+                        // bundle this gateway refused.
+                        println!(
+                            "recovered {} by {} over {}: {} (reason: {})",
+                            recovery.at.escape_debug(),
+                            recovery.operator.escape_debug(),
+                            recovery
+                                .replaced
+                                .as_deref()
+                                .unwrap_or("nothing")
+                                .escape_debug(),
+                            recovery.stuck_on.escape_debug(),
+                            recovery.reason.escape_debug()
+                        );
+                    }
                     for module in &m.modules {
                         let hooks: Vec<String> = module
                             .applies_to

@@ -54,6 +54,9 @@ enum Command {
     /// Recorded sessions (through the running gateway).
     #[command(subcommand)]
     Sessions(operator::SessionsCommand),
+    /// The running gateway's health: record, active policy bundle and its expiry,
+    /// decisions refused by the policy host.
+    Health,
     /// The tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -103,6 +106,7 @@ pub fn main() -> ExitCode {
         Command::Target(command) => operator::target(&context, command),
         Command::Grants(command) => operator::grants(&context, command),
         Command::Sessions(command) => operator::sessions(&context, command),
+        Command::Health => operator::health(&context),
         Command::Audit(command) => audit::run(&context, command),
         Command::Connect(args) => connect::run(args),
     };

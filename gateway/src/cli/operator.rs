@@ -133,6 +133,13 @@ fn print(value: &Value) {
     );
 }
 
+/// `airlock health`: the running gateway's record readiness, active policy bundle
+/// (with the seconds until it expires) and the decision pool's refusals, as JSON.
+pub(crate) fn health(context: &Context) -> anyhow::Result<ExitCode> {
+    print(&admin(context, AdminRequest::Health)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) fn agent(context: &Context, command: AgentCommand) -> anyhow::Result<ExitCode> {
     match command {
         AgentCommand::Add { name, labels: l } => {

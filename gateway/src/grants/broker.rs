@@ -232,6 +232,11 @@ impl Broker {
         })
     }
 
+    /// The policy set in force and the pool it decides on.
+    pub fn policy(&self) -> &Arc<ActivePolicy> {
+        &self.policy
+    }
+
     pub fn record(&self) -> &Record {
         &self.record
     }

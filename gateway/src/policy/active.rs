@@ -15,6 +15,7 @@ use super::pool::{DecisionPool, Refusal};
 use super::set::PolicySet;
 use super::types::{Action, GrantContext, GrantRequest};
 use super::verdict::Decision;
+use crate::bundle::EXPIRY_WARNING;
 
 /// The active policy set, swapped whole on reload, and the pool that runs it.
 pub struct ActivePolicy {
@@ -47,6 +48,25 @@ impl ActivePolicy {
 
     pub(crate) fn replace(&self, set: PolicySet) {
         self.set.store(Arc::new(set));
+    }
+
+    /// What the operator's health view shows of the policy host: the active bundle,
+    /// how long until it expires (negative once it has), and the pool's refusals.
+    pub fn health(&self) -> serde_json::Value {
+        let now_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let set = self.current();
+        let expires_in = set
+            .expires_unix_ms()
+            .map(|at| (at as i64 - now_unix_ms as i64) / 1000);
+        serde_json::json!({
+            "bundle": set.bundle().map(|b| b.to_string()),
+            "expires_in_seconds": expires_in,
+            "expiring_soon": expires_in.is_some_and(|s| s < EXPIRY_WARNING.as_secs() as i64),
+            "expired": expires_in.is_some_and(|s| s <= 0),
+            "decisions": self.pool.stats(),
+        })
     }
 
     /// Decides a grant request with the current set.

@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -48,6 +49,17 @@ struct Shared {
     work: Condvar,
     per_agent: usize,
     deadline: Duration,
+    refused_busy: AtomicU64,
+    refused_late: AtomicU64,
+}
+
+/// Counts since the pool started, for the operator's health view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStats {
+    /// Decisions refused because their agent had its bound in flight.
+    pub refused_agent_busy: u64,
+    /// Decisions refused because no worker took them before their deadline.
+    pub refused_deadline: u64,
 }
 
 #[derive(Default)]
@@ -76,6 +88,8 @@ impl DecisionPool {
             work: Condvar::new(),
             per_agent: per_agent.max(1),
             deadline,
+            refused_busy: AtomicU64::new(0),
+            refused_late: AtomicU64::new(0),
         });
         let threads = (0..workers.max(1))
             .map(|i| {
@@ -89,6 +103,13 @@ impl DecisionPool {
         DecisionPool { shared, threads }
     }
 
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            refused_agent_busy: self.shared.refused_busy.load(Ordering::Relaxed),
+            refused_deadline: self.shared.refused_late.load(Ordering::Relaxed),
+        }
+    }
+
     /// Runs `decide` on the pool on behalf of `agent`, handing it the decision's
     /// deadline. A caller that stops waiting (a closed connection) leaves a queued job
     /// to be skipped, not run.
@@ -100,11 +121,13 @@ impl DecisionPool {
         let deadline = Instant::now() + self.shared.deadline;
         let total = self.shared.deadline;
         let (tx, rx) = oneshot::channel();
+        let shared = self.shared.clone();
         let job: Job = Box::new(move || {
             if tx.is_closed() {
                 return;
             }
             if Instant::now() >= deadline {
+                shared.refused_late.fetch_add(1, Ordering::Relaxed);
                 let _ = tx.send(Err(Refusal::Deadline(total)));
                 return;
             }
@@ -137,6 +160,7 @@ impl Shared {
         };
         let queue = state.agents.entry(key.clone()).or_default();
         if queue.in_flight >= self.per_agent {
+            self.refused_busy.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::AgentBusy {
                 agent: key,
                 limit: self.per_agent,
@@ -218,7 +242,7 @@ impl Drop for DecisionPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::AtomicBool;
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
