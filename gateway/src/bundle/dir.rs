@@ -145,17 +145,10 @@ impl PolicyDir {
 
     /// Verifies `src`, refuses it unless it is newer than the installed bundle, loads
     /// it (compile and fixtures), and makes it the active bundle atomically.
-    pub fn install(
-        &self,
-        src: &Path,
-        trust: &TrustedKeys,
-        engine: &Arc<PolicyEngine>,
-        now: SystemTime,
-        max_validity: std::time::Duration,
-    ) -> Result<Manifest, BundleError> {
+    pub fn install(&self, src: &Path, rules: &InstallRules) -> Result<Manifest, BundleError> {
         let _lock = self.lock()?;
         self.check_permissions()?;
-        let verified = verified_for_install(src, trust, now, max_validity)?;
+        let verified = rules.verify(src)?;
         let manifest = &verified.manifest;
         let installed = self.status().map_err(|e| BundleError::ActiveUnreadable {
             reason: e.to_string(),
@@ -170,7 +163,7 @@ impl PolicyDir {
                 stuck: installed.manifest.version >= MAX_VERSION,
             });
         }
-        load(engine, &verified)?;
+        load(rules.engine, &verified)?;
         self.activate(&verified, None)?;
         Ok(verified.manifest)
     }
@@ -182,14 +175,10 @@ impl PolicyDir {
     /// whatever its version, and leaves a recovery note with `reason` in the policy
     /// directory; the gateway records the note when it activates the bundle. Refused
     /// when the active bundle is fine: then a newer version is the way.
-    #[allow(clippy::too_many_arguments)]
     pub fn recover(
         &self,
         src: &Path,
-        trust: &TrustedKeys,
-        engine: &Arc<PolicyEngine>,
-        now: SystemTime,
-        max_validity: std::time::Duration,
+        rules: &InstallRules,
         reason: &str,
         operator: &str,
     ) -> Result<(Manifest, Recovery), BundleError> {
@@ -220,8 +209,8 @@ impl PolicyDir {
                 )));
             }
         };
-        let verified = verified_for_install(src, trust, now, max_validity)?;
-        load(engine, &verified)?;
+        let verified = rules.verify(src)?;
+        load(rules.engine, &verified)?;
         let recovery = Recovery {
             bundle: bundle_dir_name(&verified.manifest),
             replaced: replaced
@@ -231,7 +220,7 @@ impl PolicyDir {
             stuck_on,
             reason: reason.to_string(),
             operator: operator.to_string(),
-            at: humantime::format_rfc3339_seconds(now).to_string(),
+            at: humantime::format_rfc3339_seconds(rules.now).to_string(),
         };
         self.activate(&verified, Some(&recovery))?;
         Ok((verified.manifest, recovery))
@@ -421,20 +410,25 @@ fn remove_entry(path: &Path) -> Result<(), BundleError> {
     .map_err(io_err(path))
 }
 
-/// Verification as an install needs it: signature, digests, expiry, and a validity
-/// window no longer than the gateway allows.
-fn verified_for_install(
-    src: &Path,
-    trust: &TrustedKeys,
-    now: SystemTime,
-    max_validity: std::time::Duration,
-) -> Result<VerifiedBundle, BundleError> {
-    let verified = verify(src, trust, now)?;
-    verified
-        .manifest
-        .check_validity(max_validity)
-        .map_err(BundleError::TooLong)?;
-    Ok(verified)
+/// What an install checks a bundle against, and the engine it loads it with.
+pub struct InstallRules<'a> {
+    pub trust: &'a TrustedKeys,
+    pub engine: &'a Arc<PolicyEngine>,
+    pub now: SystemTime,
+    /// The longest window a bundle may be signed for.
+    pub max_validity: std::time::Duration,
+}
+
+impl InstallRules<'_> {
+    /// Signature, digests, expiry, and a validity window no longer than allowed.
+    fn verify(&self, src: &Path) -> Result<VerifiedBundle, BundleError> {
+        let verified = verify(src, self.trust, self.now)?;
+        verified
+            .manifest
+            .check_validity(self.max_validity)
+            .map_err(BundleError::TooLong)?;
+        Ok(verified)
+    }
 }
 
 /// Compiles every module of a verified bundle and runs each module's own fixtures

@@ -15,7 +15,7 @@ mod sign;
 mod verify;
 mod watch;
 
-pub use dir::{BundleStatus, PolicyDir, Recovery, load, load_reporting};
+pub use dir::{BundleStatus, InstallRules, PolicyDir, Recovery, load, load_reporting};
 pub use manifest::{FileDigest, MAX_VERSION, Manifest, ManifestModule, SourceBundle, SourceModule};
 pub use sign::sign;
 pub use verify::{VerifiedBundle, VerifiedModule, verify};

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use anyhow::Context as _;
 use clap::Subcommand;
 
-use airlock::bundle::{self, PolicyDir};
+use airlock::bundle::{self, InstallRules, PolicyDir};
 use airlock::keys::{PublicKey, SecretKey, TrustedKeys};
 use airlock::policy::PolicyEngine;
 
@@ -104,19 +104,10 @@ pub(crate) fn run(context: &Context, command: BundleCommand) -> anyhow::Result<E
             );
         }
         BundleCommand::Install { bundle } => {
-            let config = context.config()?;
-            let data = context.data_dir()?;
-            let dir = PolicyDir::open(&data.policy_dir())?;
-            let engine = PolicyEngine::new(config.policy_limits(), Some(&dir.cache_dir()))?;
-            let manifest = dir
-                .install(
-                    &bundle,
-                    &config.trusted_keys()?,
-                    &engine,
-                    SystemTime::now(),
-                    config.max_bundle_validity(),
-                )
-                .with_context(|| format!("bundle {} refused", bundle.display()))?;
+            let (dir, manifest) = installing(context, |dir, rules| {
+                dir.install(&bundle, rules)
+                    .with_context(|| format!("bundle {} refused", bundle.display()))
+            })?;
             println!(
                 "installed {} v{} into {}",
                 manifest.name,
@@ -125,22 +116,11 @@ pub(crate) fn run(context: &Context, command: BundleCommand) -> anyhow::Result<E
             );
         }
         BundleCommand::Recover { bundle, reason } => {
-            let config = context.config()?;
-            let data = context.data_dir()?;
-            let dir = PolicyDir::open(&data.policy_dir())?;
-            let engine = PolicyEngine::new(config.policy_limits(), Some(&dir.cache_dir()))?;
             let operator = format!("uid:{}", rustix::process::getuid().as_raw());
-            let (manifest, recovery) = dir
-                .recover(
-                    &bundle,
-                    &config.trusted_keys()?,
-                    &engine,
-                    SystemTime::now(),
-                    config.max_bundle_validity(),
-                    &reason,
-                    &operator,
-                )
-                .with_context(|| format!("recovery with bundle {} refused", bundle.display()))?;
+            let (dir, (manifest, recovery)) = installing(context, |dir, rules| {
+                dir.recover(&bundle, rules, &reason, &operator)
+                    .with_context(|| format!("recovery with bundle {} refused", bundle.display()))
+            })?;
             println!(
                 "recovered: installed {} v{} into {} over {} ({})",
                 manifest.name,
@@ -230,6 +210,26 @@ pub(crate) fn run(context: &Context, command: BundleCommand) -> anyhow::Result<E
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the policy directory and an engine with the gateway's limits and cache, and
+/// runs `install` with the gateway's install rules.
+fn installing<T>(
+    context: &Context,
+    install: impl FnOnce(&PolicyDir, &InstallRules) -> anyhow::Result<T>,
+) -> anyhow::Result<(PolicyDir, T)> {
+    let config = context.config()?;
+    let dir = PolicyDir::open(&context.data_dir()?.policy_dir())?;
+    let engine = PolicyEngine::new(config.policy_limits(), Some(&dir.cache_dir()))?;
+    let trust = config.trusted_keys()?;
+    let rules = InstallRules {
+        trust: &trust,
+        engine: &engine,
+        now: SystemTime::now(),
+        max_validity: config.max_bundle_validity(),
+    };
+    let result = install(&dir, &rules)?;
+    Ok((dir, result))
 }
 
 pub(crate) fn parse_trust(keys: &[String]) -> anyhow::Result<TrustedKeys> {
