@@ -19,7 +19,7 @@ pub use dir::{BundleStatus, InstallRules, PolicyDir, Recovery, load, load_report
 pub use manifest::{FileDigest, MAX_VERSION, Manifest, ManifestModule, SourceBundle, SourceModule};
 pub use sign::sign;
 pub use verify::{VerifiedBundle, VerifiedModule, verify};
-pub use watch::{EXPIRY_WARNING, Reloader, ReloaderHandle, activated_event, refused_event};
+pub use watch::{Reloader, ReloaderHandle, activated_event, refused_event};
 
 use std::path::PathBuf;
 

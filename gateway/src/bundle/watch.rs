@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{BundleError, PolicyDir, Recovery};
 use crate::keys::TrustedKeys;
-use crate::policy::{ActivePolicy, BundleId, PolicyEngine, PolicySet};
+use crate::policy::{ActivePolicy, BundleId, EXPIRY_WARNING, PolicyEngine, PolicySet};
 use crate::record::{AuditEvent, Record, Write};
 
 /// Watches the policy directory and swaps in each newly installed bundle that
@@ -45,9 +45,6 @@ impl Drop for ReloaderHandle {
         }
     }
 }
-
-/// How long before its expiry the active bundle is warned about.
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 86_400);
 
 impl Reloader {
     /// `seen` is the bundle directory `active` was loaded from, if any.

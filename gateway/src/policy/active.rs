@@ -12,10 +12,9 @@ use arc_swap::ArcSwap;
 
 use super::engine::PolicyLimits;
 use super::pool::{DecisionPool, Refusal};
-use super::set::PolicySet;
+use super::set::{EXPIRY_WARNING, PolicySet};
 use super::types::{Action, GrantContext, GrantRequest};
 use super::verdict::Decision;
-use crate::bundle::EXPIRY_WARNING;
 
 /// The active policy set, swapped whole on reload, and the pool that runs it.
 pub struct ActivePolicy {

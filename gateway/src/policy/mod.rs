@@ -28,7 +28,7 @@ pub use engine::{LoadError, PolicyEngine, PolicyLimits};
 pub use module::{Fault, LoadedModule};
 pub use pool::{DecisionPool, Refusal};
 pub use scope::{Hook, Kind, Scope};
-pub use set::{BundleId, MaskError, MaskPlan, PolicySet};
+pub use set::{BundleId, EXPIRY_WARNING, MaskError, MaskPlan, PolicySet};
 pub use verdict::{Decision, ModuleVote, Outcome};
 
 /// Labels as the contract carries them, from a `key → value` map (sorted by key).

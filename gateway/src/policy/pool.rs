@@ -6,9 +6,10 @@
 //! pool is fair between agents: each agent has a queue of its own, and the workers take
 //! the agents in turn, so one agent's backlog delays another agent's decision by at
 //! most the jobs already running. Each agent may have only so many decisions queued or
-//! running; past that, and past a decision's deadline (counted from when it was asked
-//! for, so time spent queued counts), the decision is refused, which every caller turns
-//! into a denial: fail closed, never wait without bound.
+//! running; more wait for one of them to finish (off the pool, costing no worker). A
+//! decision must start within its deadline, counted from when it was asked for, so
+//! time spent waiting counts; past it, the decision is refused, which every caller
+//! turns into a denial: fail closed, never wait without bound.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -17,15 +18,19 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 /// Why a decision was not made. Each is a denial for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error(
-        "agent `{agent}` already has {limit} policy decisions queued or running (the gateway's per-agent bound); denied, try again when they finish"
+        "agent `{agent}` kept {limit} policy decisions queued or running (the gateway's per-agent bound) for the whole {deadline:?} deadline of this one; denied, try again when they finish"
     )]
-    AgentBusy { agent: Arc<str>, limit: usize },
+    AgentBusy {
+        agent: Arc<str>,
+        limit: usize,
+        deadline: Duration,
+    },
     #[error(
         "the policy host did not start this decision within its {0:?} deadline (the gateway is busy); denied (fail closed)"
     )]
@@ -47,6 +52,8 @@ pub struct DecisionPool {
 struct Shared {
     state: Mutex<State>,
     work: Condvar,
+    /// Each agent's bound on decisions queued or running, while it has any.
+    slots: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
     per_agent: usize,
     deadline: Duration,
     refused_busy: AtomicU64,
@@ -56,7 +63,7 @@ struct Shared {
 /// Counts since the pool started, for the operator's health view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct PoolStats {
-    /// Decisions refused because their agent had its bound in flight.
+    /// Decisions refused because their agent had its bound in flight throughout.
     pub refused_agent_busy: u64,
     /// Decisions refused because no worker took them before their deadline.
     pub refused_deadline: u64,
@@ -64,18 +71,30 @@ pub struct PoolStats {
 
 #[derive(Default)]
 struct State {
-    agents: HashMap<Arc<str>, AgentQueue>,
-    /// Agents with a queued job, in the order they get a worker. An agent is in here
-    /// exactly when its `queued` is not empty.
+    /// Each agent's queued jobs; an agent is here exactly when it has one.
+    queued: HashMap<Arc<str>, VecDeque<Job>>,
+    /// Agents with a queued job, in the order they get a worker.
     turns: VecDeque<Arc<str>>,
     stopping: bool,
 }
 
-#[derive(Default)]
-struct AgentQueue {
-    queued: VecDeque<Job>,
-    /// Queued plus running: what the per-agent bound counts.
-    in_flight: usize,
+/// One of an agent's slots, held until its job has run (or was dropped unrun).
+struct Slot {
+    shared: Arc<Shared>,
+    agent: Arc<str>,
+    semaphore: Arc<Semaphore>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut slots = self.shared.slots();
+        // Only the map and this slot hold it: nobody runs or waits for this agent.
+        if Arc::strong_count(&self.semaphore) == 2 {
+            slots.remove(&self.agent);
+        }
+    }
 }
 
 impl DecisionPool {
@@ -86,6 +105,7 @@ impl DecisionPool {
         let shared = Arc::new(Shared {
             state: Mutex::default(),
             work: Condvar::new(),
+            slots: Mutex::default(),
             per_agent: per_agent.max(1),
             deadline,
             refused_busy: AtomicU64::new(0),
@@ -118,11 +138,14 @@ impl DecisionPool {
         agent: &str,
         decide: impl FnOnce(Instant) -> R + Send + 'static,
     ) -> Result<R, Refusal> {
-        let deadline = Instant::now() + self.shared.deadline;
         let total = self.shared.deadline;
+        let deadline = Instant::now() + total;
+        let slot = self.shared.slot(agent, deadline).await?;
         let (tx, rx) = oneshot::channel();
         let shared = self.shared.clone();
         let job: Job = Box::new(move || {
+            // Released when the job is done, or dropped unrun.
+            let _slot = slot;
             if tx.is_closed() {
                 return;
             }
@@ -144,9 +167,51 @@ impl DecisionPool {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // The lock is never held while a job runs, so a poisoned lock means a bug in
-        // this file; the state is still consistent at every unlock.
+        // Neither lock is held while a job runs or a caller waits, so a poisoned lock
+        // means a bug in this file; the state is consistent at every unlock.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn slots(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Semaphore>>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits, until `deadline` at the latest, for one of `agent`'s slots.
+    async fn slot(self: &Arc<Self>, agent: &str, deadline: Instant) -> Result<Slot, Refusal> {
+        let (agent, semaphore) = {
+            let mut slots = self.slots();
+            match slots.get_key_value(agent) {
+                Some((agent, semaphore)) => (agent.clone(), semaphore.clone()),
+                None => {
+                    let agent: Arc<str> = agent.into();
+                    let semaphore = Arc::new(Semaphore::new(self.per_agent));
+                    slots.insert(agent.clone(), semaphore.clone());
+                    (agent, semaphore)
+                }
+            }
+        };
+        let mut slot = Slot {
+            shared: self.clone(),
+            agent,
+            semaphore,
+            permit: None,
+        };
+        let acquire = slot.semaphore.clone().acquire_owned();
+        match tokio::time::timeout_at(deadline.into(), acquire).await {
+            Ok(Ok(permit)) => {
+                slot.permit = Some(permit);
+                Ok(slot)
+            }
+            Ok(Err(_closed)) => Err(Refusal::Stopped),
+            Err(_elapsed) => {
+                self.refused_busy.fetch_add(1, Ordering::Relaxed);
+                Err(Refusal::AgentBusy {
+                    agent: slot.agent.clone(),
+                    limit: self.per_agent,
+                    deadline: self.deadline,
+                })
+            }
+        }
     }
 
     fn submit(&self, agent: &str, job: Job) -> Result<(), Refusal> {
@@ -154,21 +219,13 @@ impl Shared {
         if state.stopping {
             return Err(Refusal::Stopped);
         }
-        let key: Arc<str> = match state.agents.get_key_value(agent) {
+        let key: Arc<str> = match state.queued.get_key_value(agent) {
             Some((key, _)) => key.clone(),
             None => agent.into(),
         };
-        let queue = state.agents.entry(key.clone()).or_default();
-        if queue.in_flight >= self.per_agent {
-            self.refused_busy.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::AgentBusy {
-                agent: key,
-                limit: self.per_agent,
-            });
-        }
-        queue.in_flight += 1;
-        queue.queued.push_back(job);
-        if queue.queued.len() == 1 {
+        let queue = state.queued.entry(key.clone()).or_default();
+        queue.push_back(job);
+        if queue.len() == 1 {
             state.turns.push_back(key);
         }
         drop(state);
@@ -178,7 +235,7 @@ impl Shared {
 
     fn work(&self) {
         loop {
-            let (agent, job) = {
+            let job = {
                 let mut state = self.lock();
                 let agent = loop {
                     if let Some(agent) = state.turns.pop_front() {
@@ -193,27 +250,19 @@ impl Shared {
                         .unwrap_or_else(PoisonError::into_inner);
                 };
                 let queue = state
-                    .agents
+                    .queued
                     .get_mut(&agent)
                     .expect("an agent in turn has a queue");
-                let job = queue
-                    .queued
-                    .pop_front()
-                    .expect("an agent in turn has a queued job");
-                if !queue.queued.is_empty() {
+                let job = queue.pop_front().expect("an agent in turn has a job");
+                if queue.is_empty() {
+                    state.queued.remove(&agent);
+                } else {
                     // Back of the line: every other waiting agent goes first.
-                    state.turns.push_back(agent.clone());
+                    state.turns.push_back(agent);
                 }
-                (agent, job)
+                job
             };
             job();
-            let mut state = self.lock();
-            if let Some(queue) = state.agents.get_mut(&agent) {
-                queue.in_flight -= 1;
-                if queue.in_flight == 0 {
-                    state.agents.remove(&agent);
-                }
-            }
         }
     }
 }
@@ -224,11 +273,7 @@ impl Drop for DecisionPool {
             let mut state = self.shared.lock();
             state.stopping = true;
             state.turns.clear();
-            state
-                .agents
-                .drain()
-                .flat_map(|(_, queue)| queue.queued)
-                .collect()
+            state.queued.drain().flat_map(|(_, queue)| queue).collect()
         };
         // Dropping a queued job drops its sender: its caller hears `Stopped`.
         drop(dropped);
@@ -262,29 +307,60 @@ mod tests {
     }
 
     #[test]
-    fn an_agent_past_its_bound_is_refused_and_others_are_not() {
-        let pool = DecisionPool::new(1, 2, Duration::from_secs(5));
+    fn an_agent_past_its_bound_waits_then_is_refused_and_others_are_not() {
+        let pool = DecisionPool::new(1, 2, Duration::from_millis(300));
         let release = Arc::new(AtomicBool::new(false));
         runtime().block_on(async {
             let held = hold(&pool, "flood", &release);
             let mut queued = Box::pin(pool.run("flood", |_| ()));
             assert!(futures_poll(&mut queued).is_none());
+            // Both of `flood`'s slots are taken for the whole deadline of a third.
             assert_eq!(
                 pool.run("flood", |_| ()).await,
                 Err(Refusal::AgentBusy {
                     agent: "flood".into(),
-                    limit: 2
+                    limit: 2,
+                    deadline: Duration::from_millis(300),
                 })
             );
+            // Another agent is not bound by `flood`'s slots (it queues for the worker).
             let mut other = Box::pin(pool.run("calm", |_| 7));
             assert!(futures_poll(&mut other).is_none());
             release.store(true, Ordering::Relaxed);
-            assert_eq!(other.await, Ok(7));
             assert_eq!(held.await, Ok(()));
-            assert_eq!(queued.await, Ok(()));
+            assert_eq!(other.await, Ok(7));
+            let _ = queued.await;
             // Once they finish, the agent may decide again.
             assert_eq!(pool.run("flood", |_| 1).await, Ok(1));
         });
+        assert_eq!(pool.stats().refused_agent_busy, 1);
+        assert!(pool.shared.slots().is_empty(), "idle agents leave no state");
+    }
+
+    #[test]
+    fn a_burst_over_the_bound_waits_for_a_slot_instead_of_being_refused() {
+        let pool = Arc::new(DecisionPool::new(2, 1, Duration::from_secs(5)));
+        let results = runtime().block_on(async {
+            let tasks: Vec<_> = (0..8)
+                .map(|i| {
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        pool.run("bursty", move |_| {
+                            std::thread::sleep(Duration::from_millis(2));
+                            i
+                        })
+                        .await
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for task in tasks {
+                results.push(task.await.unwrap());
+            }
+            results
+        });
+        assert_eq!(results, (0..8).map(Ok).collect::<Vec<_>>());
+        assert_eq!(pool.stats().refused_agent_busy, 0);
     }
 
     /// Holds the pool's one worker until released; returns once the job is running.

@@ -11,6 +11,9 @@ use super::types::{
 };
 use super::verdict::{Decision, ModuleVote, Outcome, combine};
 
+/// How long before its expiry the active bundle is warned about.
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
 /// Which bundle a decision came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleId {
