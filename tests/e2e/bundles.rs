@@ -52,9 +52,16 @@ impl Setup {
         let mut toml = String::from("name = \"test\"\n");
         for (name, crate_path, applies) in modules {
             std::fs::copy(component(crate_path), src.join(format!("{name}.wasm"))).unwrap();
+            // The signer reads only inside the source directory: fixtures are copied in.
             let fixtures = workspace().join(crate_path).join("fixtures");
             let fixture_line = if fixtures.is_dir() {
-                format!("fixtures = [{:?}]\n", fixtures.to_str().unwrap())
+                let copied = src.join(format!("{name}-fixtures"));
+                std::fs::create_dir(&copied).unwrap();
+                for entry in std::fs::read_dir(&fixtures).unwrap() {
+                    let entry = entry.unwrap();
+                    std::fs::copy(entry.path(), copied.join(entry.file_name())).unwrap();
+                }
+                format!("fixtures = [\"{name}-fixtures\"]\n")
             } else {
                 String::new()
             };
@@ -312,11 +319,7 @@ fn a_bundle_failing_its_own_fixtures_is_refused() {
     )
     .unwrap();
     let toml = std::fs::read_to_string(setup.src().join("bundle.toml")).unwrap();
-    let toml = toml.replacen(
-        "fixtures = [",
-        &format!("fixtures = [{:?}, ", fixtures.to_str().unwrap()),
-        1,
-    );
+    let toml = toml.replacen("fixtures = [", "fixtures = [\"lying-fixtures\", ", 1);
     std::fs::write(setup.src().join("bundle.toml"), toml).unwrap();
     let bundle = setup.sign(1);
     refused(
@@ -892,7 +895,7 @@ fn a_gateway_stuck_on_a_version_recovers_by_a_recorded_operator_procedure() {
     };
 
     // Not stuck: recovery is refused and names the normal way.
-    let v2 = gw.sign_bundle(2, &manifest);
+    let v2 = gw.sign_bundle(2, &manifest, &[]);
     let v2 = v2.to_str().unwrap();
     refused(
         &gw.cli(&["bundle", "recover", v2, "--reason", "testing"]),
@@ -901,7 +904,7 @@ fn a_gateway_stuck_on_a_version_recovers_by_a_recorded_operator_procedure() {
 
     // Stuck: the highest version there is. A newer install is a rollback that says
     // where the way out is.
-    gw.install_bundle(MAX_VERSION, &manifest);
+    gw.install_bundle(MAX_VERSION, &manifest, &[]);
     let max = format!("example v{MAX_VERSION}");
     wait_for("the top version to be active", || {
         activated(&gw, &max).is_some()
@@ -948,7 +951,7 @@ fn a_gateway_stuck_on_a_version_recovers_by_a_recorded_operator_procedure() {
     );
 
     // Rotation goes on; the note is gone with the recovered bundle.
-    gw.install_bundle(3, &manifest);
+    gw.install_bundle(3, &manifest, &[]);
     wait_for("v3 to be active", || activated(&gw, "example v3").is_some());
     let status = text(&gw.cli(&["bundle", "status"]));
     assert!(!status.contains("recovered"), "{status}");
@@ -990,7 +993,7 @@ fn a_gateway_stuck_on_a_version_recovers_by_a_recorded_operator_procedure() {
         !gw.events("policy.refused").is_empty(),
         "the refusal is recorded"
     );
-    let v4 = gw.sign_bundle(4, &manifest);
+    let v4 = gw.sign_bundle(4, &manifest, &[]);
     let v4 = v4.to_str().unwrap();
     refused(
         &gw.cli(&["bundle", "install", v4]),
@@ -1035,4 +1038,111 @@ fn a_gateway_stuck_on_a_version_recovers_by_a_recorded_operator_procedure() {
     assert!(status.contains("bundle:  example v4"), "{status}");
     let out = gw.cli(&["audit", "verify"]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// Whoever can write the source directory an operator signs: the signer reads only
+/// regular files inside it, through no link, within the install limits, so it can
+/// neither copy another of the operator's files (the signing key) into a bundle nor
+/// hang. What it prints about the source is escaped.
+#[test]
+fn signing_reads_only_bounded_regular_files_inside_the_source() {
+    let setup = Setup::new();
+    let source = setup.src().join("bundle.toml");
+    let original = std::fs::read_to_string(&source).unwrap();
+    let key = setup.key();
+    let sign = |version: u64| {
+        let out = setup.dir.path().join(format!("out-{}", rand_suffix()));
+        let output = run(&[
+            "bundle",
+            "sign",
+            setup.src().to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--version",
+            &version.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!out.exists(), "nothing is written when signing is refused");
+        output
+    };
+    let with_fixture = |path: &str| {
+        std::fs::write(
+            &source,
+            original.replacen("fixtures = [", &format!("fixtures = [{path:?}, "), 1),
+        )
+        .unwrap();
+    };
+
+    // An absolute path, and one that climbs out.
+    with_fixture(key.to_str().unwrap());
+    refused(&sign(1), "is not a relative path inside the directory");
+    with_fixture("../keys/bundle-signing.key");
+    refused(&sign(1), "is not a relative path inside the directory");
+    // A link inside to the key, and a directory inside that is a link out.
+    std::os::unix::fs::symlink(&key, setup.src().join("leak.json")).unwrap();
+    with_fixture("leak.json");
+    refused(&sign(1), "leak.json is a symbolic link");
+    std::os::unix::fs::symlink(setup.keys(), setup.src().join("keys")).unwrap();
+    with_fixture("keys/bundle-signing.key");
+    refused(&sign(1), "is a symbolic link, or lies under one");
+    // A FIFO module is refused at once, not waited on.
+    std::fs::write(&source, &original).unwrap();
+    let module = setup.src().join("read-only-sql.wasm");
+    std::fs::remove_file(&module).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &module,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let started = Instant::now();
+    refused(&sign(1), "read-only-sql.wasm is a FIFO, not a regular file");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    std::fs::remove_file(&module).unwrap();
+    std::fs::copy(component("example-policies/read-only-sql"), &module).unwrap();
+
+    // Text that would drive the terminal reaches it escaped.
+    std::fs::write(
+        &source,
+        original.replacen(
+            "name = \"test\"",
+            "name = \"x\\u001b]0;PWNED\\u0007\\u001b[2J\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = sign(1);
+    assert!(!out.status.success());
+    let printed = text(&out);
+    assert!(!printed.contains('\u{1b}'), "{printed:?}");
+    assert!(printed.contains("\\u{1b}"), "{printed:?}");
+    // Target patterns are held to target-name characters and wildcards.
+    std::fs::write(
+        &source,
+        original.replacen(
+            "hooks = [\"check\"]",
+            "hooks = [\"check\"], targets = [\"prod\\u001b[2J\"]",
+            1,
+        ),
+    )
+    .unwrap();
+    refused(&sign(1), "target pattern");
+
+    // A signed manifest may not list one file twice (multiplying the per-file limits).
+    std::fs::write(&source, &original).unwrap();
+    let bundle = setup.sign(1);
+    resign(&setup, &bundle, |text| {
+        let first = text.find("[[module.fixture]]").expect("a fixture entry");
+        let end = text[first + 1..]
+            .find("\n[")
+            .map_or(text.len(), |i| first + 1 + i);
+        let entry = text[first..end].to_string();
+        format!("{}\n{entry}", text.trim_end())
+    });
+    refused(&setup.verify(&bundle), "more than once");
+    refused(&setup.install(&bundle), "more than once");
+    assert!(setup.install(&setup.sign(2)).status.success());
 }

@@ -151,9 +151,8 @@ fn one_agents_flood_does_not_hold_other_agents_grants_or_health() {
     // anything else is allowed at once.
     gw.install_bundle(
         2,
-        &format!(
-            "name = \"flood\"\nvalid-for = \"1d\"\n\n[[module]]\nname = \"hostile\"\nfile = {hostile:?}\napplies-to = {{ hooks = [\"authorize\"] }}\n"
-        ),
+        "name = \"flood\"\nvalid-for = \"1d\"\n\n[[module]]\nname = \"hostile\"\nfile = \"hostile.wasm\"\napplies-to = { hooks = [\"authorize\"] }\n",
+        &[("hostile.wasm", &hostile)],
     );
     let flooder = gw.agent("flooder", &[]);
     let calm = gw.agent("calm", &[]);

@@ -26,8 +26,10 @@ struct Template {
     _dir: tempfile::TempDir,
     policy: PathBuf,
     public_key: PathBuf,
-    /// The example bundle's manifest, with absolute paths, and the key that signed it.
+    /// The example bundle's manifest, with paths relative to `src`.
     manifest: String,
+    /// The example bundle's source directory: the manifest, built modules, fixtures.
+    src: PathBuf,
     key: PathBuf,
 }
 
@@ -41,28 +43,23 @@ fn template() -> &'static Template {
                 .status
                 .success()
         );
+        // A source directory laid out as example-policies/ is: the signer reads only
+        // files inside it.
         let src = dir.path().join("src");
-        std::fs::create_dir(&src).unwrap();
-        let manifest =
+        std::fs::create_dir_all(src.join("build")).unwrap();
+        let toml =
             std::fs::read_to_string(workspace().join("example-policies/bundle.toml")).unwrap();
-        let mut toml = manifest;
         for name in EXAMPLES {
             let built = component(&format!("example-policies/{name}"));
-            toml = toml
-                .replace(
-                    &format!("\"build/{name}.wasm\""),
-                    &format!("{:?}", built.to_str().unwrap()),
-                )
-                .replace(
-                    &format!("\"{name}/fixtures\""),
-                    &format!(
-                        "{:?}",
-                        workspace()
-                            .join(format!("example-policies/{name}/fixtures"))
-                            .to_str()
-                            .unwrap()
-                    ),
-                );
+            std::fs::copy(built, src.join(format!("build/{name}.wasm"))).unwrap();
+            std::fs::create_dir(src.join(name)).unwrap();
+            let status = Command::new("cp")
+                .arg("-r")
+                .arg(workspace().join(format!("example-policies/{name}/fixtures")))
+                .arg(src.join(name))
+                .status()
+                .unwrap();
+            assert!(status.success());
         }
         std::fs::write(src.join("bundle.toml"), &toml).unwrap();
         let bundle = dir.path().join("bundle");
@@ -95,6 +92,7 @@ fn template() -> &'static Template {
             policy: data.join("policy"),
             public_key,
             manifest: toml,
+            src,
             key,
             _dir: dir,
         }
@@ -215,22 +213,33 @@ impl Gateway {
             manifest, template.manifest,
             "{module} is in the example bundle"
         );
-        self.install_bundle(2, &manifest);
+        self.install_bundle(2, &manifest, &[]);
     }
 
-    /// Signs `manifest` (a bundle.toml with absolute paths) as `version` with the
-    /// trusted key and installs it; a running gateway picks it up within a second.
-    pub fn install_bundle(&self, version: u64, manifest: &str) {
-        let bundle = self.sign_bundle(version, manifest);
+    /// Signs `manifest` as `version` with the trusted key and installs it; a running
+    /// gateway picks it up within a second. See [`Gateway::sign_bundle`].
+    pub fn install_bundle(&self, version: u64, manifest: &str, files: &[(&str, &Path)]) {
+        let bundle = self.sign_bundle(version, manifest, files);
         let out = self.cli(&["bundle", "install", bundle.to_str().unwrap()]);
         assert!(out.status.success(), "{}", text(&out));
     }
 
-    /// Signs `manifest` as `version` with the trusted key; returns the bundle.
-    pub fn sign_bundle(&self, version: u64, manifest: &str) -> PathBuf {
+    /// Signs `manifest` as `version` with the trusted key, from a source directory
+    /// holding the example bundle's built modules and fixtures plus `files` (name in
+    /// the source directory, file to copy); returns the bundle.
+    pub fn sign_bundle(&self, version: u64, manifest: &str, files: &[(&str, &Path)]) -> PathBuf {
         let src = self.dir.path().join(format!("bundle-src-v{version}"));
-        std::fs::create_dir(&src).unwrap();
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(&template().src)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(status.success());
         std::fs::write(src.join("bundle.toml"), manifest).unwrap();
+        for (name, from) in files {
+            std::fs::copy(from, src.join(name)).unwrap();
+        }
         let bundle = self.dir.path().join(format!("bundle-v{version}"));
         let key = template().key.to_str().unwrap();
         let out = run(&[
@@ -248,7 +257,7 @@ impl Gateway {
         bundle
     }
 
-    /// The example bundle's manifest, with absolute paths.
+    /// The example bundle's manifest, with paths relative to its source directory.
     pub fn example_manifest(&self) -> String {
         template().manifest.clone()
     }

@@ -99,6 +99,7 @@ impl Manifest {
         let mut names = std::collections::HashSet::new();
         for module in &manifest.modules {
             check_name(&module.name).map_err(bad)?;
+            check_patterns(&module.applies_to.targets).map_err(bad)?;
             if !names.insert(module.name.as_str()) {
                 return Err(bad(format!("module `{}` is listed twice", module.name)));
             }
@@ -109,7 +110,7 @@ impl Manifest {
         let expires = manifest.expires_at().map_err(bad)?;
         let created = humantime::parse_rfc3339(&manifest.created).map_err(|e| {
             bad(format!(
-                "created `{}` is not an RFC 3339 time: {e}",
+                "created {:?} is not an RFC 3339 time: {e}",
                 manifest.created
             ))
         })?;
@@ -168,6 +169,7 @@ impl SourceBundle {
         check_name(&source.name).map_err(bad)?;
         for module in &source.modules {
             check_name(&module.name).map_err(bad)?;
+            check_patterns(&module.applies_to.targets).map_err(bad)?;
         }
         humantime::parse_duration(&source.valid_for)
             .map_err(|e| bad(format!("valid-for `{}`: {e}", source.valid_for)))?;
@@ -185,6 +187,22 @@ pub fn check_version(version: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Target patterns are shown to operators: target-name characters and the wildcards.
+fn check_patterns(patterns: &[String]) -> Result<(), String> {
+    match patterns.iter().find(|p| {
+        p.is_empty()
+            || p.len() > 128
+            || !p
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'*' | b'?'))
+    }) {
+        Some(bad) => Err(format!(
+            "target pattern {bad:?} must be 1-128 characters of letters, digits, `-`, `_`, `.`, `*` and `?`"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Names become file names: keep them to a safe alphabet.
 fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
@@ -196,7 +214,7 @@ fn check_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "name `{name}` must be 1-64 characters of letters, digits, `-` and `_`"
+            "name {name:?} must be 1-64 characters of letters, digits, `-` and `_`"
         ))
     }
 }

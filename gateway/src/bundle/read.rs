@@ -19,13 +19,19 @@ pub(crate) const MODULE_LIMIT: u64 = 64 << 20;
 /// Largest fixture file.
 pub(crate) const FIXTURE_LIMIT: u64 = 16 << 20;
 
+/// Largest sum of a bundle's modules and fixtures: each file is bounded, and a
+/// manifest may not multiply them.
+pub(crate) const BUNDLE_LIMIT: u64 = 256 << 20;
+
 /// Why a bundle file was not read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("is a symbolic link; a bundle holds regular files only")]
+    #[error("is a symbolic link, or lies under one; a bundle holds regular files only")]
     Link,
+    #[error("is not a relative path inside the directory (no `/` at the start, no `..`)")]
+    Outside,
     #[error("is a {0}, not a regular file")]
     NotRegular(&'static str),
     #[error("is {size} bytes, over the limit of {limit}")]
@@ -43,6 +49,70 @@ pub(crate) fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError
             Some(code) if code == rustix::io::Errno::LOOP.raw_os_error() => ReadError::Link,
             _ => ReadError::Io(e),
         })?;
+    read_open(file, limit)
+}
+
+/// Reads `relative` under `dir` like [`read_bounded`], following no link on the way:
+/// every directory between is opened without following links, so neither the file nor
+/// a directory it lies in can be a link out of `dir`.
+pub(crate) fn read_in(dir: &Path, relative: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
+    read_open(open_in(dir, relative)?, limit)
+}
+
+/// The names in `relative` under `dir` (opened as [`read_in`] does), sorted; `None`
+/// when it is not a directory.
+pub(crate) fn list_in(dir: &Path, relative: &Path) -> Result<Option<Vec<String>>, ReadError> {
+    let file = open_in(dir, relative)?;
+    if !file.metadata()?.is_dir() {
+        return Ok(None);
+    }
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&file).map_err(std::io::Error::from)? {
+        let name = entry.map_err(std::io::Error::from)?.file_name().to_owned();
+        let name = name.into_string().map_err(|_| ReadError::Outside)?;
+        if name != "." && name != ".." {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(Some(names))
+}
+
+fn open_in(dir: &Path, relative: &Path) -> Result<File, ReadError> {
+    use rustix::fs::{Mode, openat};
+    let parts: Vec<&std::ffi::OsStr> = relative
+        .components()
+        .map(|c| match c {
+            std::path::Component::Normal(part) => Ok(part),
+            _ => Err(ReadError::Outside),
+        })
+        .collect::<Result<_, _>>()?;
+    let Some((last, between)) = parts.split_last() else {
+        return Err(ReadError::Outside);
+    };
+    let link = |e: rustix::io::Errno| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => ReadError::Link,
+        e => ReadError::Io(e.into()),
+    };
+    let mut fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    for part in between {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        fd = openat(&fd, *part, flags, Mode::empty()).map_err(link)?;
+    }
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = openat(&fd, *last, flags, Mode::empty()).map_err(|e| match e {
+        rustix::io::Errno::LOOP => ReadError::Link,
+        e => ReadError::Io(e.into()),
+    })?;
+    Ok(File::from(fd))
+}
+
+fn read_open(file: File, limit: u64) -> Result<Vec<u8>, ReadError> {
     let metadata = file.metadata()?;
     let kind = metadata.file_type();
     if !kind.is_file() {
@@ -108,5 +178,45 @@ mod tests {
             read_bounded(Path::new("/dev/zero"), 10),
             Err(ReadError::NotRegular("device"))
         ));
+    }
+
+    #[test]
+    fn files_inside_are_read_through_no_link_and_never_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"key").unwrap();
+        std::fs::create_dir(dir.path().join("modules")).unwrap();
+        std::fs::write(dir.path().join("modules/a.wasm"), b"wasm").unwrap();
+        assert_eq!(
+            read_in(dir.path(), Path::new("modules/a.wasm"), 10).unwrap(),
+            b"wasm"
+        );
+        // A directory on the way that is a link is refused, wherever it points.
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("linked")).unwrap();
+        assert!(matches!(
+            read_in(dir.path(), Path::new("linked/secret"), 10),
+            Err(ReadError::Link)
+        ));
+        assert!(matches!(
+            list_in(dir.path(), Path::new("linked")),
+            Err(ReadError::Link)
+        ));
+        for path in ["../secret", "/etc/passwd", "", "modules/../modules/a.wasm"] {
+            assert!(
+                matches!(
+                    read_in(dir.path(), Path::new(path), 10),
+                    Err(ReadError::Outside)
+                ),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            list_in(dir.path(), Path::new("modules")).unwrap(),
+            Some(vec!["a.wasm".to_string()])
+        );
+        assert_eq!(
+            list_in(dir.path(), Path::new("modules/a.wasm")).unwrap(),
+            None
+        );
     }
 }

@@ -1,7 +1,6 @@
 //! `airlock bundle sign`: a source directory with `bundle.toml` → a signed bundle.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -10,10 +9,16 @@ use sha2::{Digest, Sha256};
 
 use super::manifest::{FORMAT, FileDigest, Manifest, ManifestModule, SourceBundle};
 use super::verify::SignatureFile;
-use super::{BundleError, MANIFEST_FILE, SIGNATURE_FILE, io_err};
+use super::{BundleError, MANIFEST_FILE, SIGNATURE_FILE, read};
 use crate::fsperm;
 use crate::keys::SecretKey;
-use crate::policy::fixture;
+
+fn unreadable(file: &Path, reason: read::ReadError) -> BundleError {
+    BundleError::UnreadableFile {
+        file: file.display().to_string(),
+        reason,
+    }
+}
 
 /// Signs the bundle described by `src_dir/bundle.toml` as `version` and writes it to
 /// `out` (which must not exist yet). Returns the manifest written.
@@ -25,7 +30,12 @@ pub fn sign(
     now: SystemTime,
 ) -> Result<Manifest, BundleError> {
     let source_path = src_dir.join("bundle.toml");
-    let text = fs::read_to_string(&source_path).map_err(io_err(&source_path))?;
+    let text = read::read_bounded(&source_path, read::MANIFEST_LIMIT)
+        .map_err(|reason| unreadable(&source_path, reason))?;
+    let text = String::from_utf8(text).map_err(|e| BundleError::BadManifest {
+        file: source_path.display().to_string(),
+        reason: e.to_string(),
+    })?;
     let source = SourceBundle::parse(&text, &source_path)?;
     super::manifest::check_version(version).map_err(|reason| BundleError::BadManifest {
         file: source_path.display().to_string(),
@@ -33,19 +43,40 @@ pub fn sign(
     })?;
     let valid_for = humantime::parse_duration(&source.valid_for).unwrap_or(Duration::ZERO);
 
+    // Everything signed comes from inside the source directory, through no link, as
+    // regular files within the same limits an install applies: whoever can write the
+    // source directory cannot make the signer copy another of the operator's files
+    // (a signing key, say) into a bundle, or hang it on a FIFO.
+    let mut budget = read::BUNDLE_LIMIT;
+    let mut read_source = |path: &Path, limit: u64| {
+        let bytes = read::read_in(src_dir, path, limit.min(budget))
+            .map_err(|reason| unreadable(path, reason))?;
+        budget -= bytes.len() as u64;
+        Ok::<_, BundleError>(bytes)
+    };
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut modules = Vec::new();
     for module in &source.modules {
-        let path = src_dir.join(&module.file);
-        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let bytes = read_source(&module.file, read::MODULE_LIMIT)?;
         let file = format!("modules/{}.wasm", module.name);
         let sha256 = hex::encode(Sha256::digest(&bytes));
         files.push((file.clone(), bytes));
         let mut fixtures = Vec::new();
-        let entries: Vec<PathBuf> = module.fixtures.iter().map(|f| src_dir.join(f)).collect();
-        for fixture in fixture::expand_paths(&entries).map_err(io_err(src_dir))? {
-            let bytes = fs::read(&fixture).map_err(io_err(&fixture))?;
-            let name = fixture
+        let mut paths = Vec::new();
+        for entry in &module.fixtures {
+            match read::list_in(src_dir, entry).map_err(|reason| unreadable(entry, reason))? {
+                Some(names) => paths.extend(
+                    names
+                        .into_iter()
+                        .filter(|n| n.ends_with(".toml") || n.ends_with(".json"))
+                        .map(|n| entry.join(n)),
+                ),
+                None => paths.push(entry.clone()),
+            }
+        }
+        for path in paths {
+            let bytes = read_source(&path, read::FIXTURE_LIMIT)?;
+            let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();

@@ -42,9 +42,31 @@ pub struct VerifiedModule {
     pub fixtures: Vec<(String, Vec<u8>)>,
 }
 
-fn read_listed(dir: &Path, file: &str, expected: &str, limit: u64) -> Result<Vec<u8>, BundleError> {
-    let path = inside(dir, file)?;
-    let bytes = read_file(&path, file, limit)?;
+/// Reads a file the manifest lists, under `dir` and through no link, and checks its
+/// digest. `budget` is what is left of [`read::BUNDLE_LIMIT`].
+fn read_listed(
+    dir: &Path,
+    file: &str,
+    expected: &str,
+    limit: u64,
+    budget: &mut u64,
+) -> Result<Vec<u8>, BundleError> {
+    inside(dir, file)?;
+    let bytes = read::read_in(dir, Path::new(file), limit.min(*budget)).map_err(|reason| {
+        read_error(
+            file,
+            match reason {
+                read::ReadError::TooLarge { size, .. } if limit > *budget => {
+                    read::ReadError::TooLarge {
+                        size,
+                        limit: *budget,
+                    }
+                }
+                reason => reason,
+            },
+        )
+    })?;
+    *budget -= bytes.len() as u64;
     let actual = hex::encode(Sha256::digest(&bytes));
     if actual != expected {
         return Err(BundleError::DigestMismatch {
@@ -59,7 +81,11 @@ fn read_listed(dir: &Path, file: &str, expected: &str, limit: u64) -> Result<Vec
 /// Reads one of the bundle's files, named `file` in errors: a regular file within
 /// `limit` bytes, or a refusal naming the problem.
 fn read_file(path: &Path, file: &str, limit: u64) -> Result<Vec<u8>, BundleError> {
-    read::read_bounded(path, limit).map_err(|reason| match reason {
+    read::read_bounded(path, limit).map_err(|reason| read_error(file, reason))
+}
+
+fn read_error(file: &str, reason: read::ReadError) -> BundleError {
+    match reason {
         read::ReadError::Io(source) => BundleError::MissingFile {
             file: file.to_string(),
             source,
@@ -68,7 +94,7 @@ fn read_file(path: &Path, file: &str, limit: u64) -> Result<Vec<u8>, BundleError
             file: file.to_string(),
             reason,
         },
-    })
+    }
 }
 
 /// Verifies the bundle in `dir` against the gateway's trusted keys, at time `now`.
@@ -146,16 +172,39 @@ pub fn verify(
             file: MANIFEST_FILE.into(),
             reason,
         })?;
+    // Each file once: a manifest that lists one file many times would multiply the
+    // per-file limits.
+    let mut listed = std::collections::HashSet::new();
+    for file in manifest
+        .modules
+        .iter()
+        .flat_map(|m| std::iter::once(&m.file).chain(m.fixtures.iter().map(|f| &f.file)))
+    {
+        if !listed.insert(file) {
+            return Err(BundleError::BadManifest {
+                file: MANIFEST_FILE.into(),
+                reason: format!("lists the file {file:?} more than once"),
+            });
+        }
+    }
+    let mut budget = read::BUNDLE_LIMIT;
     let modules = manifest
         .modules
         .iter()
         .map(|entry| {
-            let bytes = read_listed(dir, &entry.file, &entry.sha256, read::MODULE_LIMIT)?;
+            let bytes = read_listed(
+                dir,
+                &entry.file,
+                &entry.sha256,
+                read::MODULE_LIMIT,
+                &mut budget,
+            )?;
             let fixtures = entry
                 .fixtures
                 .iter()
                 .map(|f| {
-                    let bytes = read_listed(dir, &f.file, &f.sha256, read::FIXTURE_LIMIT)?;
+                    let bytes =
+                        read_listed(dir, &f.file, &f.sha256, read::FIXTURE_LIMIT, &mut budget)?;
                     Ok((f.file.clone(), bytes))
                 })
                 .collect::<Result<_, BundleError>>()?;

@@ -113,8 +113,24 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote names, paths and text from files an attacker may have
+            // written (a bundle, a manifest): never let them drive the terminal.
+            eprintln!("error: {}", escape_controls(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// `text` with every control character (escape sequences, carriage returns, newlines)
+/// written as a Rust escape.
+fn escape_controls(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
