@@ -29,7 +29,7 @@ fn events(gw: &Gateway, kind: &str) -> Vec<Value> {
 
 impl Raw {
     /// A simple Query: the first column of each row, or the first error's SQLSTATE.
-    fn simple(&mut self, sql: &[u8]) -> Result<Vec<String>, String> {
+    pub(crate) fn simple(&mut self, sql: &[u8]) -> Result<Vec<String>, String> {
         self.send(b'Q', &[sql, b"\0"].concat());
         let mut rows = Vec::new();
         let mut error = None;

@@ -8,12 +8,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use super::catalog::Catalog;
 use super::parser;
 pub use super::parser::ParseError;
+use crate::policy::DecisionPool;
 use crate::policy::types::{SqlKind, SqlStatement};
 
 /// A statement as the gateway decides it: what policies see of it (once its functions
@@ -473,11 +475,23 @@ pub type Classified = Arc<Result<Vec<Statement>, ParseError>>;
 /// bounded by entries, and a few huge texts must not fill memory.
 const LONGEST_CACHED: usize = 16 << 10;
 
+/// Statements up to this long are parsed on the session's own task (microseconds).
+const PARSED_INLINE: usize = 4 << 10;
+
+/// How long a long statement may wait for the parsing thread before it is refused.
+const LONG_WAIT: Duration = Duration::from_secs(5);
+
 /// Classifications cached by statement text: an agent's repeated statements are parsed
 /// once. Bounded: when full it starts over.
+///
+/// Long statements are parsed on a thread of their own, agents taking turns on it: a
+/// statement near the 256 KiB limit takes the parser tens of milliseconds, and on the
+/// runtime's threads one agent's stream of them held every other session and the
+/// health endpoint; on the decision pool it would hold every decision.
 pub struct ClassifyCache {
     entries: Mutex<HashMap<String, Classified>>,
     capacity: usize,
+    long: DecisionPool,
 }
 
 impl ClassifyCache {
@@ -485,22 +499,33 @@ impl ClassifyCache {
         ClassifyCache {
             entries: Mutex::new(HashMap::new()),
             capacity,
+            long: DecisionPool::new(1, 2, LONG_WAIT),
         }
     }
 
-    pub fn classify(&self, text: &str) -> Classified {
+    /// Classifies `text` for `agent`: from the cache, inline when short, else on the
+    /// parsing thread. A long statement the parsing thread cannot take within
+    /// [`LONG_WAIT`] is refused as [`ParseError::Busy`].
+    pub async fn classify_for(&self, agent: &str, text: &str) -> Classified {
         if let Some(hit) = self.entries.lock().unwrap().get(text) {
             return hit.clone();
         }
-        let result = Arc::new(classify(text));
-        if text.len() > LONGEST_CACHED {
-            return result;
+        let result = if text.len() <= PARSED_INLINE {
+            Arc::new(classify(text))
+        } else {
+            let owned = text.to_string();
+            match self.long.run(agent, move |_| classify(&owned)).await {
+                Ok(result) => Arc::new(result),
+                Err(refusal) => return Arc::new(Err(ParseError::Busy(refusal.to_string()))),
+            }
+        };
+        if text.len() <= LONGEST_CACHED {
+            let mut entries = self.entries.lock().unwrap();
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+            entries.insert(text.to_string(), result.clone());
         }
-        let mut entries = self.entries.lock().unwrap();
-        if entries.len() >= self.capacity {
-            entries.clear();
-        }
-        entries.insert(text.to_string(), result.clone());
         result
     }
 }
@@ -738,11 +763,18 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_returns_the_same_answer() {
+    fn the_cache_returns_the_same_answer_inline_or_on_the_parsing_thread() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let cache = ClassifyCache::new(2);
+        let long = format!("SELECT 1 WHERE 1 IN ({})", vec!["7"; 4000].join(","));
+        assert!(long.len() > PARSED_INLINE);
         for _ in 0..3 {
-            for sql in ["SELECT 1", "DELETE FROM t", "SELECT 2"] {
-                assert_eq!(*cache.classify(sql), classify(sql));
+            for sql in ["SELECT 1", "DELETE FROM t", "SELECT 2", long.as_str()] {
+                let classified = runtime.block_on(cache.classify_for("agent", sql));
+                assert_eq!(*classified, classify(sql));
             }
         }
     }

@@ -236,7 +236,7 @@ impl Session {
                 return Err(("22021", reason, None));
             }
         };
-        let classified = self.services.classify.classify(&text);
+        let classified = self.classify(&text).await;
         let statement = match &*classified {
             Err(e) => {
                 write

@@ -35,6 +35,10 @@ pub enum ParseError {
         "the statement is {0} bytes, over the {MAX_TEXT} bytes this gateway checks; split it, or load data with COPY"
     )]
     TooLong(usize),
+    /// Not parsed: the policy host's pool, where long statements are parsed, refused
+    /// it (`53000`, insufficient resources).
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ParseError {
@@ -44,6 +48,7 @@ impl ParseError {
             ParseError::Syntax(_) => "42601",
             ParseError::TooDeep => "54001",
             ParseError::TooLong(_) => "54000",
+            ParseError::Busy(_) => "53000",
         }
     }
 }

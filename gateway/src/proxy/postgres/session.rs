@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::catalog::Catalog;
-use super::classify::{ParseError, Statement};
+use super::classify::{Classified, ParseError, Statement};
 use super::conn::Conn;
 use super::extended::{Discard, Portal, Prepared, RowShape};
 use super::masking::{self, MaskPlans, RowMask};
@@ -255,7 +255,7 @@ impl Session {
             Ok(text) => text,
             Err(invalid) => return self.refuse_invalid_utf8(&invalid, true).await,
         };
-        let classified = self.services.classify.classify(&text);
+        let classified = self.classify(&text).await;
         let statements: &[Statement] = match &*classified {
             Ok(s) => s,
             Err(e) => return self.refuse_unparsed(&text, e, true).await,
@@ -302,6 +302,15 @@ impl Session {
             .await?;
         self.record_result(summary);
         self.refresh_catalog().await
+    }
+
+    /// Classifies `text` (see [`super::classify::ClassifyCache::classify_for`]).
+    pub(super) async fn classify(&mut self, text: &str) -> Classified {
+        let services = self.services.clone();
+        services
+            .classify
+            .classify_for(&self.context.agent.id, text)
+            .await
     }
 
     /// Before deciding: takes a catalog another session read since this one's, or,
