@@ -239,6 +239,27 @@ pub struct PolicyConfig {
     /// Decisions one agent may have queued or running at once; more are denied.
     #[serde(default = "default_agent_decisions")]
     pub agent_decisions: usize,
+    /// Largest module a bundle may hold, in MiB.
+    #[serde(default = "default_max_module_mib")]
+    pub max_module_mib: u64,
+    /// Largest fixture file a bundle may hold, in MiB.
+    #[serde(default = "default_max_fixture_mib")]
+    pub max_fixture_mib: u64,
+    /// Largest sum of a bundle's modules and fixtures, in MiB.
+    #[serde(default = "default_max_bundle_mib")]
+    pub max_bundle_mib: u64,
+}
+
+fn default_max_module_mib() -> u64 {
+    crate::bundle::SizeLimits::default().module >> 20
+}
+
+fn default_max_fixture_mib() -> u64 {
+    crate::bundle::SizeLimits::default().fixture >> 20
+}
+
+fn default_max_bundle_mib() -> u64 {
+    crate::bundle::SizeLimits::default().bundle >> 20
 }
 
 fn default_decision_deadline_ms() -> u64 {
@@ -270,6 +291,9 @@ impl Default for PolicyConfig {
             decision_deadline_ms: default_decision_deadline_ms(),
             workers: None,
             agent_decisions: default_agent_decisions(),
+            max_module_mib: default_max_module_mib(),
+            max_fixture_mib: default_max_fixture_mib(),
+            max_bundle_mib: default_max_bundle_mib(),
         }
     }
 }
@@ -317,6 +341,16 @@ impl Config {
         if !(1..=10_000).contains(&config.policy.agent_decisions) {
             return Err(invalid(
                 "policy.agent-decisions must be between 1 and 10000",
+            ));
+        }
+        let sizes = [
+            config.policy.max_module_mib,
+            config.policy.max_fixture_mib,
+            config.policy.max_bundle_mib,
+        ];
+        if sizes.iter().any(|mib| !(1..=4096).contains(mib)) {
+            return Err(invalid(
+                "policy.max-module-mib, max-fixture-mib and max-bundle-mib must be between 1 and 4096",
             ));
         }
         if humantime::parse_duration(&config.policy.max_validity).is_err() {
@@ -445,6 +479,15 @@ impl Config {
                 path: self.path.clone(),
                 source,
             })
+    }
+
+    /// How large an installed bundle's files may be.
+    pub fn bundle_limits(&self) -> crate::bundle::SizeLimits {
+        crate::bundle::SizeLimits {
+            module: self.policy.max_module_mib << 20,
+            fixture: self.policy.max_fixture_mib << 20,
+            bundle: self.policy.max_bundle_mib << 20,
+        }
     }
 
     pub fn policy_limits(&self) -> PolicyLimits {

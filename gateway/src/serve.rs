@@ -89,7 +89,9 @@ pub async fn run(
     }
 
     let trust = config.trusted_keys().map_err(setup("configuration"))?;
-    let policy_dir = PolicyDir::open(&data.policy_dir()).map_err(setup("policy directory"))?;
+    let policy_dir = PolicyDir::open(&data.policy_dir())
+        .map_err(setup("policy directory"))?
+        .with_limits(config.bundle_limits());
     let engine = PolicyEngine::new(config.policy_limits(), Some(&policy_dir.cache_dir()))
         .map_err(setup("policy engine"))?;
     let installed = policy_dir.current().map_err(setup("policy directory"))?;

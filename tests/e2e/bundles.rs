@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use airlock::bundle::{BundleError, PolicyDir, Reloader};
+use airlock::bundle::{BundleError, PolicyDir, Reloader, SizeLimits};
 use airlock::keys::{PublicKey, SecretKey, TrustedKeys};
 use airlock::policy::ActivePolicy;
 use airlock::policy::{Outcome, PolicySet};
@@ -682,6 +682,45 @@ fn bundle_files_must_be_bounded_regular_files() {
     text.push_str(&format!("# {}\n", "x".repeat(2 << 20)));
     std::fs::write(huge.join("manifest.toml"), text).unwrap();
     refused(&setup.verify(&huge), "over the limit of 1048576");
+
+    // The operator's limits apply: a module over its limit, and a bundle over its
+    // limit in all; and the configuration refuses a limit of nothing.
+    let bundle = setup.sign(1);
+    let within = |limits: SizeLimits| {
+        airlock::bundle::verify_within(&bundle, &setup.trust(), SystemTime::now(), &limits)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let module_size = std::fs::metadata(bundle.join("modules/read-only-sql.wasm"))
+        .unwrap()
+        .len();
+    let small = within(SizeLimits {
+        module: module_size - 1,
+        ..SizeLimits::default()
+    });
+    assert!(
+        small.contains(&format!("is {module_size} bytes, over the limit of")),
+        "{small}"
+    );
+    let total = within(SizeLimits {
+        bundle: module_size + 1,
+        ..SizeLimits::default()
+    });
+    assert!(total.contains("over the limit of"), "{total}");
+    assert_eq!(within(SizeLimits::default()), "");
+    let config = setup.data().join("airlock.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        original.replace("[policy]\n", "[policy]\nmax-bundle-mib = 0\n"),
+    )
+    .unwrap();
+    refused(
+        &setup.install(&bundle),
+        "max-bundle-mib must be between 1 and 4096",
+    );
+    std::fs::write(&config, &original).unwrap();
 
     // None of it hung, and the lock was never left held: a good bundle installs.
     assert!(started.elapsed() < Duration::from_secs(60));

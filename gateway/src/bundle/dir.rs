@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::manifest::{MAX_VERSION, Manifest};
-use super::verify::{VerifiedBundle, verify};
+use super::read::SizeLimits;
+use super::verify::{VerifiedBundle, verify_within};
 use super::{BundleError, MANIFEST_FILE, io_err};
 use crate::fsperm;
 use crate::keys::TrustedKeys;
@@ -41,6 +42,7 @@ pub struct BundleStatus {
 #[derive(Debug, Clone)]
 pub struct PolicyDir {
     root: PathBuf,
+    limits: SizeLimits,
 }
 
 impl PolicyDir {
@@ -52,9 +54,16 @@ impl PolicyDir {
         fsperm::create_private_dir(&root.join(CACHE))?;
         let dir = PolicyDir {
             root: root.to_path_buf(),
+            limits: SizeLimits::default(),
         };
         dir.check_permissions()?;
         Ok(dir)
+    }
+
+    /// Installs and loads bundles within `limits` (default: [`SizeLimits::default`]).
+    pub fn with_limits(mut self, limits: SizeLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Refuses the directory if anyone but the gateway's user could write what the
@@ -148,7 +157,7 @@ impl PolicyDir {
     pub fn install(&self, src: &Path, rules: &InstallRules) -> Result<Manifest, BundleError> {
         let _lock = self.lock()?;
         self.check_permissions()?;
-        let verified = rules.verify(src)?;
+        let verified = rules.verify(src, &self.limits)?;
         let manifest = &verified.manifest;
         let installed = self.status().map_err(|e| BundleError::ActiveUnreadable {
             reason: e.to_string(),
@@ -209,7 +218,7 @@ impl PolicyDir {
                 )));
             }
         };
-        let verified = rules.verify(src)?;
+        let verified = rules.verify(src, &self.limits)?;
         load(rules.engine, &verified)?;
         let recovery = Recovery {
             bundle: bundle_dir_name(&verified.manifest),
@@ -347,7 +356,7 @@ impl PolicyDir {
         self.check_permissions()?;
         match self.current()? {
             None => Ok(None),
-            Some(path) => load(engine, &verify(&path, trust, now)?).map(Some),
+            Some(path) => load(engine, &verify_within(&path, trust, now, &self.limits)?).map(Some),
         }
     }
 
@@ -421,8 +430,8 @@ pub struct InstallRules<'a> {
 
 impl InstallRules<'_> {
     /// Signature, digests, expiry, and a validity window no longer than allowed.
-    fn verify(&self, src: &Path) -> Result<VerifiedBundle, BundleError> {
-        let verified = verify(src, self.trust, self.now)?;
+    fn verify(&self, src: &Path, limits: &SizeLimits) -> Result<VerifiedBundle, BundleError> {
+        let verified = verify_within(src, self.trust, self.now, limits)?;
         verified
             .manifest
             .check_validity(self.max_validity)

@@ -17,8 +17,9 @@ mod watch;
 
 pub use dir::{BundleStatus, InstallRules, PolicyDir, Recovery, load, load_reporting};
 pub use manifest::{FileDigest, MAX_VERSION, Manifest, ManifestModule, SourceBundle, SourceModule};
+pub use read::SizeLimits;
 pub use sign::sign;
-pub use verify::{VerifiedBundle, VerifiedModule, verify};
+pub use verify::{VerifiedBundle, VerifiedModule, verify, verify_within};
 pub use watch::{Reloader, ReloaderHandle, activated_event, refused_event};
 
 use std::path::PathBuf;

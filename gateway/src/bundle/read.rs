@@ -14,14 +14,29 @@ use rustix::fs::OFlags;
 pub(crate) const MANIFEST_LIMIT: u64 = 1 << 20;
 /// Largest `manifest.sig`.
 pub(crate) const SIGNATURE_LIMIT: u64 = 64 << 10;
-/// Largest module.
-pub(crate) const MODULE_LIMIT: u64 = 64 << 20;
-/// Largest fixture file.
-pub(crate) const FIXTURE_LIMIT: u64 = 16 << 20;
+/// How large a bundle's modules and fixtures may be: checked before anything is read.
+/// The gateway takes them from `[policy]` (`max-module-mib`, `max-fixture-mib`,
+/// `max-bundle-mib`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimits {
+    /// Largest module.
+    pub module: u64,
+    /// Largest fixture file.
+    pub fixture: u64,
+    /// Largest sum of a bundle's modules and fixtures: each file is bounded, and a
+    /// manifest may not multiply them.
+    pub bundle: u64,
+}
 
-/// Largest sum of a bundle's modules and fixtures: each file is bounded, and a
-/// manifest may not multiply them.
-pub(crate) const BUNDLE_LIMIT: u64 = 256 << 20;
+impl Default for SizeLimits {
+    fn default() -> Self {
+        SizeLimits {
+            module: 64 << 20,
+            fixture: 16 << 20,
+            bundle: 256 << 20,
+        }
+    }
+}
 
 /// Why a bundle file was not read.
 #[derive(Debug, thiserror::Error)]

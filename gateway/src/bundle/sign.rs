@@ -47,7 +47,8 @@ pub fn sign(
     // regular files within the same limits an install applies: whoever can write the
     // source directory cannot make the signer copy another of the operator's files
     // (a signing key, say) into a bundle, or hang it on a FIFO.
-    let mut budget = read::BUNDLE_LIMIT;
+    let limits = read::SizeLimits::default();
+    let mut budget = limits.bundle;
     let mut read_source = |path: &Path, limit: u64| {
         let bytes = read::read_in(src_dir, path, limit.min(budget))
             .map_err(|reason| unreadable(path, reason))?;
@@ -57,7 +58,7 @@ pub fn sign(
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut modules = Vec::new();
     for module in &source.modules {
-        let bytes = read_source(&module.file, read::MODULE_LIMIT)?;
+        let bytes = read_source(&module.file, limits.module)?;
         let file = format!("modules/{}.wasm", module.name);
         let sha256 = hex::encode(Sha256::digest(&bytes));
         files.push((file.clone(), bytes));
@@ -75,7 +76,7 @@ pub fn sign(
             }
         }
         for path in paths {
-            let bytes = read_source(&path, read::FIXTURE_LIMIT)?;
+            let bytes = read_source(&path, limits.fixture)?;
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{Manifest, ManifestModule, inside};
+use super::read::SizeLimits;
 use super::{BundleError, MANIFEST_FILE, SIGNATURE_FILE, io_err, read};
 use crate::fsperm;
 use crate::keys::TrustedKeys;
@@ -43,7 +44,7 @@ pub struct VerifiedModule {
 }
 
 /// Reads a file the manifest lists, under `dir` and through no link, and checks its
-/// digest. `budget` is what is left of [`read::BUNDLE_LIMIT`].
+/// digest. `budget` is what is left of the bundle's size limit.
 fn read_listed(
     dir: &Path,
     file: &str,
@@ -102,6 +103,16 @@ pub fn verify(
     dir: &Path,
     trust: &TrustedKeys,
     now: SystemTime,
+) -> Result<VerifiedBundle, BundleError> {
+    verify_within(dir, trust, now, &SizeLimits::default())
+}
+
+/// [`verify`], with the gateway's size limits.
+pub fn verify_within(
+    dir: &Path,
+    trust: &TrustedKeys,
+    now: SystemTime,
+    limits: &SizeLimits,
 ) -> Result<VerifiedBundle, BundleError> {
     let manifest_path = dir.join(MANIFEST_FILE);
     if manifest_path.symlink_metadata().is_err() {
@@ -187,24 +198,17 @@ pub fn verify(
             });
         }
     }
-    let mut budget = read::BUNDLE_LIMIT;
+    let mut budget = limits.bundle;
     let modules = manifest
         .modules
         .iter()
         .map(|entry| {
-            let bytes = read_listed(
-                dir,
-                &entry.file,
-                &entry.sha256,
-                read::MODULE_LIMIT,
-                &mut budget,
-            )?;
+            let bytes = read_listed(dir, &entry.file, &entry.sha256, limits.module, &mut budget)?;
             let fixtures = entry
                 .fixtures
                 .iter()
                 .map(|f| {
-                    let bytes =
-                        read_listed(dir, &f.file, &f.sha256, read::FIXTURE_LIMIT, &mut budget)?;
+                    let bytes = read_listed(dir, &f.file, &f.sha256, limits.fixture, &mut budget)?;
                     Ok((f.file.clone(), bytes))
                 })
                 .collect::<Result<_, BundleError>>()?;

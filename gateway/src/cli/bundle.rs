@@ -219,7 +219,8 @@ fn installing<T>(
     install: impl FnOnce(&PolicyDir, &InstallRules) -> anyhow::Result<T>,
 ) -> anyhow::Result<(PolicyDir, T)> {
     let config = context.config()?;
-    let dir = PolicyDir::open(&context.data_dir()?.policy_dir())?;
+    let dir =
+        PolicyDir::open(&context.data_dir()?.policy_dir())?.with_limits(config.bundle_limits());
     let engine = PolicyEngine::new(config.policy_limits(), Some(&dir.cache_dir()))?;
     let trust = config.trusted_keys()?;
     let rules = InstallRules {
