@@ -5,6 +5,7 @@
 use std::io::{Read, Write as _};
 use std::net::TcpListener;
 use std::process::Output;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -28,20 +29,22 @@ fn events(gw: &Gateway, kind: &str) -> Vec<Value> {
 }
 
 impl Raw {
-    /// A simple Query: the first column of each row, or the first error's SQLSTATE.
+    /// A simple Query: the first column of each row, or the first error's SQLSTATE
+    /// (also when the gateway then closes the connection, as after a FATAL).
     pub(crate) fn simple(&mut self, sql: &[u8]) -> Result<Vec<String>, String> {
         self.send(b'Q', &[sql, b"\0"].concat());
         let mut rows = Vec::new();
         let mut error = None;
         loop {
-            match self.read() {
-                (b'D', body) => {
+            match self.read_or_closed() {
+                Some((b'D', body)) => {
                     let len = i32::from_be_bytes(body[2..6].try_into().unwrap());
                     rows.push(String::from_utf8_lossy(&body[6..6 + len.max(0) as usize]).into());
                 }
-                (b'E', body) => error = error.or(Some(sqlstate(&body))),
-                (b'Z', _) => return error.map_or(Ok(rows), Err),
-                _ => {}
+                Some((b'E', body)) => error = error.or(Some(sqlstate(&body))),
+                Some((b'Z', _)) => return error.map_or(Ok(rows), Err),
+                Some(_) => {}
+                None => return Err(error.unwrap_or_else(|| "closed".into())),
             }
         }
     }
@@ -724,4 +727,96 @@ fn masking_follows_the_data_wherever_it_leaves() {
     let out = s.psql(&id, &secret, "prod-db", "SELECT current_user");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "reader");
     reads_masked(&s);
+}
+
+/// A grant's end reaches the server: revoking a write grant in the middle of
+/// `BEGIN; INSERT … FROM pg_sleep(3); COMMIT` leaves no row; a long read is gone from
+/// `pg_stat_activity`; both are recorded. And a statement past the grant's expiry is
+/// refused at decision time, not up to a sweep later.
+#[test]
+fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
+    let s = Setup::new();
+    let table = format!("grant_end_{}", airlock::fsperm::random_suffix());
+    s.pg.psql_super(
+        &format!("CREATE TABLE {table} (x int); ALTER TABLE {table} OWNER TO airlock;"),
+        "app",
+    );
+    let port = s.gw.pg_port();
+    let revoke_during = |access: &str, sql: String| {
+        let (id, secret) = s.grant_for("prod-db", access);
+        let mut raw = Raw::login(port, &id, &secret);
+        let running = std::thread::spawn(move || raw.simple(sql.as_bytes()));
+        std::thread::sleep(Duration::from_millis(1000));
+        let out = s.gw.cli(&["grants", "revoke", &id]);
+        assert!(out.status.success(), "{}", text(&out));
+        let answer = running.join().unwrap();
+        assert_eq!(
+            answer,
+            Err("57P01".to_string()),
+            "{:?}",
+            events(&s.gw, "sql.statement")
+        );
+    };
+
+    revoke_during(
+        "write",
+        format!("BEGIN; INSERT INTO {table} SELECT 1 FROM pg_sleep(3); COMMIT"),
+    );
+    revoke_during(
+        "read",
+        "SELECT count(*) AS long_read FROM generate_series(1, 3000000000)".to_string(),
+    );
+    // Past the end of the sleep the INSERT was in: nothing was committed.
+    std::thread::sleep(Duration::from_millis(2500));
+    let count =
+        s.pg.psql_super(&format!("SELECT count(*) FROM {table}"), "app");
+    assert_eq!(count.trim(), "0", "the revoked transaction committed");
+    let running = s.pg.psql_super(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%AS long_read FROM%' AND pid <> pg_backend_pid()",
+        "app",
+    );
+    assert_eq!(running.trim(), "0", "the long read still runs upstream");
+    let ended = events(&s.gw, "session.upstream-ended");
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    for event in &ended {
+        assert_eq!(event["detail"]["terminated"], true, "{event}");
+        assert_eq!(event["detail"]["cancel_sent"], true, "{event}");
+        assert_eq!(event["detail"]["statement_running"], true, "{event}");
+    }
+
+    // Expiry, with no grace window: statements up to a 1 s grant's end, then refused.
+    let (status, grant) = s.gw.ask(
+        &s.token,
+        "prod-db",
+        "confirm migration 42 ran",
+        "read",
+        "1s",
+    );
+    assert_eq!(status, 201, "{grant}");
+    let id = grant["id"].as_str().unwrap();
+    let mut raw = Raw::login(port, id, grant["secret"].as_str().unwrap());
+    let expires_ms = events(&s.gw, "grant.decided")
+        .into_iter()
+        .find(|e| e["grant"] == id)
+        .unwrap()["detail"]["expires_ms"]
+        .as_u64()
+        .unwrap();
+    // Each statement reports when it ran, relative to the expiry (a small number, so
+    // masking leaves it alone).
+    let query = format!(
+        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint - {expires_ms} AS late_ms"
+    );
+    let mut ran = Vec::new();
+    let refusal = loop {
+        match raw.simple(query.as_bytes()) {
+            Ok(rows) => ran.push(rows[0].parse::<i64>().unwrap()),
+            Err(code) => break code,
+        }
+        assert!(ran.len() < 1_000_000, "never refused");
+    };
+    assert_eq!(refusal, "57P01");
+    let last = *ran.last().expect("statements ran before expiry");
+    // Each statement's check precedes its run by well under a millisecond; 50 ms of
+    // slack absorbs a loaded machine. The sweep alone let them run up to 200 ms late.
+    assert!(last < 50, "a statement ran {last} ms past the grant's expiry");
 }

@@ -113,6 +113,7 @@ impl Session {
     }
 
     async fn run_batch(&mut self, batch: Vec<Message>, synced: bool) -> Result<(), String> {
+        self.unexpired().await?;
         let set = self.services.policy.current();
         self.current_catalog().await?;
         let masks = set.masks(&self.context.target);

@@ -18,6 +18,7 @@ use super::extended::{Discard, Portal, Prepared, RowShape};
 use super::masking::{self, MaskPlans, RowMask};
 use super::pins;
 use super::startup::{PgServices, fatal};
+use super::upstream::Ender;
 use super::wire::{
     self, Field, Message, WireError, error_response, message, put_cstr, ready_for_query,
 };
@@ -90,6 +91,7 @@ pub(super) struct Session {
     superuser_allowed: bool,
     live: LiveGrant,
     session_id: String,
+    ender: Ender,
     pub(super) tx_status: u8,
     /// Statements run or refused in this session.
     pub(super) statements: u64,
@@ -121,6 +123,8 @@ pub(super) struct Admitted {
     /// The target allows a superuser upstream role (`allow-superuser`).
     pub(super) superuser_allowed: bool,
     pub(super) session_id: String,
+    /// Ends the upstream session from outside when the grant ends.
+    pub(super) ender: Ender,
 }
 
 impl Session {
@@ -137,6 +141,7 @@ impl Session {
             read_only,
             superuser_allowed,
             session_id,
+            ender,
         } = admitted;
         Session {
             client,
@@ -149,6 +154,7 @@ impl Session {
             superuser_allowed,
             live,
             session_id,
+            ender,
             tx_status: b'I',
             statements: 0,
             masks: MaskPlans::default(),
@@ -214,7 +220,7 @@ impl Session {
         let message = loop {
             tokio::select! {
                 m = self.client.read_message() => break m,
-                _ = self.live.ended.changed() => return Err(self.grant_ended().await),
+                _ = self.live.ended.changed() => return Err(self.grant_ended(false).await),
                 () = tokio::time::sleep(RESULT_SUMMARY_DELAY), if self.result_summary.is_some() => {
                     self.write_result_summary();
                 }
@@ -231,19 +237,69 @@ impl Session {
     }
 
     /// FATAL 57P01 to the client; returns the reason the grant ended.
-    async fn grant_ended(&mut self) -> String {
+    /// The grant ended while a statement was `running` upstream, or between them.
+    async fn grant_ended(&mut self, running: bool) -> String {
         let reason = self
             .live
             .ended
             .borrow()
             .clone()
             .unwrap_or_else(|| "the grant ended".into());
+        self.end_grant(reason, running).await
+    }
+
+    /// Checks the grant's expiry at decision time, before anything of a message is
+    /// decided or sent: a statement past it is refused and the session ends, with no
+    /// grace window (the broker's sweep is only for idle connections).
+    pub(super) async fn unexpired(&mut self) -> Result<(), String> {
+        let expires = self.live.grant.expires_ms;
+        if now_ms() < expires {
+            return Ok(());
+        }
+        let at = humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(expires),
+        );
+        Err(self.end_grant(format!("grant expired at {at}"), false).await)
+    }
+
+    /// Ends the session because its grant ended: FATAL 57P01 to the client, the
+    /// upstream session cancelled and terminated, and that recorded.
+    async fn end_grant(&mut self, reason: String, running: bool) -> String {
         fatal(
             &mut self.client,
             "57P01",
             &format!("terminating connection: {reason}"),
         )
         .await;
+        // The grant's end reaches the server: what the session has running or open
+        // there is cancelled and rolled back, not left to finish (and commit).
+        let ended = self.ender.end().await;
+        if !ended.terminated {
+            tracing::error!(error = ?ended.error, "the upstream session may outlive its grant");
+        }
+        let event = AuditEvent::new("session.upstream-ended")
+            .agent(&self.live.grant.agent)
+            .target(&self.context.target.name)
+            .grant(&self.live.grant.id)
+            .detail(serde_json::json!({
+                "session": self.session_id,
+                "reason": reason,
+                "statement_running": running,
+                // As of the server's last ReadyForQuery.
+                "transaction_open": self.tx_status != b'I',
+                "cancel_sent": ended.cancel_sent,
+                "terminated": ended.terminated,
+                "error": ended.error,
+            }));
+        if let Err(e) = self
+            .services
+            .broker
+            .record()
+            .write_async(Write::event(event))
+            .await
+        {
+            tracing::error!(error = %e, "cannot record the upstream session's end");
+        }
         reason
     }
 
@@ -268,6 +324,7 @@ impl Session {
             .concat();
             return self.client.send(&out).await.map_err(|e| e.to_string());
         }
+        self.unexpired().await?;
         let set = self.services.policy.current();
         self.current_catalog().await?;
         let mut write = Write::default();
@@ -632,7 +689,7 @@ impl Session {
                         return Err(upstream_lost(e));
                     }
                 },
-                _ = self.live.ended.changed() => return Err(self.grant_ended().await),
+                _ = self.live.ended.changed() => return Err(self.grant_ended(true).await),
             };
             summary.bytes += m.body.len() as u64 + 5;
             let m = self.mask_message(set, m).await?;

@@ -16,7 +16,7 @@ use super::conn::Conn;
 use super::pins;
 use super::scram::{Exchange, Verifier};
 use super::session::{Admitted, Session};
-use super::upstream::{self, Upstream, UpstreamAddr};
+use super::upstream::{self, Ender, Upstream, UpstreamAddr};
 use super::wire::{self, Startup, WireError, error_response, message, ready_for_query};
 use crate::config::Durability;
 use crate::grants::{Access, Broker, GrantAuthError, TargetRecord};
@@ -232,7 +232,7 @@ async fn serve_session(
         }
     };
     let read_only = live.grant.access == Access::Read || live.grant.read_only;
-    let (upstream, addr, catalog) = match login(&services, &target, read_only).await {
+    let (upstream, addr, catalog, ender) = match login(&services, &target, read_only).await {
         Ok(login) => login,
         Err(e) => {
             let detail = match &e {
@@ -290,6 +290,7 @@ async fn serve_session(
         read_only,
         superuser_allowed: target.allow_superuser,
         session_id: opened.id.clone(),
+        ender,
     };
     let mut session = Session::new(client, upstream.conn, services.clone(), admitted);
     let reason = session.serve().await;
@@ -331,7 +332,7 @@ async fn login(
     services: &PgServices,
     target: &TargetRecord,
     read_only: bool,
-) -> Result<(Upstream, UpstreamAddr, Arc<Catalog>), LoginError> {
+) -> Result<(Upstream, UpstreamAddr, Arc<Catalog>, Ender), LoginError> {
     let addr = UpstreamAddr::parse(&target.upstream).map_err(LoginError::Address)?;
     let (user, reference) = match (&target.read_user, &target.read_credential) {
         (Some(user), Some(reference)) if read_only => (user.as_str(), Some(reference)),
@@ -348,6 +349,13 @@ async fn login(
     };
     let settings = pins::upstream_parameters(read_only);
     let mut upstream = upstream::connect(&addr, user, credential.as_ref(), &settings).await?;
+    let ender = Ender {
+        addr: addr.clone(),
+        user: user.to_string(),
+        credential: credential.clone(),
+        read_only,
+        backend_key: upstream.backend_key,
+    };
     for parameter in &upstream.parameters {
         let mut body = parameter.slice(5..);
         if let (Ok(name), Ok(value)) = (wire::cstr(&mut body), wire::cstr(&mut body)) {
@@ -370,7 +378,7 @@ async fn login(
             catalog
         }
     };
-    Ok((upstream, addr, catalog))
+    Ok((upstream, addr, catalog, ender))
 }
 
 /// SCRAM-SHA-256 with the grant's secret. An unknown grant runs the same exchange

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use postgres_protocol::authentication::md5_hash;
@@ -384,6 +385,70 @@ async fn start_tls(
         .connect(name, stream)
         .await
         .map_err(|e| tls_error(e.to_string()))
+}
+
+/// What it takes to end an upstream session from outside it: its cancel key, and a
+/// login as the same role (a role may terminate its own backends). Dropping the socket
+/// is not enough: a backend runs the statement in hand, and the rest of the Query it
+/// was sent, to completion (`BEGIN; INSERT …; COMMIT` commits) before it notices.
+pub struct Ender {
+    pub(super) addr: UpstreamAddr,
+    pub(super) user: String,
+    pub(super) credential: Option<Credential>,
+    pub(super) read_only: bool,
+    pub(super) backend_key: (i32, i32),
+}
+
+/// What ending an upstream session did, for the record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Ended {
+    /// The CancelRequest for the running statement reached the server.
+    pub cancel_sent: bool,
+    /// `pg_terminate_backend` reported the backend gone (its open transaction rolled
+    /// back); else why it could not be confirmed.
+    pub terminated: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How long the gateway waits for the server to confirm a backend has ended.
+const TERMINATE_WAIT: Duration = Duration::from_secs(5);
+
+impl Ender {
+    /// Cancels the running statement, then terminates the backend and waits (bounded)
+    /// for it to be gone, so nothing the session started can commit afterwards.
+    pub async fn end(&self) -> Ended {
+        let cancel = cancel(&self.addr.host_port, self.backend_key).await;
+        let terminated = tokio::time::timeout(TERMINATE_WAIT, self.terminate()).await;
+        let (terminated, error) = match terminated {
+            Ok(Ok(true)) => (true, None),
+            Ok(Ok(false)) => (false, Some("the server did not end the backend".into())),
+            Ok(Err(e)) => (false, Some(e.to_string())),
+            Err(_) => (false, Some(format!("no answer within {TERMINATE_WAIT:?}"))),
+        };
+        Ended {
+            cancel_sent: cancel.is_ok(),
+            terminated,
+            error,
+        }
+    }
+
+    async fn terminate(&self) -> Result<bool, UpstreamError> {
+        let settings = super::pins::upstream_parameters(self.read_only);
+        let mut side = connect(&self.addr, &self.user, self.credential.as_ref(), &settings).await?;
+        // Waits up to 4 s for the backend to exit, so the answer means it is gone.
+        let query = format!(
+            "SELECT pg_catalog.pg_terminate_backend({}, 4000)",
+            self.backend_key.0
+        );
+        let results = simple_query(&mut side.conn, &query).await?;
+        let _ = side.conn.send_now(&message(b'X', |_| {})).await;
+        Ok(results
+            .first()
+            .and_then(|rows| rows.first())
+            .and_then(|row| row.first())
+            .is_some_and(|value| value.as_deref() == Some("t")))
+    }
 }
 
 /// Asks the upstream to cancel the query running on the connection with `key`.
