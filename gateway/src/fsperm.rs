@@ -93,6 +93,16 @@ pub fn create_private_dir(path: &Path) -> Result<(), PermError> {
 /// Writes `bytes` to `path` with mode 0600, atomically: a temporary file in the same
 /// directory is written, synced and renamed over `path`.
 pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), PermError> {
+    write_atomic(path, bytes, true)
+}
+
+/// [`write_private_atomic`] without the fsyncs: for a file rewritten on every commit
+/// whose being a little behind after a power loss is harmless.
+pub fn write_private_atomic_unsynced(path: &Path, bytes: &[u8]) -> Result<(), PermError> {
+    write_atomic(path, bytes, false)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), PermError> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
@@ -107,9 +117,14 @@ pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), PermError> 
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(bytes)?;
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        if sync {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

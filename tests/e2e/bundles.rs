@@ -368,7 +368,16 @@ fn hot_swap_under_concurrent_decisions_never_mixes_bundles() {
         .collect();
 
     assert!(deny_setup.install(&bundles[0]).status.success());
-    let engine = engine();
+    // A generous call deadline: this test is about which bundle decides, and three
+    // spinning threads on a loaded two-core machine can stretch one call past 20 ms.
+    let engine = airlock::policy::PolicyEngine::new(
+        airlock::policy::PolicyLimits {
+            deadline: Duration::from_secs(2),
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
     let dir = PolicyDir::open(&deny_setup.policy_dir()).unwrap();
     let trust = deny_setup.trust();
     let first = dir

@@ -1172,3 +1172,125 @@ fn the_agent_api_speaks_tls_when_configured() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Every file under `dir`, with its bytes: to show a reader left a store as it was.
+fn tree_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The record cannot be shortened quietly: a store whose tail is gone, or whose
+/// journal has a flipped byte, fails `audit verify` naming what is missing, and the
+/// store's files are byte-identical afterwards; `serve` refuses such a store until an
+/// operator accepts the loss, and the acceptance is an entry of the log.
+#[test]
+fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record() {
+    let mut gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    for _ in 0..5 {
+        gw.ask(&token, "prod-db", TASK, "read", "10m");
+    }
+    gw.stop(false);
+    let store = gw.data().join("store");
+    let before = tree_bytes(&store);
+    let ok = gw.cli(&["audit", "verify"]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert_eq!(tree_bytes(&store), before, "verify changed the store");
+
+    // A flipped byte near the end of the newest journal's data.
+    let mut journals: Vec<_> = std::fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jnl"))
+        .collect();
+    journals.sort_by_key(|p| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok())
+    });
+    let newest = journals.last().expect("a journal").clone();
+    let original = std::fs::read(&newest).unwrap();
+    let end = original
+        .iter()
+        .rposition(|&b| b != 0)
+        .expect("journal data");
+    let mut flipped = original.clone();
+    flipped[end.saturating_sub(40)] ^= 0x01;
+    std::fs::write(&newest, &flipped).unwrap();
+    let damaged = tree_bytes(&store);
+    let out = gw.cli(&["audit", "verify"]);
+    let said = text(&out);
+    assert!(
+        !out.status.success(),
+        "a flipped journal byte verified: {said}"
+    );
+    assert!(!said.contains("ok:"), "{said}");
+    assert_eq!(
+        tree_bytes(&store),
+        damaged,
+        "verify changed the damaged store"
+    );
+    std::fs::write(&newest, &original).unwrap();
+
+    // A lost tail: the last two entries gone (as a cut-back journal leaves it).
+    {
+        let spaces = airlock::record::Spaces::open(&store).unwrap();
+        let len = spaces.audit_len().unwrap();
+        for seq in [len - 1, len - 2] {
+            spaces.audit.remove(seq.to_be_bytes()).unwrap();
+        }
+    }
+    let cut = tree_bytes(&store);
+    let out = gw.cli(&["audit", "verify"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("does NOT verify: the store holds 10 entries but this gateway acknowledged 12: entries 10 to 11 are missing"),
+        "{said}"
+    );
+    assert_eq!(tree_bytes(&store), cut);
+
+    // serve refuses it, saying what is missing and what to do.
+    let refused = gw.refused_start();
+    assert!(
+        refused.contains("shorter than this gateway acknowledged")
+            && refused.contains("entries 10 to 11 are missing")
+            && refused.contains("airlock audit accept-loss"),
+        "{refused}"
+    );
+    let out = gw.cli(&[
+        "audit",
+        "accept-loss",
+        "--reason",
+        "disk fault on 2026-11-29, ticket 42",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    gw.spawn();
+    let accepted = gw.events("record.loss-accepted");
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    let detail = &accepted[0]["detail"];
+    assert_eq!(detail["found_entries"], 10, "{detail}");
+    assert_eq!(detail["acknowledged"]["entries"], 12, "{detail}");
+    assert!(
+        detail["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("disk fault on 2026-11-29, ticket 42 (accepted by uid:"),
+        "{detail}"
+    );
+    // It serves again.
+    let (status, _) = gw.ask(&token, "prod-db", TASK, "read", "10m");
+    assert_eq!(status, 201);
+}

@@ -818,5 +818,8 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
     let last = *ran.last().expect("statements ran before expiry");
     // Each statement's check precedes its run by well under a millisecond; 50 ms of
     // slack absorbs a loaded machine. The sweep alone let them run up to 200 ms late.
-    assert!(last < 50, "a statement ran {last} ms past the grant's expiry");
+    assert!(
+        last < 50,
+        "a statement ran {last} ms past the grant's expiry"
+    );
 }

@@ -12,8 +12,8 @@ use clap::Subcommand;
 use airlock::api::admin::{AdminRequest, call, export_from};
 use airlock::keys::PublicKey;
 use airlock::record::{
-    AuditEntry, ExportLine, RecordError, Spaces, export_lines, parse_export, verify_against,
-    verify_log,
+    AuditEntry, ExportLine, Record, RecordError, RecordOptions, Shortfall, Spaces, StoreCopy,
+    check_mark, export_lines, parse_export, read_mark, verify_against, verify_log,
 };
 
 use super::Context;
@@ -50,21 +50,38 @@ pub(crate) enum AuditCommand {
         #[arg(short = 'n', default_value = "20")]
         n: usize,
     },
+    /// Accept that the stopped gateway's store lost entries it had acknowledged (as
+    /// `verify` and `serve` report), so the gateway can serve again. The acceptance,
+    /// with the reason and what was lost, becomes the next entry of the log.
+    AcceptLoss {
+        /// Why: recorded with the loss.
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
+    },
 }
 
-/// The log's lines and, when read from the store, each entry's stored tree leaf.
+/// The log's lines and, when read from the store, each entry's stored tree leaf and
+/// how the store falls short of what the gateway acknowledged, if it does.
 struct Source {
     lines: Vec<ExportLine>,
-    leaves: Option<Spaces>,
+    leaves: Option<StoreCopy>,
+    shortfall: Option<Shortfall>,
 }
 
+/// A stopped gateway's store is read from a private copy, never opened in place (see
+/// `Spaces::open_copy`); a running gateway is asked for an export.
 fn source(context: &Context) -> anyhow::Result<Source> {
     let data = context.data_dir()?;
-    match Spaces::open(&data.store_dir()) {
-        Ok(spaces) => Ok(Source {
-            lines: export_lines(&spaces, 0)?,
-            leaves: Some(spaces),
-        }),
+    let store = data.store_dir();
+    match Spaces::open_copy(&store) {
+        Ok(copy) => {
+            let mark = read_mark(&store).map_err(anyhow::Error::msg)?;
+            Ok(Source {
+                lines: export_lines(&copy.spaces, 0)?,
+                shortfall: mark.and_then(|mark| check_mark(&copy.spaces, &mark).err()),
+                leaves: Some(copy),
+            })
+        }
         Err(RecordError::Locked { .. }) => {
             let result = call(
                 &data.admin_socket(),
@@ -73,6 +90,7 @@ fn source(context: &Context) -> anyhow::Result<Source> {
             Ok(Source {
                 lines: export_from(&result).map_err(anyhow::Error::msg)?,
                 leaves: None,
+                shortfall: None,
             })
         }
         Err(e) => Err(e.into()),
@@ -110,14 +128,20 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
                     )
                     .map_err(anyhow::Error::msg)?,
                     leaves: None,
+                    shortfall: None,
                 },
                 None => source(context)?,
             };
+            if let Some(shortfall) = &source.shortfall {
+                println!("audit log does NOT verify: {shortfall} (the gateway's store.head)");
+                return Ok(ExitCode::FAILURE);
+            }
             let leaf = |seq: u64| {
                 use tlog_tiles::HashReader;
                 source
                     .leaves
                     .as_ref()?
+                    .spaces
                     .read_hashes(&[tlog_tiles::stored_hash_index(0, seq)])
                     .ok()
                     .map(|h| h[0].0)
@@ -152,8 +176,9 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
         }
         AuditCommand::Checkpoint => {
             let data = context.data_dir()?;
-            let note = match Spaces::open(&data.store_dir()) {
-                Ok(spaces) => spaces
+            let note = match Spaces::open_copy(&data.store_dir()) {
+                Ok(copy) => copy
+                    .spaces
                     .latest_checkpoint()?
                     .map(|n| String::from_utf8_lossy(&n).into_owned())
                     .context("no checkpoint has been signed yet")?,
@@ -203,6 +228,38 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
                     output.write_all(b"\n")?;
                 }
             }
+        }
+        AuditCommand::AcceptLoss { reason } => {
+            let reason = reason.trim();
+            anyhow::ensure!(
+                !reason.is_empty() && !reason.chars().any(char::is_control),
+                "--reason must say, in one line, why the loss is accepted"
+            );
+            let config = context.config()?;
+            let data = context.data_dir()?;
+            let store = data.store_dir();
+            let source = source(context)?;
+            anyhow::ensure!(
+                source.leaves.is_some(),
+                "stop the gateway first: a running gateway's store holds everything it acknowledged"
+            );
+            let Some(shortfall) = source.shortfall.clone() else {
+                println!("nothing to accept: the store holds everything this gateway acknowledged");
+                return Ok(ExitCode::SUCCESS);
+            };
+            drop(source);
+            let operator = format!("uid:{}", rustix::process::getuid().as_raw());
+            let key = airlock::keys::SecretKey::read(&data.signing_key())?;
+            let record = Record::open(
+                RecordOptions {
+                    origin: config.gateway.name.clone(),
+                    accept_loss: Some(format!("{reason} (accepted by {operator})")),
+                    ..RecordOptions::new(store)
+                },
+                key,
+            )?;
+            record.close();
+            println!("accepted and recorded: {shortfall}; the gateway can start again");
         }
         AuditCommand::Tail { n } => {
             let source = source(context)?;

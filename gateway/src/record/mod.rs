@@ -9,6 +9,7 @@
 
 mod entry;
 mod export;
+mod head;
 mod store;
 mod tree;
 mod verify;
@@ -19,7 +20,8 @@ mod tests;
 
 pub use entry::{AuditEntry, AuditEvent, GENESIS, entry_hash};
 pub use export::{ExportLine, export_lines, parse_export};
-pub use store::{Space, Spaces};
+pub use head::{HeadMark, Shortfall, check as check_mark, mark_path, read_mark};
+pub use store::{Space, Spaces, StoreCopy};
 pub use tree::{CheckpointError, TreeHead, checkpoint_origin, open_checkpoint, sign_checkpoint};
 pub use verify::{Consistency, VerifyError, VerifyReport, verify_against, verify_log};
 pub use writer::{Receipt, Record, RecordOptions, Write};
@@ -31,6 +33,10 @@ pub enum RecordError {
     Locked { path: String },
     #[error("record store error: {0}")]
     Store(String),
+    #[error(
+        "the record is shorter than this gateway acknowledged: {0}. Its store lost acknowledged entries (a damaged journal is cut back when opened); keep a copy of the data directory for investigation. To accept the loss and go on, run: airlock audit accept-loss --reason TEXT (the acceptance is itself recorded)"
+    )]
+    Shortened(Shortfall),
     #[error("the record cannot be written ({0}); refusing every action until an operator fixes it")]
     NotReady(String),
     #[error("the record is shutting down")]

@@ -59,6 +59,37 @@ impl Spaces {
         })
     }
 
+    /// Opens a private copy of the stopped store at `path`, leaving the store itself
+    /// byte for byte as it was: opening a fjall store recovers its journal, and
+    /// recovery cuts a damaged tail, so a reader that opened the store in place would
+    /// destroy the evidence it was asked to check. The copy is removed when the
+    /// returned value is dropped. `Locked` if a gateway has the store open.
+    pub fn open_copy(path: &Path) -> Result<StoreCopy, RecordError> {
+        let locked = RecordError::Locked {
+            path: path.display().to_string(),
+        };
+        match std::fs::File::open(path.join("lock")) {
+            Ok(lock) => match lock.try_lock() {
+                Ok(()) => drop(lock),
+                Err(std::fs::TryLockError::WouldBlock) => return Err(locked),
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(RecordError::Store(e.to_string()));
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(RecordError::Store(e.to_string())),
+        }
+        let copy = std::env::temp_dir().join(format!("airlock-store-{}", fsperm::random_suffix()));
+        let guard = CopyDir(copy.clone());
+        copy_tree(path, &copy)
+            .map_err(|e| RecordError::Store(format!("copying the store: {e}")))?;
+        let spaces = Spaces::open(&copy)?;
+        Ok(StoreCopy {
+            spaces,
+            _dir: guard,
+        })
+    }
+
     pub fn space(&self, space: Space) -> &Keyspace {
         match space {
             Space::Agents => &self.agents,
@@ -112,4 +143,43 @@ impl HashReader for Spaces {
             })
             .collect()
     }
+}
+
+/// A store opened from a private copy (see [`Spaces::open_copy`]).
+pub struct StoreCopy {
+    pub spaces: Spaces,
+    _dir: CopyDir,
+}
+
+/// Removes the copy when dropped (after the store in it is closed).
+struct CopyDir(std::path::PathBuf);
+
+impl Drop for CopyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies the regular files and directories under `from` into `to` (created 0700,
+/// files 0600); links and special files are not part of a store and are skipped.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fsperm::create_private_dir(to).map_err(std::io::Error::other)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            let mut source = std::fs::File::open(entry.path())?;
+            let mut sink = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&target)?;
+            std::io::copy(&mut source, &mut sink)?;
+        }
+    }
+    Ok(())
 }

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fjall::PersistMode;
 use tokio::sync::oneshot;
 
-use super::RecordError;
 use super::entry::{AuditEvent, GENESIS, NewEntry, entry_hash, seq_key};
 use super::store::{Space, Spaces};
 use super::tree::{MemHashes, Overlay, TreeHead, append, sign_checkpoint};
+use super::{RecordError, head};
 use crate::keys::SecretKey;
 
 /// How the record is kept.
@@ -31,6 +31,10 @@ pub struct RecordOptions {
     /// How long a batch stays open for more writes after its first. Zero commits at
     /// once (latency first); a few milliseconds trade that latency for fewer fsyncs.
     pub commit_window: Duration,
+    /// Open a store that falls short of its high-water mark, recording this reason as
+    /// a `record.loss-accepted` entry (`airlock audit accept-loss`). Without it such a
+    /// store is refused.
+    pub accept_loss: Option<String>,
 }
 
 impl RecordOptions {
@@ -42,6 +46,7 @@ impl RecordOptions {
             checkpoint_interval: Duration::from_secs(10),
             max_batch: 4096,
             commit_window: Duration::ZERO,
+            accept_loss: None,
         }
     }
 }
@@ -131,7 +136,23 @@ struct WriterThread(Mutex<Option<JoinHandle<()>>>);
 impl Record {
     /// Opens the store and starts the writer thread. `key` signs checkpoints.
     pub fn open(options: RecordOptions, key: SecretKey) -> Result<Self, RecordError> {
+        let mark = head::read_mark(&options.path).map_err(RecordError::Store)?;
         let spaces = Arc::new(Spaces::open(&options.path)?);
+        let shortfall = mark
+            .as_ref()
+            .and_then(|mark| head::check(&spaces, mark).err());
+        let loss = match (shortfall, &options.accept_loss) {
+            (None, _) => None,
+            (Some(shortfall), None) => return Err(RecordError::Shortened(shortfall)),
+            (Some(shortfall), Some(reason)) => Some(
+                AuditEvent::new("record.loss-accepted").detail(serde_json::json!({
+                    "shortfall": shortfall.to_string(),
+                    "acknowledged": mark,
+                    "found_entries": spaces.audit_len()?,
+                    "reason": reason,
+                })),
+            ),
+        };
         let next_seq = spaces.audit_len()?;
         let head = match next_seq {
             0 => GENESIS,
@@ -166,12 +187,17 @@ impl Record {
             .name("airlock-record-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| RecordError::Store(format!("cannot start the writer thread: {e}")))?;
-        Ok(Record {
+        let record = Record {
             spaces,
             tx,
             health,
             writer: Arc::new(WriterThread(Mutex::new(Some(thread)))),
-        })
+        };
+        if let Some(loss) = loss {
+            // The first entry committed: before anything else is written.
+            record.write_queued(Write::event(loss))?;
+        }
+        Ok(record)
     }
 
     pub fn spaces(&self) -> &Spaces {
@@ -383,6 +409,14 @@ impl Writer {
             Ok(()) => {
                 self.next_seq = seq;
                 self.head = head;
+                // Before anyone hears of the commit: the mark never lags an answer.
+                let mark = head::HeadMark {
+                    entries: seq,
+                    head: hex::encode(head),
+                };
+                if let Err(e) = head::write_mark(&self.options.path, &mark) {
+                    tracing::warn!(error = %e, "cannot update the record's high-water mark");
+                }
                 for (request, receipt) in batch.into_iter().zip(receipts) {
                     let _ = request.reply.send(Ok(receipt));
                 }

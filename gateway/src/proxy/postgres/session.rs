@@ -259,7 +259,9 @@ impl Session {
         let at = humantime::format_rfc3339_millis(
             std::time::UNIX_EPOCH + Duration::from_millis(expires),
         );
-        Err(self.end_grant(format!("grant expired at {at}"), false).await)
+        Err(self
+            .end_grant(format!("grant expired at {at}"), false)
+            .await)
     }
 
     /// Ends the session because its grant ended: FATAL 57P01 to the client, the
