@@ -787,6 +787,25 @@ fn bad_input_gets_a_clear_4xx_and_the_gateway_keeps_serving() {
     }
     let (status, _) = gw.http("GET", "/v1/nothing", Some(&token), None);
     assert_eq!(status, 404);
+    // A body not declared JSON gets 415; the auth scheme is case-insensitive.
+    let post = |headers: &[String]| -> String {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-S", "--max-time", "10", "-w", "\n%{http_code}"]);
+        for header in headers {
+            cmd.args(["-H", header]);
+        }
+        let body = json!({"target":"prod-db","task":TASK,"access":"read","ttl":"10m"});
+        cmd.args(["--data-binary", &body.to_string()])
+            .arg(format!("http://127.0.0.1:{}/v1/grants", gw.port));
+        String::from_utf8(cmd.output().unwrap().stdout).unwrap()
+    };
+    let form = post(&[format!("Authorization: Bearer {token}")]);
+    assert!(form.ends_with("\n415") && form.contains("unsupported_media_type"), "{form}");
+    let lower = post(&[
+        format!("Authorization: bearer {token}"),
+        "Content-Type: application/json; charset=utf-8".into(),
+    ]);
+    assert!(lower.ends_with("\n201"), "{lower}");
     let (status, grant) = gw.ask(&token, "prod-db", TASK, "read", "10m");
     assert_eq!(status, 201, "still serving: {grant}");
     let (status, doc) = gw.http("GET", "/v1/openapi.json", None, None);
@@ -979,6 +998,8 @@ fn kill_9_loses_no_acknowledged_grant() {
                             "5",
                             "-H",
                             &format!("Authorization: Bearer {token}"),
+                            "-H",
+                            "Content-Type: application/json",
                         ])
                         .args([
                             "--data-binary",

@@ -195,11 +195,28 @@ impl AgentApi {
 
     fn authenticate(&self, req: &Request<Incoming>) -> Option<AgentRecord> {
         let header = req.headers().get(AUTHORIZATION)?.to_str().ok()?;
-        let token = header.strip_prefix("Bearer ")?;
+        // RFC 9110: the scheme is case-insensitive.
+        let (scheme, token) = header.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
         self.broker.authenticate_agent(token.trim())
     }
 
     async fn create(&self, agent: &AgentRecord, req: Request<Incoming>) -> Reply {
+        let json = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a grant request is JSON: send Content-Type: application/json",
+            );
+        }
         let body = match Limited::new(req.into_body(), self.max_body).collect().await {
             Ok(body) => body.to_bytes(),
             Err(e)
