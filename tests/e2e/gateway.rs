@@ -800,7 +800,10 @@ fn bad_input_gets_a_clear_4xx_and_the_gateway_keeps_serving() {
         String::from_utf8(cmd.output().unwrap().stdout).unwrap()
     };
     let form = post(&[format!("Authorization: Bearer {token}")]);
-    assert!(form.ends_with("\n415") && form.contains("unsupported_media_type"), "{form}");
+    assert!(
+        form.ends_with("\n415") && form.contains("unsupported_media_type"),
+        "{form}"
+    );
     let lower = post(&[
         format!("Authorization: bearer {token}"),
         "Content-Type: application/json; charset=utf-8".into(),

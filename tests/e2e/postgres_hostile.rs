@@ -776,6 +776,26 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
         "app",
     );
     assert_eq!(running.trim(), "0", "the long read still runs upstream");
+    // Each statement entry names its kind and every module's vote, in stable names.
+    let insert = events(&s.gw, "sql.statement")
+        .into_iter()
+        .find(|e| {
+            e["detail"]["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("INSERT INTO grant_end")
+        })
+        .unwrap();
+    assert_eq!(insert["detail"]["kind"], "insert", "{insert}");
+    let votes = insert["detail"]["votes"].as_array().unwrap();
+    assert!(!votes.is_empty());
+    for vote in votes {
+        assert!(
+            ["allow", "abstain"].contains(&vote["verdict"].as_str().unwrap()),
+            "{vote}"
+        );
+        assert_eq!(vote["digest"].as_str().unwrap().len(), 64, "{vote}");
+    }
     let ended = events(&s.gw, "session.upstream-ended");
     assert_eq!(ended.len(), 2, "{ended:?}");
     for event in &ended {

@@ -152,20 +152,7 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 fn decision_detail(decision: &Decision) -> serde_json::Value {
-    let votes: Vec<serde_json::Value> = decision
-        .votes
-        .iter()
-        .map(|v| {
-            serde_json::json!({
-                "module": &*v.module,
-                "digest": &*v.digest,
-                "verdict": match &v.verdict {
-                    Ok(verdict) => format!("{verdict:?}"),
-                    Err(fault) => format!("fault: {fault}"),
-                },
-            })
-        })
-        .collect();
+    let votes: Vec<serde_json::Value> = decision.votes.iter().map(|v| v.to_record()).collect();
     let (outcome, reason) = match &decision.outcome {
         Outcome::Allow(_) => ("allow", None),
         Outcome::Deny { reason, .. } => ("deny", Some(reason.clone())),

@@ -29,7 +29,7 @@ pub use module::{Fault, LoadedModule};
 pub use pool::{DecisionPool, Refusal};
 pub use scope::{Hook, Kind, Scope};
 pub use set::{BundleId, EXPIRY_WARNING, MaskError, MaskPlan, PolicySet};
-pub use verdict::{Decision, ModuleVote, Outcome};
+pub use verdict::{Decision, ModuleVote, Outcome, sql_kind_name};
 
 /// Labels as the contract carries them, from a `key → value` map (sorted by key).
 pub fn labels(map: &std::collections::BTreeMap<String, String>) -> Vec<types::Label> {

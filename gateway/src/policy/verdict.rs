@@ -14,6 +14,65 @@ pub struct ModuleVote {
     pub verdict: Result<Verdict, Fault>,
 }
 
+impl ModuleVote {
+    /// The vote as the record keeps it: the module, its digest, what it said and why,
+    /// in stable names (no Rust debug text).
+    pub fn to_record(&self) -> serde_json::Value {
+        let (verdict, reason, constraints) = match &self.verdict {
+            Ok(Verdict::Allow(c)) => (
+                "allow",
+                None,
+                Some(serde_json::json!({
+                    "max_ttl_seconds": c.max_ttl_seconds,
+                    "read_only": c.read_only,
+                })),
+            ),
+            Ok(Verdict::Deny(denial)) => ("deny", Some(denial.reason.clone()), None),
+            Ok(Verdict::Review(reason)) => ("review", Some(reason.clone()), None),
+            Ok(Verdict::Abstain) => ("abstain", None, None),
+            Err(fault) => ("fault", Some(fault.to_string()), None),
+        };
+        let mut vote = serde_json::json!({
+            "module": &*self.module,
+            "digest": &*self.digest,
+            "verdict": verdict,
+        });
+        if let Some(reason) = reason {
+            vote["reason"] = reason.into();
+        }
+        if let Some(constraints) = constraints {
+            vote["constraints"] = constraints;
+        }
+        vote
+    }
+}
+
+/// The SQL kind as the record and the WIT contract name it (`copy-to`, not
+/// `SqlKind::CopyTo`).
+pub fn sql_kind_name(kind: super::types::SqlKind) -> &'static str {
+    use super::types::SqlKind as K;
+    match kind {
+        K::Select => "select",
+        K::Insert => "insert",
+        K::Update => "update",
+        K::Delete => "delete",
+        K::Merge => "merge",
+        K::CopyTo => "copy-to",
+        K::CopyFrom => "copy-from",
+        K::Ddl => "ddl",
+        K::Transaction => "transaction",
+        K::Set => "set",
+        K::Show => "show",
+        K::Call => "call",
+        K::DoBlock => "do-block",
+        K::Explain => "explain",
+        K::Other => "other",
+        K::Listen => "listen",
+        K::Notify => "notify",
+        K::TwoPhase => "two-phase",
+    }
+}
+
 /// The combined verdict.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

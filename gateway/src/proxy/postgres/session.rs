@@ -25,7 +25,7 @@ use super::wire::{
 use crate::config::Durability;
 use crate::grants::LiveGrant;
 use crate::policy::types::{Action, GrantContext, SqlKind};
-use crate::policy::{Outcome, PolicySet};
+use crate::policy::{Outcome, PolicySet, sql_kind_name};
 use crate::record::{AuditEvent, RecordError, Write};
 
 /// How long a cached verdict on a statement text is reused. Verdicts take the time as
@@ -471,11 +471,7 @@ impl Session {
         let checked = Arc::new(Checked {
             denial,
             bundle: decision.bundle.as_ref().map(|b| b.to_string()),
-            votes: decision
-                .votes
-                .iter()
-                .map(|v| serde_json::json!({ "module": &*v.module, "digest": &*v.digest }))
-                .collect(),
+            votes: decision.votes.iter().map(|v| v.to_record()).collect(),
         });
         if self.verdicts.len() >= VERDICTS_KEPT {
             self.verdicts.clear();
@@ -498,7 +494,7 @@ impl Session {
         let mut detail = serde_json::json!({
             "session": self.session_id,
             "text": statement.text,
-            "kind": format!("{:?}", statement.kind),
+            "kind": sql_kind_name(statement.kind),
             "verdict": if checked.denial.is_some() { "deny" } else { "allow" },
             "reason": checked.denial.as_ref().map(|d| &d.0),
             "bundle": checked.bundle,
