@@ -481,6 +481,11 @@ impl Config {
             })
     }
 
+    /// The file this configuration was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// How large an installed bundle's files may be.
     pub fn bundle_limits(&self) -> crate::bundle::SizeLimits {
         crate::bundle::SizeLimits {

@@ -900,8 +900,9 @@ fn audit_verify_names_an_edited_or_deleted_entry() {
     gw.stop(false);
     let ok = gw.cli(&["audit", "verify"]);
     assert!(ok.status.success(), "{}", text(&ok));
-    // One entry for the bundle activated at start, two per grant request.
-    assert!(text(&ok).contains("ok: 12 entries"), "{}", text(&ok));
+    // The gateway's start (bundle activated, started), the agent, two per grant
+    // request, and the gateway's stop.
+    assert!(text(&ok).contains("ok: 14 entries"), "{}", text(&ok));
 
     let store = gw.data().join("store");
     {
@@ -1281,7 +1282,7 @@ fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record
     let said = text(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
-        said.contains("does NOT verify: the store holds 10 entries but this gateway acknowledged 12: entries 10 to 11 are missing"),
+        said.contains("does NOT verify: the store holds 12 entries but this gateway acknowledged 14: entries 12 to 13 are missing"),
         "{said}"
     );
     assert_eq!(tree_bytes(&store), cut);
@@ -1290,7 +1291,7 @@ fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record
     let refused = gw.refused_start();
     assert!(
         refused.contains("shorter than this gateway acknowledged")
-            && refused.contains("entries 10 to 11 are missing")
+            && refused.contains("entries 12 to 13 are missing")
             && refused.contains("airlock audit accept-loss"),
         "{refused}"
     );
@@ -1305,8 +1306,8 @@ fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record
     let accepted = gw.events("record.loss-accepted");
     assert_eq!(accepted.len(), 1, "{accepted:?}");
     let detail = &accepted[0]["detail"];
-    assert_eq!(detail["found_entries"], 10, "{detail}");
-    assert_eq!(detail["acknowledged"]["entries"], 12, "{detail}");
+    assert_eq!(detail["found_entries"], 12, "{detail}");
+    assert_eq!(detail["acknowledged"]["entries"], 14, "{detail}");
     assert!(
         detail["reason"]
             .as_str()

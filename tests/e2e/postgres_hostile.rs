@@ -843,3 +843,39 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
         "a statement ran {last} ms past the grant's expiry"
     );
 }
+
+/// A gateway killed with a session open: at the next start the session is closed in
+/// the record with reason `gateway_restart`, and the record has the gateway's start
+/// and (graceful) stop.
+#[test]
+fn sessions_cut_by_a_crash_are_closed_as_gateway_restart() {
+    let mut s = Setup::new();
+    let (id, secret) = s.grant("prod-db");
+    let port = s.gw.pg_port();
+    let mut raw = Raw::login(port, &id, &secret);
+    assert_eq!(raw.simple(b"SELECT 1"), Ok(vec!["1".to_string()]));
+    let opened = events(&s.gw, "session.opened");
+    let session = opened.last().unwrap()["detail"]["session"].clone();
+    s.gw.stop(true);
+    s.gw.spawn();
+    let closed = events(&s.gw, "session.closed");
+    let interrupted: Vec<_> = closed
+        .iter()
+        .filter(|e| e["detail"]["session"] == session)
+        .collect();
+    assert_eq!(interrupted.len(), 1, "{closed:?}");
+    assert_eq!(interrupted[0]["detail"]["reason"], "gateway_restart");
+    let started = events(&s.gw, "gateway.started");
+    assert_eq!(started.len(), 2, "{started:?}");
+    assert_eq!(started[1]["detail"]["sessions_closed_as_interrupted"], 1);
+    assert_eq!(
+        started[1]["detail"]["config_sha256"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
+    s.gw.stop(false);
+    let out = s.gw.cli(&["audit", "tail", "-n", "1"]);
+    assert!(text(&out).contains("\"gateway.stopped\""), "{}", text(&out));
+}

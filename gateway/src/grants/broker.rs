@@ -853,6 +853,23 @@ impl Broker {
         Ok(sessions)
     }
 
+    /// At start: every session the record still shows open was cut by the gateway's
+    /// own end (a crash or a kill); closes each with reason `gateway_restart`.
+    pub async fn close_interrupted_sessions(&self) -> Result<usize, BrokerError> {
+        let open: Vec<_> = self
+            .sessions()?
+            .into_iter()
+            .filter(|s| s.closed_ms.is_none())
+            .collect();
+        let count = open.len();
+        for session in open {
+            let statements = session.statements;
+            self.close_session(session, statements, "gateway_restart")
+                .await?;
+        }
+        Ok(count)
+    }
+
     /// Closes every live connection, e.g. when the record has failed and nothing more
     /// can be recorded.
     pub fn cut_all(&self, reason: &str) {
