@@ -879,3 +879,43 @@ fn sessions_cut_by_a_crash_are_closed_as_gateway_restart() {
     let out = s.gw.cli(&["audit", "tail", "-n", "1"]);
     assert!(text(&out).contains("\"gateway.stopped\""), "{}", text(&out));
 }
+
+/// Refused logins are in the record (who claimed which grant for what, from where,
+/// and why), and no secret, right or wrong, ever is.
+#[test]
+fn refused_logins_are_recorded_without_any_secret() {
+    let s = Setup::new();
+    let (id, secret) = s.grant("prod-db");
+    assert!(
+        !s.psql(&id, "wrong-secret-7f3a9", "prod-db", "SELECT 1")
+            .status
+            .success()
+    );
+    assert!(!s.psql(&id, &secret, "nowhere", "SELECT 1").status.success());
+    assert!(s.gw.cli(&["grants", "revoke", &id]).status.success());
+    assert!(!s.psql(&id, &secret, "prod-db", "SELECT 1").status.success());
+    let refused = events(&s.gw, "session.refused");
+    let codes: Vec<&str> = refused
+        .iter()
+        .map(|e| e["detail"]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["28P01", "3D000", "28000"], "{refused:?}");
+    for event in &refused {
+        assert_eq!(event["detail"]["claimed_grant"], id.as_str(), "{event}");
+        assert!(
+            event["detail"]["peer"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
+        assert!(!event["detail"]["reason"].as_str().unwrap().is_empty());
+    }
+    assert!(
+        refused[2]["detail"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("revoked")
+    );
+    let record = text(&s.gw.cli(&["audit", "tail", "-n", "100000"]));
+    assert!(!record.contains(&secret) && !record.contains("wrong-secret-7f3a9"));
+}

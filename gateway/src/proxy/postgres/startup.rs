@@ -83,6 +83,37 @@ pub(super) async fn fatal(client: &mut Conn, code: &str, message: &str) {
         .await;
 }
 
+/// Refuses a login with FATAL `code` and records it (`session.refused`): who claimed
+/// which grant for which target, from where, and why; never a secret (SCRAM never
+/// sends one). Queued, not awaited: a refusal costs the refused client nothing more.
+async fn refuse_login(
+    client: &mut Conn,
+    services: &PgServices,
+    code: &str,
+    reason: &str,
+    claimed: (Option<&str>, Option<&str>),
+    peer: &str,
+) {
+    let bounded = |s: &str| s.chars().take(128).collect::<String>();
+    let (grant, target) = claimed;
+    let event = crate::record::AuditEvent::new("session.refused").detail(serde_json::json!({
+        "protocol": "postgres",
+        "code": code,
+        "reason": bounded(reason),
+        "claimed_grant": grant.map(bounded),
+        "target": target.map(bounded),
+        "peer": peer,
+    }));
+    if let Err(e) = services
+        .broker
+        .record()
+        .write_queued(crate::record::Write::event(event))
+    {
+        tracing::error!(error = %e, "cannot record a refused login");
+    }
+    fatal(client, code, reason).await;
+}
+
 /// Accepts PostgreSQL clients on `listener` until the task is dropped.
 pub async fn listen(listener: tokio::net::TcpListener, services: Arc<PgServices>) {
     loop {
@@ -98,6 +129,9 @@ pub async fn listen(listener: tokio::net::TcpListener, services: Arc<PgServices>
 /// Runs one client connection to its end.
 async fn run(stream: TcpStream, services: Arc<PgServices>) {
     stream.set_nodelay(true).ok();
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".into(), |a| a.to_string());
     let mut client = Conn::new(stream);
     let mut tls = false;
     let params = loop {
@@ -158,30 +192,38 @@ async fn run(stream: TcpStream, services: Arc<PgServices>) {
             }
         }
     };
-    if services.require_tls && !tls {
-        fatal(
-            &mut client,
-            "28000",
-            "this gateway accepts PostgreSQL connections over TLS only: connect with sslmode=require (or verify-full)",
-        )
-        .await;
-        return;
-    }
-    if let Err(reason) = pins::check_client_startup(&params) {
-        fatal(&mut client, "22023", &reason).await;
-        return;
-    }
     let param = |k: &str| {
         params
             .iter()
             .find(|(key, _)| key == k)
             .map(|(_, v)| v.clone())
     };
-    let (Some(grant_id), Some(database)) = (param("user"), param("database")) else {
-        fatal(
+    let (user, database) = (param("user"), param("database"));
+    let claimed = (user.as_deref(), database.as_deref());
+    if services.require_tls && !tls {
+        refuse_login(
             &mut client,
+            &services,
+            "28000",
+            "this gateway accepts PostgreSQL connections over TLS only: connect with sslmode=require (or verify-full)",
+            claimed,
+            &peer,
+        )
+        .await;
+        return;
+    }
+    if let Err(reason) = pins::check_client_startup(&params) {
+        refuse_login(&mut client, &services, "22023", &reason, claimed, &peer).await;
+        return;
+    }
+    let (Some(grant_id), Some(database)) = (user.clone(), database.clone()) else {
+        refuse_login(
+            &mut client,
+            &services,
             "28000",
             "the user must be the grant id and the database the target name",
+            claimed,
+            &peer,
         )
         .await;
         return;
@@ -189,17 +231,15 @@ async fn run(stream: TcpStream, services: Arc<PgServices>) {
     let target = match services.broker.target(&database) {
         Some(t) if t.kind == Kind::Postgres => t,
         _ => {
-            fatal(
-                &mut client,
-                "3D000",
-                &format!("database \"{database}\" does not exist: there is no PostgreSQL target of that name"),
-            )
-            .await;
+            let reason = format!(
+                "database \"{database}\" does not exist: there is no PostgreSQL target of that name"
+            );
+            refuse_login(&mut client, &services, "3D000", &reason, claimed, &peer).await;
             return;
         }
     };
     let span = tracing::info_span!("postgres", grant = %grant_id, target = %target.name);
-    serve_session(client, services, grant_id, target)
+    serve_session(client, services, grant_id, target, peer)
         .instrument(span)
         .await;
 }
@@ -209,15 +249,13 @@ async fn serve_session(
     services: Arc<PgServices>,
     grant_id: String,
     target: TargetRecord,
+    peer: String,
 ) {
+    let claimed = (Some(grant_id.as_str()), Some(target.name.as_str()));
     if let Err(e) = authenticate(&mut client, &services, &grant_id).await {
         tracing::info!(error = %e, "PostgreSQL authentication failed");
-        fatal(
-            &mut client,
-            "28P01",
-            &format!("password authentication failed for grant \"{grant_id}\""),
-        )
-        .await;
+        let reason = format!("password authentication failed for grant \"{grant_id}\"");
+        refuse_login(&mut client, &services, "28P01", &reason, claimed, &peer).await;
         return;
     }
     let live = match services.broker.admit(&grant_id, &target.name) {
@@ -227,7 +265,7 @@ async fn serve_session(
                 GrantAuthError::BadCredentials => "28P01",
                 _ => "28000",
             };
-            fatal(&mut client, code, &e.to_string()).await;
+            refuse_login(&mut client, &services, code, &e.to_string(), claimed, &peer).await;
             return;
         }
     };
