@@ -1059,7 +1059,7 @@ fn when_the_record_cannot_be_written_grants_are_refused() {
     // The file-size limit makes every further write to the store fail with EFBIG,
     // as a full disk would.
     let limit = Command::new("prlimit")
-        .args(["--pid", &gw.pid().to_string(), "--fsize=1"])
+        .args(["--pid", &gw.pid().to_string(), "--fsize=1:"])
         .status()
         .unwrap();
     assert!(limit.success());
@@ -1074,14 +1074,18 @@ fn when_the_record_cannot_be_written_grants_are_refused() {
     let (status, health) = gw.http("GET", "/healthz", None, None);
     assert_eq!(status, 503, "{health}");
     assert_eq!(health["code"], "not_ready");
-    // Still refused: a failed write poisons the record until an operator restarts.
+    assert!(
+        health["message"].as_str().unwrap().contains("File too large"),
+        "says why: {health}"
+    );
+    // Still refused: fjall refuses every write after a failed one (its state on disk
+    // is unknown), so the store must be reopened, by a restart, once it has room.
     assert_eq!(gw.ask(&token, "prod-db", TASK, "read", "10m").0, 503);
     assert!(
         gw.log_text().contains("record write failed"),
         "{}",
         gw.log_text()
     );
-
     let mut gw = gw;
     gw.stop(true);
     let spaces = airlock::record::Spaces::open(&gw.data().join("store")).unwrap();

@@ -37,7 +37,9 @@ pub enum RecordError {
         "the record is shorter than this gateway acknowledged: {0}. Its store lost acknowledged entries (a damaged journal is cut back when opened); keep a copy of the data directory for investigation. To accept the loss and go on, run: airlock audit accept-loss --reason TEXT (the acceptance is itself recorded)"
     )]
     Shortened(Shortfall),
-    #[error("the record cannot be written ({0}); refusing every action until an operator fixes it")]
+    #[error(
+        "the record cannot be written ({0}); refusing every action until an operator makes the store writable and restarts the gateway (after a failed write the store refuses every write until it is reopened)"
+    )]
     NotReady(String),
     #[error("the record is shutting down")]
     Closed,
