@@ -1075,7 +1075,10 @@ fn when_the_record_cannot_be_written_grants_are_refused() {
     assert_eq!(status, 503, "{health}");
     assert_eq!(health["code"], "not_ready");
     assert!(
-        health["message"].as_str().unwrap().contains("File too large"),
+        health["message"]
+            .as_str()
+            .unwrap()
+            .contains("File too large"),
         "says why: {health}"
     );
     // Still refused: fjall refuses every write after a failed one (its state on disk
@@ -1322,4 +1325,39 @@ fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record
     // It serves again.
     let (status, _) = gw.ask(&token, "prod-db", TASK, "read", "10m");
     assert_eq!(status, 201);
+}
+
+/// A policy directory made writable by others while the gateway runs: every decision
+/// is denied (and that recorded) until it is fixed; then the bundle is loaded again.
+#[test]
+fn a_policy_directory_made_writable_at_run_time_stops_decisions_until_fixed() {
+    use std::os::unix::fs::PermissionsExt;
+    let gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    assert_eq!(gw.ask(&token, "prod-db", TASK, "read", "10m").0, 201);
+    let bundles = gw.data().join("policy/bundles");
+    std::fs::set_permissions(&bundles, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let mut denied = Value::Null;
+    wait_for("decisions to stop", || {
+        let (status, answer) = gw.ask(&token, "prod-db", TASK, "read", "10m");
+        denied = answer;
+        status == 403
+    });
+    assert!(
+        denied["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the policy directory is unsafe"),
+        "{denied}"
+    );
+    assert_eq!(gw.events("policy.unsafe").len(), 1);
+    std::fs::set_permissions(&bundles, std::fs::Permissions::from_mode(0o700)).unwrap();
+    wait_for("decisions to resume", || {
+        gw.ask(&token, "prod-db", TASK, "read", "10m").0 == 201
+    });
+    assert_eq!(
+        gw.events("policy.activated").len(),
+        2,
+        "loaded again, checked"
+    );
 }

@@ -71,13 +71,8 @@ impl PolicyDir {
     /// active bundle. An inactive bundle others could write is never loaded again (a
     /// rollback is refused), so it is reported, not fatal: remove it.
     fn check_permissions(&self) -> Result<(), BundleError> {
-        fsperm::check_private(&self.root)?;
-        fsperm::check_private(&self.root.join(BUNDLES))?;
-        fsperm::check_private_tree(&self.root.join(CACHE))?;
+        self.check_in_use()?;
         let active = self.current()?;
-        if let Some(active) = &active {
-            fsperm::check_private_tree(active)?;
-        }
         let bundles = self.root.join(BUNDLES);
         for entry in fs::read_dir(&bundles).map_err(io_err(&bundles))? {
             let path = entry.map_err(io_err(&bundles))?.path();
@@ -91,6 +86,19 @@ impl PolicyDir {
                     "an inactive bundle is writable by others; it is never loaded again, remove it"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses the directory if anyone but the gateway's user could write what the
+    /// gateway is deciding with: the directory, `bundles/`, the cache and the active
+    /// bundle. The running gateway checks this on every reload poll.
+    pub fn check_in_use(&self) -> Result<(), BundleError> {
+        fsperm::check_private(&self.root)?;
+        fsperm::check_private(&self.root.join(BUNDLES))?;
+        fsperm::check_private_tree(&self.root.join(CACHE))?;
+        if let Some(active) = self.current()? {
+            fsperm::check_private_tree(&active)?;
         }
         Ok(())
     }

@@ -76,6 +76,23 @@ impl Reloader {
     /// Activates the installed bundle if it changed since the last poll. Returns the
     /// bundle activated, or why the installed one was refused (the old one stays).
     pub fn poll(&mut self) -> Result<Option<BundleId>, BundleError> {
+        // Checked on every poll, not only at install and start: a directory made
+        // writable by others while running stops every decision until it is fixed.
+        if let Err(e) = self.dir.check_in_use() {
+            if self.seen.is_some() || self.active.current().bundle().is_some() {
+                let reason = format!(
+                    "the policy directory is unsafe ({e}); every decision is denied until it is fixed (fail closed)"
+                );
+                tracing::error!("{reason}");
+                self.write(
+                    AuditEvent::new("policy.unsafe").detail(json!({ "error": e.to_string() })),
+                );
+                self.active.replace(PolicySet::refusing(reason));
+                // Load the bundle again, checked, once the directory is safe.
+                self.seen = None;
+            }
+            return Ok(None);
+        }
         let current = self.dir.current()?;
         if current == self.seen {
             return Ok(None);

@@ -37,6 +37,8 @@ pub struct PolicySet {
     expires_unix_ms: Option<u64>,
     /// The expiry has been logged (once per set).
     expiry_logged: std::sync::atomic::AtomicBool,
+    /// Why a set with no bundle denies (default: none is installed).
+    refusal: Option<String>,
 }
 
 /// Masking failed: the result must not be released.
@@ -56,6 +58,16 @@ impl PolicySet {
             modules: Vec::new(),
             expires_unix_ms: None,
             expiry_logged: Default::default(),
+            refusal: None,
+        }
+    }
+
+    /// A set that denies everything for `reason` (e.g. the policy directory became
+    /// writable by others: nothing loaded from it is trusted until that is fixed).
+    pub fn refusing(reason: String) -> Self {
+        PolicySet {
+            refusal: Some(reason),
+            ..PolicySet::empty()
         }
     }
 
@@ -65,6 +77,7 @@ impl PolicySet {
             modules,
             expires_unix_ms: None,
             expiry_logged: Default::default(),
+            refusal: None,
         }
     }
 
@@ -169,9 +182,11 @@ impl PolicySet {
             }
         }
         let outcome = match (&self.bundle, votes.is_empty()) {
-            (None, _) => {
-                Outcome::fail_closed("no policy bundle is active; denied (fail closed)".to_string())
-            }
+            (None, _) => Outcome::fail_closed(
+                self.refusal
+                    .clone()
+                    .unwrap_or_else(|| "no policy bundle is active; denied (fail closed)".into()),
+            ),
             (Some(bundle), true) => Outcome::fail_closed(format!(
                 "no module in policy bundle {bundle} decides `{hook}` for target `{}`; denied (fail closed)",
                 target.name
