@@ -814,6 +814,26 @@ fn bad_input_gets_a_clear_4xx_and_the_gateway_keeps_serving() {
     let (status, doc) = gw.http("GET", "/v1/openapi.json", None, None);
     assert_eq!(status, 200);
     assert_eq!(doc["openapi"], "3.0.3");
+
+    // Refused calls are recorded, with who and why, and never a token.
+    let (status, _) = gw.http(
+        "POST",
+        "/v1/grants",
+        Some("airlock_not-a-real-token"),
+        Some("{}"),
+    );
+    assert_eq!(status, 401);
+    let refused = gw.events("api.refused");
+    let statuses: Vec<u64> = refused
+        .iter()
+        .map(|e| e["detail"]["status"].as_u64().unwrap())
+        .collect();
+    for expected in [400, 404, 413, 415, 401] {
+        assert!(statuses.contains(&expected), "{expected}: {statuses:?}");
+    }
+    assert!(refused.iter().any(|e| e["agent"] == "claude"));
+    let record = text(&gw.cli(&["audit", "tail", "-n", "100000"]));
+    assert!(!record.contains(&token) && !record.contains("airlock_not-a-real-token"));
 }
 
 #[test]

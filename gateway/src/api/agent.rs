@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -18,15 +19,24 @@ use tracing::Instrument;
 
 use super::ratelimit::RateLimiter;
 use crate::grants::{AgentRecord, Broker, BrokerError, GrantRecord, GrantRequestBody, GrantStatus};
+use crate::record::{AuditEvent, Write};
 
 /// The agent API's shared state.
 pub struct AgentApi {
     broker: Arc<Broker>,
     max_body: usize,
     limiter: RateLimiter,
+    /// Refused calls recorded, per caller.
+    refusals: RateLimiter,
+    /// Refused calls not recorded since the last one that was.
+    suppressed: AtomicU64,
     /// Where agents reach the PostgreSQL gateway, for connection details.
     postgres: Option<std::net::SocketAddr>,
 }
+
+/// Refused calls recorded per caller (an agent, or all unauthenticated callers
+/// together) per minute.
+const REFUSALS_RECORDED_PER_MINUTE: u32 = 60;
 
 type Reply = Response<Full<Bytes>>;
 
@@ -120,7 +130,33 @@ impl AgentApi {
             broker,
             max_body,
             limiter: RateLimiter::new(requests_per_minute),
+            refusals: RateLimiter::new(REFUSALS_RECORDED_PER_MINUTE),
+            suppressed: AtomicU64::new(0),
             postgres,
+        }
+    }
+
+    /// Records a refused call (`api.refused`): who (if known), what, and the status.
+    /// At most [`REFUSALS_RECORDED_PER_MINUTE`] per caller, so refusals cannot flood
+    /// the record; the next recorded one counts those left out.
+    fn record_refusal(&self, agent: Option<&str>, method: &Method, path: &str, status: StatusCode) {
+        if !self.refusals.allow(agent.unwrap_or("(unauthenticated)")) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let path: String = path.chars().take(256).collect();
+        let mut event = AuditEvent::new("api.refused").detail(json!({
+            "method": method.as_str(),
+            "path": path,
+            "status": status.as_u16(),
+            "reason": status.canonical_reason(),
+            "unrecorded_before": self.suppressed.swap(0, Ordering::Relaxed),
+        }));
+        if let Some(agent) = agent {
+            event = event.agent(agent);
+        }
+        if let Err(e) = self.broker.record().write_queued(Write::event(event)) {
+            tracing::error!(error = %e, "cannot record a refused API call");
         }
     }
 
@@ -147,6 +183,7 @@ impl AgentApi {
             _ => {}
         }
         let Some(agent) = self.authenticate(&req) else {
+            self.record_refusal(None, req.method(), &path, StatusCode::UNAUTHORIZED);
             return error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -154,7 +191,17 @@ impl AgentApi {
             );
         };
         let span = tracing::info_span!("agent_api", agent = %agent.name, %path);
-        self.authenticated(agent, req, path).instrument(span).await
+        let (name, method) = (agent.name.clone(), req.method().clone());
+        let reply = self
+            .authenticated(agent, req, path.clone())
+            .instrument(span)
+            .await;
+        // A denied grant request is recorded as its decision (403, grant.decided).
+        let status = reply.status();
+        if status.is_client_error() && status != StatusCode::FORBIDDEN {
+            self.record_refusal(Some(&name), &method, &path, status);
+        }
+        reply
     }
 
     async fn authenticated(
