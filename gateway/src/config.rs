@@ -167,6 +167,10 @@ pub struct RecordConfig {
     /// …or this long after the last one, e.g. "10s".
     #[serde(default = "default_cp_interval")]
     pub checkpoint_interval: String,
+    /// A file outside the data directory each signed checkpoint is also appended to,
+    /// for `airlock audit verify --witness`.
+    #[serde(default)]
+    pub witness: Option<PathBuf>,
     /// When a statement's record entry must be durable: `strict` (before its result is
     /// released) or `batched` (queued before it runs, durable within the writer's next
     /// group commit; a record failure cuts every session).
@@ -207,6 +211,7 @@ impl Default for RecordConfig {
         RecordConfig {
             checkpoint_every: default_cp_every(),
             checkpoint_interval: default_cp_interval(),
+            witness: None,
             durability: Durability::Strict,
             batch_window: default_batch_window(),
         }

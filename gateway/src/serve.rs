@@ -70,6 +70,15 @@ pub async fn run(
             checkpoint_every: config.record.checkpoint_every,
             checkpoint_interval: config.checkpoint_interval(),
             commit_window: config.commit_window(),
+            witness: match &config.record.witness {
+                Some(path) if !path.is_absolute() || path.starts_with(data.root()) => {
+                    return Err(ServeError::Setup(format!(
+                        "record.witness = {}: the witness must be an absolute path outside the data directory, where the gateway's own files cannot rewrite it",
+                        path.display()
+                    )));
+                }
+                witness => witness.clone(),
+            },
             ..RecordOptions::new(data.store_dir())
         },
         key,

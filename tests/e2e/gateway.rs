@@ -1381,3 +1381,70 @@ fn a_policy_directory_made_writable_at_run_time_stops_decisions_until_fixed() {
         "loaded again, checked"
     );
 }
+
+/// A checkpoint witness outside the data directory: `audit verify --witness` proves
+/// the log extends every checkpoint the gateway ever signed, and catches a gateway
+/// that signs over a rewritten (here: shortened, then continued) history.
+#[test]
+fn a_witness_file_catches_a_rewritten_history() {
+    let mut gw = Gateway::prepare("");
+    let outside = crate::support::tempdir();
+    let witness = outside.path().join("witness.jsonl");
+    gw.edit_config(
+        "checkpoint-interval = \"1s\"",
+        &format!(
+            "checkpoint-interval = \"1s\"\nwitness = {:?}",
+            witness.to_str().unwrap()
+        ),
+    );
+    gw.spawn();
+    let token = gw.agent("claude", &[]);
+    for _ in 0..6 {
+        gw.ask(&token, "prod-db", TASK, "read", "10m");
+    }
+    gw.stop(false);
+    let witness_arg = witness.to_str().unwrap();
+    let out = gw.cli(&["audit", "verify", "--witness", witness_arg]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("consistent with all"), "{said}");
+    let witnessed = std::fs::read_to_string(&witness).unwrap().lines().count();
+    assert!(witnessed >= 2, "{witnessed} checkpoints witnessed");
+
+    // History rewritten: the tail cut, the loss accepted, new entries signed over it.
+    {
+        let spaces = airlock::record::Spaces::open(&gw.data().join("store")).unwrap();
+        let len = spaces.audit_len().unwrap();
+        for seq in [len - 1, len - 2, len - 3] {
+            spaces.audit.remove(seq.to_be_bytes()).unwrap();
+        }
+        // And the checkpoints it kept itself, so its own store shows nothing amiss.
+        let signed: Vec<_> = spaces
+            .checkpoints
+            .iter()
+            .map(|kv| kv.key().unwrap().to_vec())
+            .collect();
+        for key in signed {
+            spaces.checkpoints.remove(key).unwrap();
+        }
+    }
+    let out = gw.cli(&["audit", "accept-loss", "--reason", "testing a rewrite"]);
+    assert!(out.status.success(), "{}", text(&out));
+    gw.spawn();
+    for _ in 0..3 {
+        gw.ask(&token, "prod-db", TASK, "read", "10m");
+    }
+    gw.stop(false);
+    let out = gw.cli(&["audit", "verify", "--witness", witness_arg]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("NOT consistent"), "{said}");
+
+    // A witness inside the data directory is refused at start.
+    let inside = gw.data().join("witness.jsonl");
+    gw.edit_config(
+        &format!("witness = {:?}", witness_arg),
+        &format!("witness = {:?}", inside.to_str().unwrap()),
+    );
+    assert!(gw.refused_start().contains("outside the data directory"));
+}

@@ -32,6 +32,10 @@ pub(crate) enum AuditCommand {
         /// The gateway's public key (default: DATA/gateway-signing.key.pub).
         #[arg(long, value_name = "PUBKEY")]
         key: Option<String>,
+        /// Also prove the log extends every checkpoint in this witness file
+        /// (`record.witness`).
+        #[arg(long, value_name = "FILE")]
+        witness: Option<PathBuf>,
     },
     /// Print the latest signed checkpoint, to keep outside the gateway.
     Checkpoint,
@@ -110,6 +114,7 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
             against,
             export,
             key,
+            witness,
         } => {
             let config = context.config()?;
             let origin = &config.gateway.name;
@@ -160,6 +165,34 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
                 report.head.size,
                 hex::encode(report.head.root)
             );
+            if let Some(file) = witness {
+                let bytes = std::fs::read(&file).with_context(|| file.display().to_string())?;
+                let notes: Vec<Vec<u8>> = parse_export(&bytes)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| file.display().to_string())?
+                    .into_iter()
+                    .filter_map(|line| match line {
+                        ExportLine::Checkpoint(note) => Some(note),
+                        ExportLine::Entry { .. } => None,
+                    })
+                    .collect();
+                for (i, note) in notes.iter().enumerate() {
+                    if let Err(e) = verify_against(&report, note, &key, origin) {
+                        println!(
+                            "NOT consistent with witnessed checkpoint {} of {} in {}: {e}",
+                            i + 1,
+                            notes.len(),
+                            file.display()
+                        );
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+                println!(
+                    "consistent with all {} checkpoints witnessed in {}",
+                    notes.len(),
+                    file.display()
+                );
+            }
             if let Some(file) = against {
                 let note = std::fs::read(&file).with_context(|| file.display().to_string())?;
                 match verify_against(&report, &note, &key, origin) {
