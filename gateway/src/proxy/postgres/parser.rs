@@ -84,11 +84,6 @@ const STACK_PER_LEVEL: u64 = 1024;
 /// "memory exhausted" (`42601`) before any tree is built, as it does on the server.
 const PARSER_MAX_NESTING: usize = 10_000;
 
-/// Texts this short are parsed on the caller's stack: an operator takes at least two
-/// bytes (`+1`), and one costs about 1.1 KB of stack, so they need at most ~600 KB of a
-/// tokio worker's 2 MiB.
-const INLINE_TEXT: usize = 1024;
-
 /// Parses `text` (one or more statements) into libpg_query's JSON tree and hands it to
 /// `read`, on a stack deep enough for both and for the tree's drop (a deep `Value` drops
 /// recursively). `read` must not recurse per level itself.
@@ -97,9 +92,9 @@ pub fn with_tree<R>(text: &str, read: impl FnOnce(&Value) -> R) -> Result<R, Par
         return Err(ParseError::TooLong(text.len()));
     }
     let run = || parse_here(text).map(|tree| read(&tree));
-    if text.len() <= INLINE_TEXT {
-        return run();
-    }
+    // Every text gets a stack sized for its bound, however short: how much stack a
+    // level costs depends on how the compiler laid out this build, and a kilobyte of
+    // `((((…` overflowed a 2 MiB thread in one build and not in another.
     let levels = match pg_query::scan(text) {
         Ok(scan) => depth_bound(&scan.tokens),
         // The scanner rejected it, so the parser stops at the same token without
