@@ -1448,3 +1448,50 @@ fn a_witness_file_catches_a_rewritten_history() {
     );
     assert!(gw.refused_start().contains("outside the data directory"));
 }
+
+/// `audit tail -f` streams entries as the running gateway records them.
+#[test]
+fn audit_tail_follows_new_entries() {
+    use std::io::BufRead as _;
+    let gw = Gateway::start();
+    let token = gw.agent("claude", &[]);
+    let mut tail = airlock()
+        .arg("--data")
+        .arg(gw.data())
+        .args(["audit", "tail", "-n", "0", "-f"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, grant) = gw.ask(&token, "prod-db", TASK, "read", "10m");
+    assert_eq!(status, 201);
+    let id = grant["id"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("grant.decided") && l.contains(id))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no grant.decided followed: {seen:?}"),
+        }
+    }
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert!(
+        !seen.iter().any(|l| l.contains("agent.added")),
+        "-n 0 starts after the existing entries: {seen:?}"
+    );
+}

@@ -53,6 +53,9 @@ pub(crate) enum AuditCommand {
     Tail {
         #[arg(short = 'n', default_value = "20")]
         n: usize,
+        /// Then keep printing new entries as the running gateway records them.
+        #[arg(short = 'f', long)]
+        follow: bool,
     },
     /// Accept that the stopped gateway's store lost entries it had acknowledged (as
     /// `verify` and `serve` report), so the gateway can serve again. The acceptance,
@@ -106,6 +109,27 @@ fn entries(lines: &[ExportLine]) -> impl Iterator<Item = (u64, &Vec<u8>)> {
         ExportLine::Entry { seq, bytes } => Some((*seq, bytes)),
         ExportLine::Checkpoint(_) => None,
     })
+}
+
+/// Prints entries from `next` on as the running gateway records them, once a second,
+/// until interrupted or the gateway stops.
+fn follow_entries(context: &Context, mut next: u64) -> anyhow::Result<()> {
+    let socket = context.data_dir()?.admin_socket();
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let result = call(&socket, &AdminRequest::AuditExport { since: next })
+            .context("the gateway stopped")?;
+        let lines = export_from(&result).map_err(anyhow::Error::msg)?;
+        let mut out = std::io::stdout().lock();
+        for (seq, bytes) in entries(&lines) {
+            if seq >= next {
+                out.write_all(bytes)?;
+                out.write_all(b"\n")?;
+                next = seq + 1;
+            }
+        }
+        out.flush()?;
+    }
 }
 
 pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<ExitCode> {
@@ -294,11 +318,19 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
             record.close();
             println!("accepted and recorded: {shortfall}; the gateway can start again");
         }
-        AuditCommand::Tail { n } => {
+        AuditCommand::Tail { n, follow } => {
             let source = source(context)?;
             let all: Vec<_> = entries(&source.lines).collect();
             for (_, bytes) in &all[all.len().saturating_sub(n)..] {
                 println!("{}", String::from_utf8_lossy(bytes));
+            }
+            if follow {
+                anyhow::ensure!(
+                    source.leaves.is_none(),
+                    "nothing to follow: the gateway is not running"
+                );
+                let next = all.last().map_or(0, |(seq, _)| seq + 1);
+                follow_entries(context, next)?;
             }
         }
     }
