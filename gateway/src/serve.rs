@@ -228,6 +228,8 @@ pub async fn run(
         require_tls: config.postgres.require_tls || !pg_addr.ip().is_loopback(),
         tls: pg_tls,
         cancels: Default::default(),
+        refusals: crate::api::RateLimiter::new(60),
+        refusals_unrecorded: Default::default(),
     });
     let pg_task = tokio::spawn(startup::listen(pg_listener, pg_services));
     // A record that cannot be written ends every session: nothing goes on unrecorded.

@@ -1345,6 +1345,19 @@ fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record
     // It serves again.
     let (status, _) = gw.ask(&token, "prod-db", TASK, "read", "10m");
     assert_eq!(status, 201);
+
+    // A deleted mark is not a store from before marks: it is refused the same way.
+    gw.stop(false);
+    std::fs::remove_file(gw.data().join("store.head")).unwrap();
+    let out = gw.cli(&["audit", "verify"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("store.head) is missing"), "{said}");
+    assert!(gw.refused_start().contains("is missing"));
+    let out = gw.cli(&["audit", "accept-loss", "--reason", "mark deleted in test"]);
+    assert!(out.status.success(), "{}", text(&out));
+    gw.spawn();
+    assert_eq!(gw.events("record.loss-accepted").len(), 2);
 }
 
 /// A policy directory made writable by others while the gateway runs: every decision

@@ -742,9 +742,12 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
         "app",
     );
     let port = s.gw.pg_port();
-    let revoke_during = |access: &str, sql: String| {
+    let revoke_during = |access: &str, first: &str, sql: String| {
         let (id, secret) = s.grant_for("prod-db", access);
         let mut raw = Raw::login(port, &id, &secret);
+        if !first.is_empty() {
+            assert_eq!(raw.simple(first.as_bytes()), Ok(vec![]));
+        }
         let running = std::thread::spawn(move || raw.simple(sql.as_bytes()));
         std::thread::sleep(Duration::from_millis(1000));
         let out = s.gw.cli(&["grants", "revoke", &id]);
@@ -760,17 +763,41 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
 
     revoke_during(
         "write",
+        "",
         format!("BEGIN; INSERT INTO {table} SELECT 1 FROM pg_sleep(3); COMMIT"),
     );
     revoke_during(
         "read",
+        "",
         "SELECT count(*) AS long_read FROM generate_series(1, 3000000000)".to_string(),
     );
-    // Past the end of the sleep the INSERT was in: nothing was committed.
-    std::thread::sleep(Duration::from_millis(2500));
-    let count =
-        s.pg.psql_super(&format!("SELECT count(*) FROM {table}"), "app");
-    assert_eq!(count.trim(), "0", "the revoked transaction committed");
+    // A write grant that locks the gateway's second login out (a new password for the
+    // role) and catches the cancel: the backend still dies, once the gateway's
+    // connection is gone, before it can write.
+    revoke_during(
+        "write",
+        "ALTER ROLE airlock PASSWORD 'locked-out'",
+        format!(
+            "DO $$ BEGIN \
+               FOR i IN 1..3 LOOP \
+                 BEGIN PERFORM pg_sleep(1); EXCEPTION WHEN query_canceled THEN NULL; END; \
+               END LOOP; \
+               INSERT INTO {table} VALUES (2); \
+             END $$"
+        ),
+    );
+
+    // Past the end of every sleep an INSERT was behind: nothing was committed.
+    std::thread::sleep(Duration::from_millis(3500));
+    let rows = s.pg.psql_super(&format!("SELECT x FROM {table}"), "app");
+    assert_eq!(rows.trim(), "", "a revoked grant's work committed");
+    s.pg.psql_super(
+        &format!(
+            "ALTER ROLE airlock PASSWORD '{}'",
+            crate::pg::UPSTREAM_PASSWORD
+        ),
+        "postgres",
+    );
     let running = s.pg.psql_super(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%AS long_read FROM%' AND pid <> pg_backend_pid()",
         "app",
@@ -797,12 +824,15 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
         assert_eq!(vote["digest"].as_str().unwrap().len(), 64, "{vote}");
     }
     let ended = events(&s.gw, "session.upstream-ended");
-    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert_eq!(ended.len(), 3, "{ended:?}");
     for event in &ended {
-        assert_eq!(event["detail"]["terminated"], true, "{event}");
-        assert_eq!(event["detail"]["cancel_sent"], true, "{event}");
+        assert_eq!(event["detail"]["connection_closed"], true, "{event}");
         assert_eq!(event["detail"]["statement_running"], true, "{event}");
     }
+    assert_eq!(ended[0]["detail"]["terminated"], true, "{:?}", ended[0]);
+    assert_eq!(ended[1]["detail"]["terminated"], true, "{:?}", ended[1]);
+    // The second login was locked out, and the record says so.
+    assert_eq!(ended[2]["detail"]["terminated"], false, "{:?}", ended[2]);
 
     // Expiry, with no grace window: statements up to a 1 s grant's end, then refused.
     let (status, grant) = s.gw.ask(
@@ -894,13 +924,20 @@ fn refused_logins_are_recorded_without_any_secret() {
     assert!(!s.psql(&id, &secret, "nowhere", "SELECT 1").status.success());
     assert!(s.gw.cli(&["grants", "revoke", &id]).status.success());
     assert!(!s.psql(&id, &secret, "prod-db", "SELECT 1").status.success());
+    // User and password swapped: the "user" is a secret, and is not recorded.
+    assert!(!s.psql(&secret, &id, "prod-db", "SELECT 1").status.success());
     let refused = events(&s.gw, "session.refused");
     let codes: Vec<&str> = refused
         .iter()
         .map(|e| e["detail"]["code"].as_str().unwrap())
         .collect();
-    assert_eq!(codes, ["28P01", "3D000", "28000"], "{refused:?}");
-    for event in &refused {
+    assert_eq!(codes, ["28P01", "3D000", "28000", "28P01"], "{refused:?}");
+    let swapped = refused.last().unwrap();
+    assert_eq!(
+        swapped["detail"]["claimed_grant"],
+        "(not a grant id; withheld)"
+    );
+    for event in &refused[..3] {
         assert_eq!(event["detail"]["claimed_grant"], id.as_str(), "{event}");
         assert!(
             event["detail"]["peer"]
@@ -918,4 +955,8 @@ fn refused_logins_are_recorded_without_any_secret() {
     );
     let record = text(&s.gw.cli(&["audit", "tail", "-n", "100000"]));
     assert!(!record.contains(&secret) && !record.contains("wrong-secret-7f3a9"));
+    assert!(
+        !s.gw.log_text().contains(&secret),
+        "a secret reached the log"
+    );
 }

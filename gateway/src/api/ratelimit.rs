@@ -4,13 +4,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-pub(crate) struct RateLimiter {
+pub struct RateLimiter {
     per_minute: f64,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
 }
 
 impl RateLimiter {
-    pub(crate) fn new(per_minute: u32) -> Self {
+    pub fn new(per_minute: u32) -> Self {
         RateLimiter {
             per_minute: f64::from(per_minute),
             buckets: Mutex::new(HashMap::new()),
@@ -18,7 +18,7 @@ impl RateLimiter {
     }
 
     /// Takes one token from `agent`'s bucket; `false` if it is empty.
-    pub(crate) fn allow(&self, agent: &str) -> bool {
+    pub fn allow(&self, agent: &str) -> bool {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap();
         let (tokens, last) = buckets

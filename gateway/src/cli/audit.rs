@@ -85,7 +85,7 @@ fn source(context: &Context) -> anyhow::Result<Source> {
             let mark = read_mark(&store).map_err(anyhow::Error::msg)?;
             Ok(Source {
                 lines: export_lines(&copy.spaces, 0)?,
-                shortfall: mark.and_then(|mark| check_mark(&copy.spaces, &mark).err()),
+                shortfall: check_mark(&copy.spaces, mark.as_ref()).err(),
                 leaves: Some(copy),
             })
         }

@@ -35,7 +35,15 @@ pub enum Shortfall {
     Missing { found: u64, acknowledged: u64 },
     #[error("entry {seq} is not the entry this gateway acknowledged there (its hash differs)")]
     Differs { seq: u64 },
+    #[error(
+        "the high-water mark (store.head) is missing, though this store has had one: what the gateway acknowledged cannot be checked"
+    )]
+    MarkMissing,
 }
+
+/// The key in the store's `meta` space that says the store has a mark beside it, so a
+/// deleted mark is noticed rather than taken for a store from before marks.
+pub(crate) const MARKED: &[u8] = b"head-mark";
 
 /// Where the mark of the store at `store` is kept.
 pub fn mark_path(store: &Path) -> PathBuf {
@@ -61,9 +69,15 @@ pub(crate) fn write_mark(store: &Path, mark: &HeadMark) -> Result<(), String> {
     fsperm::write_private_atomic_unsynced(&mark_path(store), &json).map_err(|e| e.to_string())
 }
 
-/// Checks `spaces` against `mark`: every acknowledged entry is there, and the last one
-/// is the one acknowledged.
-pub fn check(spaces: &Spaces, mark: &HeadMark) -> Result<(), Shortfall> {
+/// Checks `spaces` against its mark (`None`: no mark file): every acknowledged entry is
+/// there, the last one is the one acknowledged, and a store that has had a mark has it.
+pub fn check(spaces: &Spaces, mark: Option<&HeadMark>) -> Result<(), Shortfall> {
+    let Some(mark) = mark else {
+        return match spaces.meta.get(MARKED) {
+            Ok(Some(_)) => Err(Shortfall::MarkMissing),
+            _ => Ok(()),
+        };
+    };
     let found = spaces.audit_len().unwrap_or(0);
     if found < mark.entries {
         return Err(Shortfall::Missing {

@@ -143,9 +143,7 @@ impl Record {
     pub fn open(options: RecordOptions, key: SecretKey) -> Result<Self, RecordError> {
         let mark = head::read_mark(&options.path).map_err(RecordError::Store)?;
         let spaces = Arc::new(Spaces::open(&options.path)?);
-        let shortfall = mark
-            .as_ref()
-            .and_then(|mark| head::check(&spaces, mark).err());
+        let shortfall = head::check(&spaces, mark.as_ref()).err();
         let loss = match (shortfall, &options.accept_loss) {
             (None, _) => None,
             (Some(shortfall), None) => return Err(RecordError::Shortened(shortfall)),
@@ -186,6 +184,7 @@ impl Record {
             head,
             last_checkpoint,
             last_checkpoint_at: Instant::now(),
+            marked: spaces.meta.get(head::MARKED)?.is_some(),
             options,
         };
         let thread = std::thread::Builder::new()
@@ -285,6 +284,8 @@ struct Writer {
     last_checkpoint: u64,
     last_checkpoint_at: Instant,
     options: RecordOptions,
+    /// The store says it has a mark beside it (`head::MARKED`).
+    marked: bool,
 }
 
 fn now_ms() -> u64 {
@@ -351,6 +352,10 @@ impl Writer {
             return;
         }
         let mut fjall_batch = self.spaces.db.batch();
+        if !self.marked {
+            // From now on this store has a mark beside it; a missing one is a loss.
+            fjall_batch.insert(&self.spaces.meta, head::MARKED, b"1".as_slice());
+        }
         let mut staged = MemHashes::default();
         let (mut seq, mut head) = (self.next_seq, self.head);
         let time_ms = now_ms();
@@ -412,6 +417,7 @@ impl Writer {
         };
         match result {
             Ok(()) => {
+                self.marked = true;
                 self.next_seq = seq;
                 self.head = head;
                 // Before anyone hears of the commit: the mark never lags an answer.

@@ -114,6 +114,11 @@ impl Conn {
     }
 
     /// Queues `bytes` and writes everything out.
+    /// Ends the connection from this side (FIN): the peer sees it closed at once.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.stream.shutdown().await
+    }
+
     pub async fn send_now(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.write.extend_from_slice(bytes);
         self.flush().await

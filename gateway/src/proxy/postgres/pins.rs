@@ -23,6 +23,14 @@ const LEXING: &[(&str, &str)] = &[
     ("backslash_quote", "safe_encoding"),
 ];
 
+/// Settings that let a grant's end stop what its session started. The gateway ends a
+/// session by cancelling, terminating the backend from a second login, and closing the
+/// connection; a statement can catch the cancel, and a write grant can make the second
+/// login fail (change the role's password). With this, the backend checks every
+/// 100 ms during a statement that the gateway is still there, and dies (rolling back)
+/// once it is not: no statement outlives the connection by more than that.
+const ENDING: &[(&str, &str)] = &[("client_connection_check_interval", "100")];
+
 /// Settings that could lift a read session's read-only default or change whose
 /// privileges it runs with.
 const READ_ONLY: &[&str] = &[
@@ -37,7 +45,7 @@ pub(super) type Refusal = (String, Option<String>);
 
 /// The startup parameters the gateway logs in upstream with, after user and database.
 pub(super) fn upstream_parameters(read_only: bool) -> Vec<(&'static str, &'static str)> {
-    let mut params: Vec<_> = LEXING.to_vec();
+    let mut params: Vec<_> = LEXING.iter().chain(ENDING).copied().collect();
     if read_only {
         params.push(("default_transaction_read_only", "on"));
     }
@@ -61,7 +69,9 @@ pub(super) fn check_client_startup(params: &[(String, String)]) -> Result<(), St
                 "startup options are not passed upstream through this gateway: unset PGOPTIONS (run SET after connecting instead)"
                     .into(),
             );
-        } else if LEXING.iter().any(|(name, _)| *name == key) || READ_ONLY.contains(&key.as_str()) {
+        } else if LEXING.iter().chain(ENDING).any(|(name, _)| *name == key)
+            || READ_ONLY.contains(&key.as_str())
+        {
             return Err(format!(
                 "the startup parameter {key} is pinned by this gateway and cannot be set by a client"
             ));
@@ -95,6 +105,14 @@ pub(super) fn refusal(statement: &Statement, read_only: bool) -> Option<Refusal>
                         "{name} is pinned by the gateway: it changes how the server reads statements"
                     ),
                     Some("the gateway speaks UTF8 with standard_conforming_strings on".into()),
+                ));
+            }
+            name if ENDING.iter().any(|(pinned, _)| *pinned == name) => {
+                return Some((
+                    format!(
+                        "{name} is pinned by the gateway: it lets a grant's end stop the work its session started"
+                    ),
+                    None,
                 ));
             }
             name if read_only && READ_ONLY.contains(&name) => {

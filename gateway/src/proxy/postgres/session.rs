@@ -274,7 +274,8 @@ impl Session {
         )
         .await;
         // The grant's end reaches the server: what the session has running or open
-        // there is cancelled and rolled back, not left to finish (and commit).
+        // there is stopped and rolled back, not left to finish (and commit).
+        let closed = self.upstream.shutdown().await.is_ok();
         let ended = self.ender.end().await;
         if !ended.terminated {
             tracing::error!(error = ?ended.error, "the upstream session may outlive its grant");
@@ -289,7 +290,7 @@ impl Session {
                 "statement_running": running,
                 // As of the server's last ReadyForQuery.
                 "transaction_open": self.tx_status != b'I',
-                "cancel_sent": ended.cancel_sent,
+                "connection_closed": closed,
                 "terminated": ended.terminated,
                 "error": ended.error,
             }));

@@ -42,6 +42,10 @@ pub struct PgServices {
     /// The cancel keys the gateway gave its clients → the upstream connection and key
     /// to cancel. Clients never see an upstream's key.
     pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
+    /// Refused logins recorded, per client address.
+    pub refusals: crate::api::RateLimiter,
+    /// Refused logins not recorded since the last one that was.
+    pub refusals_unrecorded: std::sync::atomic::AtomicU64,
 }
 
 /// A BackendKeyData: (process id, secret key).
@@ -94,15 +98,37 @@ async fn refuse_login(
     claimed: (Option<&str>, Option<&str>),
     peer: &str,
 ) {
+    // At most so many refusals per client address a minute reach the record, so a
+    // flood of bad logins cannot fill it; the next recorded one counts the rest.
+    let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
+    if !services.refusals.allow(host) {
+        services
+            .refusals_unrecorded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        fatal(client, code, reason).await;
+        return;
+    }
     let bounded = |s: &str| s.chars().take(128).collect::<String>();
     let (grant, target) = claimed;
+    // The user name is recorded only if it is shaped like a grant id: a client that
+    // swapped user and password would otherwise put a secret in the record.
+    let (grant, recorded_reason) = match grant {
+        Some(user) if !looks_like_grant_id(user) => (
+            Some("(not a grant id; withheld)".to_string()),
+            reason.replace(user, "(withheld)"),
+        ),
+        grant => (grant.map(bounded), reason.to_string()),
+    };
     let event = crate::record::AuditEvent::new("session.refused").detail(serde_json::json!({
         "protocol": "postgres",
         "code": code,
-        "reason": bounded(reason),
-        "claimed_grant": grant.map(bounded),
+        "reason": bounded(&recorded_reason),
+        "claimed_grant": grant,
         "target": target.map(bounded),
         "peer": peer,
+        "unrecorded_before": services
+            .refusals_unrecorded
+            .swap(0, std::sync::atomic::Ordering::Relaxed),
     }));
     if let Err(e) = services
         .broker
@@ -112,6 +138,13 @@ async fn refuse_login(
         tracing::error!(error = %e, "cannot record a refused login");
     }
     fatal(client, code, reason).await;
+}
+
+/// A grant id as the broker mints them: `g_` and hex.
+fn looks_like_grant_id(user: &str) -> bool {
+    user.strip_prefix("g_").is_some_and(|hex| {
+        (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    })
 }
 
 /// Accepts PostgreSQL clients on `listener` until the task is dropped.
@@ -238,7 +271,12 @@ async fn run(stream: TcpStream, services: Arc<PgServices>) {
             return;
         }
     };
-    let span = tracing::info_span!("postgres", grant = %grant_id, target = %target.name);
+    let logged = if looks_like_grant_id(&grant_id) {
+        grant_id.as_str()
+    } else {
+        "(not a grant id)"
+    };
+    let span = tracing::info_span!("postgres", grant = %logged, target = %target.name);
     serve_session(client, services, grant_id, target, peer)
         .instrument(span)
         .await;

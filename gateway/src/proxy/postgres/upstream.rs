@@ -387,10 +387,19 @@ async fn start_tls(
         .map_err(|e| tls_error(e.to_string()))
 }
 
-/// What it takes to end an upstream session from outside it: its cancel key, and a
-/// login as the same role (a role may terminate its own backends). Dropping the socket
-/// is not enough: a backend runs the statement in hand, and the rest of the Query it
-/// was sent, to completion (`BEGIN; INSERT …; COMMIT` commits) before it notices.
+/// What it takes to confirm an upstream session has ended: a login as the same role
+/// (a role may terminate its own backends).
+///
+/// The session is ended first by closing its connection: every upstream session runs
+/// with `client_connection_check_interval` pinned, so the backend checks every 100 ms
+/// while a statement runs and dies (FATAL, which no exception handler catches, rolling
+/// back) once the gateway is gone; an idle one sees the close at once. Without that
+/// pin a backend runs the statement in hand, and the rest of the Query it was sent, to
+/// completion (`BEGIN; INSERT …; COMMIT` commits). No CancelRequest is sent: a statement
+/// can catch a cancel (`EXCEPTION WHEN query_canceled`), and a caught cancel stops that
+/// check. The second login then terminates the backend and waits until it is gone, as
+/// confirmation; a write grant can make that login fail (a new password for the
+/// role), which the record shows.
 pub struct Ender {
     pub(super) addr: UpstreamAddr,
     pub(super) user: String,
@@ -402,8 +411,6 @@ pub struct Ender {
 /// What ending an upstream session did, for the record.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Ended {
-    /// The CancelRequest for the running statement reached the server.
-    pub cancel_sent: bool,
     /// `pg_terminate_backend` reported the backend gone (its open transaction rolled
     /// back); else why it could not be confirmed.
     pub terminated: bool,
@@ -415,10 +422,9 @@ pub struct Ended {
 const TERMINATE_WAIT: Duration = Duration::from_secs(5);
 
 impl Ender {
-    /// Cancels the running statement, then terminates the backend and waits (bounded)
-    /// for it to be gone, so nothing the session started can commit afterwards.
+    /// Terminates the backend (after its connection was closed) and waits, bounded,
+    /// for it to be gone.
     pub async fn end(&self) -> Ended {
-        let cancel = cancel(&self.addr.host_port, self.backend_key).await;
         let terminated = tokio::time::timeout(TERMINATE_WAIT, self.terminate()).await;
         let (terminated, error) = match terminated {
             Ok(Ok(true)) => (true, None),
@@ -426,11 +432,7 @@ impl Ender {
             Ok(Err(e)) => (false, Some(e.to_string())),
             Err(_) => (false, Some(format!("no answer within {TERMINATE_WAIT:?}"))),
         };
-        Ended {
-            cancel_sent: cancel.is_ok(),
-            terminated,
-            error,
-        }
+        Ended { terminated, error }
     }
 
     async fn terminate(&self) -> Result<bool, UpstreamError> {
