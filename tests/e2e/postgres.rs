@@ -139,6 +139,25 @@ fn an_agent_reads_through_the_gateway_and_policy_decides_every_statement() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "1|***@example.com|Alice\n2|***@example.com|Bob"
     );
+    // The result's record entry says which module masked which columns.
+    let results = s.gw.events("sql.result");
+    let masked = results
+        .iter()
+        .flat_map(|e| {
+            e["detail"]["masked"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .find(|m| m["module"] == "pii-mask")
+        .expect("a masked result names its module");
+    let columns: Vec<&str> = masked["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(columns.contains(&"email"), "{masked}");
 
     // An UPDATE under a read grant: 42501 with the policy's reason and hint; the row
     // is unchanged upstream.

@@ -210,6 +210,7 @@ impl PolicySet {
     ) -> Result<MaskPlan, MaskError> {
         let mut modules = Vec::new();
         let mut masked = Vec::new();
+        let mut by_module = Vec::new();
         for (index, module) in self.maskers(&context.target) {
             let wanted = module
                 .mask_columns(context, columns, deadline)
@@ -219,7 +220,8 @@ impl PolicySet {
                 })?;
             if !wanted.is_empty() {
                 modules.push(index);
-                masked.extend(wanted);
+                masked.extend(wanted.iter().copied());
+                by_module.push((module.name().clone(), wanted));
             }
         }
         masked.sort_unstable();
@@ -228,6 +230,7 @@ impl PolicySet {
             set: self.clone(),
             modules,
             columns: masked,
+            by_module,
         })
     }
 
@@ -284,6 +287,8 @@ pub struct MaskPlan {
     set: Arc<PolicySet>,
     modules: Vec<usize>,
     columns: Vec<u32>,
+    /// Which module masks which columns, for the record.
+    by_module: Vec<(Arc<str>, Vec<u32>)>,
 }
 
 impl MaskPlan {
@@ -296,6 +301,11 @@ impl MaskPlan {
     /// others are not theirs to change.
     pub fn columns(&self) -> &[u32] {
         &self.columns
+    }
+
+    /// Each planned module and the columns (by index) it masks.
+    pub fn masked_by(&self) -> &[(Arc<str>, Vec<u32>)] {
+        &self.by_module
     }
 
     /// Masks one batch of rows with each planned module in bundle order.

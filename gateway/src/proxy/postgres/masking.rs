@@ -104,6 +104,22 @@ pub struct RowMask {
 }
 
 impl RowMask {
+    /// Which module masks which columns (by name), for the result's record entry.
+    pub fn masked_columns(&self) -> Vec<serde_json::Value> {
+        self.plan
+            .masked_by()
+            .iter()
+            .map(|(module, columns)| {
+                let names: Vec<&str> = columns
+                    .iter()
+                    .filter_map(|&i| self.columns.get(i as usize))
+                    .map(|c| c.name.as_str())
+                    .collect();
+                serde_json::json!({ "module": &**module, "columns": names })
+            })
+            .collect()
+    }
+
     /// Takes one DataRow; returns true when a batch is full and should be flushed.
     pub fn push(&mut self, body: &Bytes) -> Result<bool, String> {
         let values = wire::data_row(body).map_err(|e| e.to_string())?;

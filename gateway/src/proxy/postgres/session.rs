@@ -74,6 +74,19 @@ pub(super) struct ResultSummary {
     rows: u64,
     bytes: u64,
     duration: Duration,
+    /// Which masking module masked which columns of the results.
+    masked: Vec<serde_json::Value>,
+}
+
+impl ResultSummary {
+    /// Keeps what `rows` masks, once per module and columns.
+    fn note_masked(&mut self, rows: Option<&RowMask>) {
+        for masked in rows.map(RowMask::masked_columns).unwrap_or_default() {
+            if !self.masked.contains(&masked) {
+                self.masked.push(masked);
+            }
+        }
+    }
 }
 
 pub(super) struct Session {
@@ -705,6 +718,7 @@ impl Session {
                 rows = self
                     .plan_rows(set, fields.as_deref().map(Vec::as_slice))
                     .await?;
+                summary.note_masked(rows.as_ref());
             }
             if m.tag != b'D'
                 && let Some(mask) = rows.as_mut()
@@ -723,6 +737,7 @@ impl Session {
                     match front {
                         Expect::Query => {
                             rows = self.plan_rows(set, fields.as_deref()).await?;
+                            summary.note_masked(rows.as_ref());
                             true
                         }
                         Expect::DescribeStatement => {
@@ -917,6 +932,7 @@ impl Session {
                 "rows": summary.rows,
                 "bytes": summary.bytes,
                 "duration_ms": summary.duration.as_secs_f64() * 1e3,
+                "masked": summary.masked,
             }),
         ));
     }
