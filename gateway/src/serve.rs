@@ -228,8 +228,7 @@ pub async fn run(
         require_tls: config.postgres.require_tls || !pg_addr.ip().is_loopback(),
         tls: pg_tls,
         cancels: Default::default(),
-        refusals: crate::api::RateLimiter::new(60),
-        refusals_unrecorded: Default::default(),
+        refusals: crate::api::RecordCap::per_minute(60),
     });
     let pg_task = tokio::spawn(startup::listen(pg_listener, pg_services));
     // A record that cannot be written ends every session: nothing goes on unrecorded.

@@ -7,7 +7,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -17,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tracing::Instrument;
 
-use super::ratelimit::RateLimiter;
+use super::ratelimit::{RateLimiter, RecordCap};
 use crate::grants::{AgentRecord, Broker, BrokerError, GrantRecord, GrantRequestBody, GrantStatus};
 use crate::record::{AuditEvent, Write};
 
@@ -27,9 +26,7 @@ pub struct AgentApi {
     max_body: usize,
     limiter: RateLimiter,
     /// Refused calls recorded, per caller.
-    refusals: RateLimiter,
-    /// Refused calls not recorded since the last one that was.
-    suppressed: AtomicU64,
+    refusals: RecordCap,
     /// Where agents reach the PostgreSQL gateway, for connection details.
     postgres: Option<std::net::SocketAddr>,
 }
@@ -130,8 +127,7 @@ impl AgentApi {
             broker,
             max_body,
             limiter: RateLimiter::new(requests_per_minute),
-            refusals: RateLimiter::new(REFUSALS_RECORDED_PER_MINUTE),
-            suppressed: AtomicU64::new(0),
+            refusals: RecordCap::per_minute(REFUSALS_RECORDED_PER_MINUTE),
             postgres,
         }
     }
@@ -140,17 +136,16 @@ impl AgentApi {
     /// At most [`REFUSALS_RECORDED_PER_MINUTE`] per caller, so refusals cannot flood
     /// the record; the next recorded one counts those left out.
     fn record_refusal(&self, agent: Option<&str>, method: &Method, path: &str, status: StatusCode) {
-        if !self.refusals.allow(agent.unwrap_or("(unauthenticated)")) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        let Some(left_out) = self.refusals.admit(agent.unwrap_or("(unauthenticated)")) else {
             return;
-        }
+        };
         let path: String = path.chars().take(256).collect();
         let mut event = AuditEvent::new("api.refused").detail(json!({
             "method": method.as_str(),
             "path": path,
             "status": status.as_u16(),
             "reason": status.canonical_reason(),
-            "unrecorded_before": self.suppressed.swap(0, Ordering::Relaxed),
+            "unrecorded_before": left_out,
         }));
         if let Some(agent) = agent {
             event = event.agent(agent);

@@ -12,7 +12,7 @@ pub mod agent;
 mod ratelimit;
 mod tls;
 
-pub use ratelimit::RateLimiter;
+pub use ratelimit::RecordCap;
 pub use tls::load_tls;
 
 /// The OpenAPI document of the agent API, kept in the repository and served at

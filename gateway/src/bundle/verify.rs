@@ -53,20 +53,10 @@ fn read_listed(
     budget: &mut u64,
 ) -> Result<Vec<u8>, BundleError> {
     inside(dir, file)?;
-    let bytes = read::read_in(dir, Path::new(file), limit.min(*budget)).map_err(|reason| {
-        read_error(
-            file,
-            match reason {
-                read::ReadError::TooLarge { size, .. } if limit > *budget => {
-                    read::ReadError::TooLarge {
-                        size,
-                        limit: *budget,
-                    }
-                }
-                reason => reason,
-            },
-        )
-    })?;
+    // The limit checked (and named in a refusal) is the file's own or what is left of
+    // the bundle's, whichever is smaller.
+    let bytes = read::read_in(dir, Path::new(file), limit.min(*budget))
+        .map_err(|reason| read_error(file, reason))?;
     *budget -= bytes.len() as u64;
     let actual = hex::encode(Sha256::digest(&bytes));
     if actual != expected {

@@ -295,16 +295,21 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
             let config = context.config()?;
             let data = context.data_dir()?;
             let store = data.store_dir();
-            let source = source(context)?;
-            anyhow::ensure!(
-                source.leaves.is_some(),
-                "stop the gateway first: a running gateway's store holds everything it acknowledged"
-            );
-            let Some(shortfall) = source.shortfall.clone() else {
+            // Opened in place, not copied: accepting the loss writes to this store.
+            let shortfall = match Spaces::open(&store) {
+                Ok(spaces) => {
+                    let mark = read_mark(&store).map_err(anyhow::Error::msg)?;
+                    check_mark(&spaces, mark.as_ref()).err()
+                }
+                Err(RecordError::Locked { .. }) => anyhow::bail!(
+                    "stop the gateway first: a running gateway's store holds everything it acknowledged"
+                ),
+                Err(e) => return Err(e.into()),
+            };
+            let Some(shortfall) = shortfall else {
                 println!("nothing to accept: the store holds everything this gateway acknowledged");
                 return Ok(ExitCode::SUCCESS);
             };
-            drop(source);
             let operator = format!("uid:{}", rustix::process::getuid().as_raw());
             let key = airlock::keys::SecretKey::read(&data.signing_key())?;
             let record = Record::open(

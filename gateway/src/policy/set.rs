@@ -210,7 +210,6 @@ impl PolicySet {
     ) -> Result<MaskPlan, MaskError> {
         let mut modules = Vec::new();
         let mut masked = Vec::new();
-        let mut by_module = Vec::new();
         for (index, module) in self.maskers(&context.target) {
             let wanted = module
                 .mask_columns(context, columns, deadline)
@@ -219,9 +218,8 @@ impl PolicySet {
                     fault,
                 })?;
             if !wanted.is_empty() {
-                modules.push(index);
                 masked.extend(wanted.iter().copied());
-                by_module.push((module.name().clone(), wanted));
+                modules.push((index, wanted));
             }
         }
         masked.sort_unstable();
@@ -230,7 +228,6 @@ impl PolicySet {
             set: self.clone(),
             modules,
             columns: masked,
-            by_module,
         })
     }
 
@@ -285,10 +282,10 @@ fn mask_one(
 /// alive, so a result streams through one bundle even if another is swapped in.
 pub struct MaskPlan {
     set: Arc<PolicySet>,
-    modules: Vec<usize>,
+    /// The planned modules (by index in the set) and the columns each masks.
+    modules: Vec<(usize, Vec<u32>)>,
+    /// Every column some planned module masks.
     columns: Vec<u32>,
-    /// Which module masks which columns, for the record.
-    by_module: Vec<(Arc<str>, Vec<u32>)>,
 }
 
 impl MaskPlan {
@@ -303,9 +300,11 @@ impl MaskPlan {
         &self.columns
     }
 
-    /// Each planned module and the columns (by index) it masks.
-    pub fn masked_by(&self) -> &[(Arc<str>, Vec<u32>)] {
-        &self.by_module
+    /// Each planned module's name and the columns (by index) it masks.
+    pub fn masked_by(&self) -> impl Iterator<Item = (&Arc<str>, &[u32])> {
+        self.modules
+            .iter()
+            .map(|(index, columns)| (self.set.modules[*index].name(), columns.as_slice()))
     }
 
     /// Masks one batch of rows with each planned module in bundle order.
@@ -316,7 +315,7 @@ impl MaskPlan {
         deadline: Instant,
     ) -> Result<Rows, MaskError> {
         let mut payload = Payload::Rows(rows);
-        for &index in &self.modules {
+        for &(index, _) in &self.modules {
             payload = mask_one(&self.set.modules[index], context, &payload, deadline)?;
         }
         match payload {

@@ -46,7 +46,7 @@ pub enum Shortfall {
 pub(crate) const MARKED: &[u8] = b"head-mark";
 
 /// Where the mark of the store at `store` is kept.
-pub fn mark_path(store: &Path) -> PathBuf {
+fn mark_path(store: &Path) -> PathBuf {
     store.with_extension("head")
 }
 

@@ -20,7 +20,7 @@ mod tests;
 
 pub use entry::{AuditEntry, AuditEvent, GENESIS, entry_hash};
 pub use export::{ExportLine, export_lines, parse_export};
-pub use head::{HeadMark, Shortfall, check as check_mark, mark_path, read_mark};
+pub use head::{HeadMark, Shortfall, check as check_mark, read_mark};
 pub use store::{Space, Spaces, StoreCopy};
 pub use tree::{CheckpointError, TreeHead, checkpoint_origin, open_checkpoint, sign_checkpoint};
 pub use verify::{Consistency, VerifyError, VerifyReport, verify_against, verify_log};

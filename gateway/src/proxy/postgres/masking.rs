@@ -16,6 +16,20 @@ use super::wire::{self, Field};
 use crate::policy::types::{Body, Column, GrantContext, Rows};
 use crate::policy::{ActivePolicy, MaskError, MaskPlan, PolicySet};
 
+/// Runs masking `work` on the decision pool, in the turn of `context`'s agent, under a
+/// deadline of its own; a refusal withholds the result as a module's failure does.
+pub(super) async fn on_pool<R: Send + 'static>(
+    policy: &ActivePolicy,
+    context: GrantContext,
+    work: impl FnOnce(&GrantContext, Instant) -> Result<R, String> + Send + 'static,
+) -> Result<R, String> {
+    let agent = context.agent.id.clone();
+    policy
+        .run(&agent, move |deadline| work(&context, deadline))
+        .await
+        .unwrap_or_else(|refusal| Err(MaskError::from(refusal).to_string()))
+}
+
 /// Rows masked per policy call.
 const MASK_BATCH: usize = 256;
 
@@ -52,15 +66,12 @@ impl MaskPlans {
         let plan = match self.plans.get(&key) {
             Some(plan) => plan.clone(),
             None => {
-                let (set, context, columns) = (set.clone(), context.clone(), key.1.clone());
-                let plan = policy
-                    .run(&context.agent.id.clone(), move |deadline| {
-                        set.mask_plan(&context, &columns, deadline)
-                    })
-                    .await
-                    .map_err(MaskError::from)
-                    .flatten()
-                    .map_err(|e| e.to_string())?;
+                let (set, columns) = (set.clone(), key.1.clone());
+                let plan = on_pool(policy, context.clone(), move |context, deadline| {
+                    set.mask_plan(context, &columns, deadline)
+                        .map_err(|e| e.to_string())
+                })
+                .await?;
                 let plan = (!plan.is_empty()).then(|| Arc::new(plan));
                 if self.plans.len() >= PLANS_KEPT {
                     self.plans.clear();
@@ -108,7 +119,6 @@ impl RowMask {
     pub fn masked_columns(&self) -> Vec<serde_json::Value> {
         self.plan
             .masked_by()
-            .iter()
             .map(|(module, columns)| {
                 let names: Vec<&str> = columns
                     .iter()
@@ -156,15 +166,12 @@ impl RowMask {
             columns: self.columns.clone(),
             values,
         };
-        let (plan, context) = (self.plan.clone(), context.clone());
-        let masked = policy
-            .run(&context.agent.id.clone(), move |deadline| {
-                plan.mask_rows(&context, rows, deadline)
-            })
-            .await
-            .map_err(MaskError::from)
-            .flatten()
-            .map_err(|e| e.to_string())?;
+        let plan = self.plan.clone();
+        let masked = on_pool(policy, context.clone(), move |context, deadline| {
+            plan.mask_rows(context, rows, deadline)
+                .map_err(|e| e.to_string())
+        })
+        .await?;
         for (original, row) in originals.into_iter().zip(masked.values) {
             // Only the columns a module declared are taken from its output; every other
             // value goes out exactly as the server sent it.

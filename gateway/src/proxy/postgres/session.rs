@@ -858,15 +858,13 @@ impl Session {
         if !set.masks(&self.context.target) {
             return Ok(m);
         }
-        let (set, context, body) = (set.clone(), self.context_now(), m.body.clone());
-        let masked = self
-            .services
-            .policy
-            .run(&self.context.agent.id, move |deadline| {
-                mask(&set, &context, &body, deadline)
-            })
-            .await
-            .unwrap_or_else(|refusal| Err(format!("{refusal}; result withheld")));
+        let (set, body) = (set.clone(), m.body.clone());
+        let masked = masking::on_pool(
+            &self.services.policy,
+            self.context_now(),
+            move |context, deadline| mask(&set, context, &body, deadline),
+        )
+        .await;
         let body = self.or_withhold(masked).await?;
         Ok(Message { tag: m.tag, body })
     }

@@ -43,9 +43,7 @@ pub struct PgServices {
     /// to cancel. Clients never see an upstream's key.
     pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
     /// Refused logins recorded, per client address.
-    pub refusals: crate::api::RateLimiter,
-    /// Refused logins not recorded since the last one that was.
-    pub refusals_unrecorded: std::sync::atomic::AtomicU64,
+    pub refusals: crate::api::RecordCap,
 }
 
 /// A BackendKeyData: (process id, secret key).
@@ -101,13 +99,10 @@ async fn refuse_login(
     // At most so many refusals per client address a minute reach the record, so a
     // flood of bad logins cannot fill it; the next recorded one counts the rest.
     let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
-    if !services.refusals.allow(host) {
-        services
-            .refusals_unrecorded
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let Some(left_out) = services.refusals.admit(host) else {
         fatal(client, code, reason).await;
         return;
-    }
+    };
     let bounded = |s: &str| s.chars().take(128).collect::<String>();
     let (grant, target) = claimed;
     // The user name is recorded only if it is shaped like a grant id: a client that
@@ -115,7 +110,12 @@ async fn refuse_login(
     let (grant, recorded_reason) = match grant {
         Some(user) if !looks_like_grant_id(user) => (
             Some("(not a grant id; withheld)".to_string()),
-            reason.replace(user, "(withheld)"),
+            // (An empty pattern would match between every character.)
+            if user.is_empty() {
+                reason.to_string()
+            } else {
+                reason.replace(user, "(withheld)")
+            },
         ),
         grant => (grant.map(bounded), reason.to_string()),
     };
@@ -126,9 +126,7 @@ async fn refuse_login(
         "claimed_grant": grant,
         "target": target.map(bounded),
         "peer": peer,
-        "unrecorded_before": services
-            .refusals_unrecorded
-            .swap(0, std::sync::atomic::Ordering::Relaxed),
+        "unrecorded_before": left_out,
     }));
     if let Err(e) = services
         .broker
@@ -308,7 +306,7 @@ async fn serve_session(
         }
     };
     let read_only = live.grant.access == Access::Read || live.grant.read_only;
-    let (upstream, addr, catalog, ender) = match login(&services, &target, read_only).await {
+    let (upstream, catalog, ender) = match login(&services, &target, read_only).await {
         Ok(login) => login,
         Err(e) => {
             let detail = match &e {
@@ -345,7 +343,11 @@ async fn serve_session(
             return;
         }
     };
-    let cancel = CancelKey::register(&services, addr.host_port.clone(), upstream.backend_key);
+    let cancel = CancelKey::register(
+        &services,
+        ender.addr.host_port.clone(),
+        upstream.backend_key,
+    );
     let mut hello = Vec::new();
     hello.extend_from_slice(&wire::authentication(0, &[]));
     for p in &upstream.parameters {
@@ -408,7 +410,7 @@ async fn login(
     services: &PgServices,
     target: &TargetRecord,
     read_only: bool,
-) -> Result<(Upstream, UpstreamAddr, Arc<Catalog>, Ender), LoginError> {
+) -> Result<(Upstream, Arc<Catalog>, Ender), LoginError> {
     let addr = UpstreamAddr::parse(&target.upstream).map_err(LoginError::Address)?;
     let (user, reference) = match (&target.read_user, &target.read_credential) {
         (Some(user), Some(reference)) if read_only => (user.as_str(), Some(reference)),
@@ -426,8 +428,8 @@ async fn login(
     let settings = pins::upstream_parameters(read_only);
     let mut upstream = upstream::connect(&addr, user, credential.as_ref(), &settings).await?;
     let ender = Ender {
-        addr: addr.clone(),
         user: user.to_string(),
+        addr: addr.clone(),
         credential: credential.clone(),
         read_only,
         backend_key: upstream.backend_key,
@@ -454,7 +456,7 @@ async fn login(
             catalog
         }
     };
-    Ok((upstream, addr, catalog, ender))
+    Ok((upstream, catalog, ender))
 }
 
 /// SCRAM-SHA-256 with the grant's secret. An unknown grant runs the same exchange
