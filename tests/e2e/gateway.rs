@@ -863,7 +863,8 @@ fn grants_survive_a_restart_and_no_secret_is_left_in_logs_or_store() {
     let (_, collected) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&token), None);
     let secrets = [
         token.clone(),
-        token.rsplit('_').next().unwrap().to_string(),
+        // `airlock_<id>_<secret>`: the secret is URL-safe base64 and may hold `_`.
+        token.splitn(3, '_').nth(2).unwrap().to_string(),
         active["secret"].as_str().unwrap().to_string(),
         collected["secret"].as_str().unwrap().to_string(),
     ];

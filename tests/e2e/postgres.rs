@@ -139,18 +139,24 @@ fn an_agent_reads_through_the_gateway_and_policy_decides_every_statement() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "1|***@example.com|Alice\n2|***@example.com|Bob"
     );
-    // The result's record entry says which module masked which columns.
-    let results = s.gw.events("sql.result");
-    let masked = results
-        .iter()
-        .flat_map(|e| {
-            e["detail"]["masked"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .find(|m| m["module"] == "pii-mask")
-        .expect("a masked result names its module");
+    // The result's record entry says which module masked which columns. A result's
+    // entry is written when the next statement starts or the session closes, which
+    // the gateway sees after psql has exited.
+    let masked_by_pii = || {
+        s.gw.events("sql.result")
+            .iter()
+            .flat_map(|e| {
+                e["detail"]["masked"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .find(|m| m["module"] == "pii-mask")
+    };
+    crate::gateway::wait_for("a masked result's record entry", || {
+        masked_by_pii().is_some()
+    });
+    let masked = masked_by_pii().expect("a masked result names its module");
     let columns: Vec<&str> = masked["columns"]
         .as_array()
         .unwrap()
