@@ -16,7 +16,7 @@ use airlock::keys::SecretKey;
 use airlock::policy::{
     ActivePolicy, BundleId, Kind, PolicyEngine, PolicyLimits, PolicySet, Scope, build_policy_crate,
 };
-use airlock::record::{AuditEvent, Record, RecordOptions, Write};
+use airlock::record::{AuditEvent, EventKind, Record, RecordOptions, Write};
 
 fn percentile(samples: &mut [Duration], p: usize) -> Duration {
     samples.sort_unstable();
@@ -44,7 +44,7 @@ fn main() {
                     let record = record.clone();
                     tokio::spawn(async move {
                         for i in 0..per_writer {
-                            let event = AuditEvent::new("bench.action")
+                            let event = AuditEvent::new(EventKind::SqlStatement)
                                 .agent("agent-1")
                                 .grant("g_0123456789abcdef")
                                 .detail(serde_json::json!({ "writer": w, "n": i, "sql": "SELECT id FROM schema_migrations WHERE id = 42" }));

@@ -20,7 +20,7 @@ use crate::keys::SecretKey;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
 use crate::proxy::postgres::classify::ClassifyCache;
 use crate::proxy::postgres::startup::{self, PgServices};
-use crate::record::{AuditEvent, Record, RecordOptions, Write};
+use crate::record::{AuditEvent, EventKind, Record, RecordOptions, Write};
 use crate::secrets::Secrets;
 
 /// How often grants are checked for expiry (their connections are cut within this).
@@ -155,15 +155,15 @@ pub async fn run(
         .map_err(setup("record"))?;
     let config_text = std::fs::read(config.path()).unwrap_or_default();
     record
-        .write_async(Write::event(AuditEvent::new("gateway.started").detail(
-            serde_json::json!({
+        .write_async(Write::event(
+            AuditEvent::new(EventKind::GatewayStarted).detail(serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
                 "config": config.path().display().to_string(),
                 "config_sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config_text)),
                 "sessions_closed_as_interrupted": interrupted,
-            }),
-        )))
+            })),
+        ))
         .await
         .map_err(setup("record"))?;
 
@@ -306,9 +306,11 @@ pub async fn run(
     // closes under them.
     broker.cut_all("the gateway is shutting down");
     if let Err(e) = record
-        .write_async(Write::event(AuditEvent::new("gateway.stopped").detail(
-            serde_json::json!({ "pid": std::process::id(), "reason": "shutdown signal" }),
-        )))
+        .write_async(Write::event(
+            AuditEvent::new(EventKind::GatewayStopped).detail(
+                serde_json::json!({ "pid": std::process::id(), "reason": "shutdown signal" }),
+            ),
+        ))
         .await
     {
         tracing::error!(error = %e, "cannot record the gateway's stop");

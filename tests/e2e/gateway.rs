@@ -262,11 +262,14 @@ impl Gateway {
         template().manifest.clone()
     }
 
-    /// The record's entries of `kind`, newest last.
+    /// The record's entries of `kind`, newest last. Every entry read, of any kind, must
+    /// follow the published schema: so each test that looks at the record checks the
+    /// schema against what the gateway really wrote.
     pub fn events(&self, kind: &str) -> Vec<Value> {
         text(&self.cli(&["audit", "tail", "-n", "100000"]))
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .inspect(assert_follows_schema)
             .filter(|e| e["kind"] == kind)
             .collect()
     }
@@ -517,6 +520,25 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop(true);
     }
+}
+
+/// Panics, naming the entry and what is wrong, unless `entry` follows the published
+/// audit schema (`airlock audit schema`).
+pub fn assert_follows_schema(entry: &Value) {
+    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
+    let validator = VALIDATOR.get_or_init(|| {
+        let schema: Value = serde_json::from_str(airlock::record::SCHEMA).unwrap();
+        jsonschema::draft202012::new(&schema).unwrap()
+    });
+    let errors: Vec<String> = validator
+        .iter_errors(entry)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "entry does not follow the audit schema: {entry}\n{}",
+        errors.join("\n")
+    );
 }
 
 pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {

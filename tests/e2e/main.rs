@@ -10,4 +10,5 @@ mod pg;
 mod policy_host;
 mod postgres;
 mod postgres_hostile;
+mod record;
 mod support;

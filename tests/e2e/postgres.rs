@@ -26,6 +26,7 @@ pub(crate) fn recorded_statements(gw: &Gateway) -> Vec<(String, String, Value)> 
     text(&gw.cli(&["audit", "tail", "-n", "100000"]))
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .inspect(crate::gateway::assert_follows_schema)
         .filter(|e| e["kind"] == "sql.statement")
         .map(|e| {
             (
@@ -915,11 +916,14 @@ impl Raw {
         let mut raw = Raw(stream);
         let mut startup = Vec::new();
         startup.extend_from_slice(&196_608i32.to_be_bytes());
-        let params = params.iter().flat_map(|(k, v)| [*k, *v]);
-        for s in ["user", user, "database", "prod-db"]
-            .into_iter()
-            .chain(params)
-        {
+        // The target is `prod-db` unless the parameters name another.
+        let database: &[(&str, &str)] = if params.iter().any(|(k, _)| *k == "database") {
+            &[]
+        } else {
+            &[("database", "prod-db")]
+        };
+        let params = database.iter().chain(params).flat_map(|(k, v)| [*k, *v]);
+        for s in ["user", user].into_iter().chain(params) {
             startup.extend_from_slice(s.as_bytes());
             startup.push(0);
         }

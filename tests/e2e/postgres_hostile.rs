@@ -50,14 +50,11 @@ impl Raw {
     }
 }
 
-/// The lexing the gateway parses with is the lexing the server runs with: nothing can
-/// change the encoding or the meaning of a backslash, and a server that reports
-/// otherwise ends the session.
-#[test]
-fn the_server_reads_statements_as_the_gateway_decided_them() {
+/// A gateway in front of a PostgreSQL holding `flip()`: a function an earlier
+/// migration left behind, which flips a lexing setting for the whole session when
+/// called.
+pub(crate) fn setup_with_flip() -> Setup {
     let pg = Postgres::start();
-    // A function an earlier migration left behind, which flips a lexing setting for
-    // the whole session when called.
     pg.psql_super(
         "CREATE FUNCTION flip() RETURNS text LANGUAGE sql \
          AS $$ SELECT set_config('standard_conforming_strings', 'off', false) $$; \
@@ -66,7 +63,15 @@ fn the_server_reads_statements_as_the_gateway_decided_them() {
     );
     let gw = Gateway::prepare("");
     gw.set_upstream_port(pg.port);
-    let s = Setup::start(pg, gw);
+    Setup::start(pg, gw)
+}
+
+/// The lexing the gateway parses with is the lexing the server runs with: nothing can
+/// change the encoding or the meaning of a backslash, and a server that reports
+/// otherwise ends the session.
+#[test]
+fn the_server_reads_statements_as_the_gateway_decided_them() {
+    let s = setup_with_flip();
     let (id, secret) = s.grant_for("prod-db", "write");
     let port = s.gw.pg_port();
 
@@ -408,7 +413,7 @@ fn deep_and_huge_statements_get_postgres_answers_and_the_gateway_lives() {
 /// A stand-in upstream that says it wrote when asked to read: no real PostgreSQL can
 /// be made to disagree with the gateway's classification (that is the point), so this
 /// one lies, to prove the tripwire would fire.
-fn lying_upstream() -> (u16, std::thread::JoinHandle<()>) {
+pub(crate) fn lying_upstream() -> (u16, std::thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let handle = std::thread::spawn(move || {

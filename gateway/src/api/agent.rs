@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::ratelimit::{RateLimiter, RecordCap};
 use crate::grants::{AgentRecord, Broker, BrokerError, GrantRecord, GrantRequestBody, GrantStatus};
-use crate::record::{AuditEvent, Write};
+use crate::record::{AuditEvent, EventKind, Write};
 
 /// The agent API's shared state.
 pub struct AgentApi {
@@ -140,7 +140,7 @@ impl AgentApi {
             return;
         };
         let path: String = path.chars().take(256).collect();
-        let mut event = AuditEvent::new("api.refused").detail(json!({
+        let mut event = AuditEvent::new(EventKind::ApiRefused).detail(json!({
             "method": method.as_str(),
             "path": path,
             "status": status.as_u16(),

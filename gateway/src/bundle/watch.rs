@@ -13,7 +13,7 @@ use serde_json::json;
 use super::{BundleError, PolicyDir, Recovery};
 use crate::keys::TrustedKeys;
 use crate::policy::{ActivePolicy, BundleId, EXPIRY_WARNING, PolicyEngine, PolicySet};
-use crate::record::{AuditEvent, Record, Write};
+use crate::record::{AuditEvent, EventKind, Record, Write};
 
 /// Watches the policy directory and swaps in each newly installed bundle that
 /// verifies, compiles and passes its fixtures. A bundle that fails keeps the old one
@@ -85,7 +85,8 @@ impl Reloader {
                 );
                 tracing::error!("{reason}");
                 self.write(
-                    AuditEvent::new("policy.unsafe").detail(json!({ "error": e.to_string() })),
+                    AuditEvent::new(EventKind::PolicyUnsafe)
+                        .detail(json!({ "error": e.to_string() })),
                 );
                 self.active.replace(PolicySet::refusing(reason));
                 // Load the bundle again, checked, once the directory is safe.
@@ -162,7 +163,7 @@ impl Reloader {
             Err(_) => {
                 if self.expired != Some(bundle.version) {
                     self.expired = Some(bundle.version);
-                    self.write(AuditEvent::new("policy.expired").detail(json!({
+                    self.write(AuditEvent::new(EventKind::PolicyExpired).detail(json!({
                         "bundle": bundle.to_string(),
                         "expires": expires_at,
                         "effect": "every decision is denied until a newer bundle is installed",
@@ -220,7 +221,7 @@ pub fn activated_event(
         .iter()
         .map(|m| json!({ "name": &**m.name(), "sha256": &**m.digest() }))
         .collect();
-    AuditEvent::new("policy.activated").detail(json!({
+    AuditEvent::new(EventKind::PolicyActivated).detail(json!({
         "bundle": set.bundle().map(|b| b.to_string()),
         "modules": modules,
         "previous": previous,
@@ -230,7 +231,7 @@ pub fn activated_event(
 
 /// `policy.refused`: the installed bundle did not load; the active one stays.
 pub fn refused_event(installed: Option<&Path>, error: &BundleError) -> AuditEvent {
-    AuditEvent::new("policy.refused").detail(json!({
+    AuditEvent::new(EventKind::PolicyRefused).detail(json!({
         "installed": installed.and_then(Path::file_name).map(|n| n.to_string_lossy()),
         "error": error.to_string(),
     }))

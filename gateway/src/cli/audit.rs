@@ -1,4 +1,4 @@
-//! `airlock audit …`: verify, checkpoint, export, tail. They read the store directly
+//! `airlock audit …`: verify, checkpoint, export, tail, schema. They read the store directly
 //! when the gateway is stopped, and ask the running gateway for an export otherwise;
 //! verification always happens here, in the operator's process.
 
@@ -57,6 +57,9 @@ pub(crate) enum AuditCommand {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// Print the published JSON Schema (2020-12) every exported entry follows: each
+    /// kind's fields, documented. An entry's `schema` field names its version.
+    Schema,
     /// Accept that the stopped gateway's store lost entries it had acknowledged (as
     /// `verify` and `serve` report), so the gateway can serve again. The acceptance,
     /// with the reason and what was lost, becomes the next entry of the log.
@@ -231,6 +234,7 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
                 }
             }
         }
+        AuditCommand::Schema => print!("{}", airlock::record::SCHEMA),
         AuditCommand::Checkpoint => {
             let data = context.data_dir()?;
             let note = match Spaces::open_copy(&data.store_dir()) {

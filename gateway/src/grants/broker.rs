@@ -12,7 +12,7 @@ use super::secret::{hash_secret, new_id, new_secret, secret_matches};
 use crate::policy::ActivePolicy;
 use crate::policy::types::GrantRequest;
 use crate::policy::{Decision, Kind, Outcome};
-use crate::record::{AuditEvent, Record, RecordError, Space, Write};
+use crate::record::{AuditEvent, EventKind, Record, RecordError, Space, Write};
 
 /// How long an operator has to approve a pending grant.
 const REVIEW_WINDOW: Duration = Duration::from_secs(15 * 60);
@@ -253,7 +253,7 @@ impl Broker {
             revoked: false,
         };
         let write = Write::event(
-            AuditEvent::new("agent.added")
+            AuditEvent::new(EventKind::AgentAdded)
                 .agent(name)
                 .detail(serde_json::json!({ "labels": agent.labels })),
         )
@@ -299,7 +299,7 @@ impl Broker {
         }
         agent.revoked = true;
         let write = Write::event(
-            AuditEvent::new("agent.revoked")
+            AuditEvent::new(EventKind::AgentRevoked)
                 .agent(name)
                 .detail(serde_json::json!({ "by": by })),
         )
@@ -376,7 +376,7 @@ impl Broker {
             )));
         }
         let write = Write::event(
-            AuditEvent::new("target.added")
+            AuditEvent::new(EventKind::TargetAdded)
                 .target(&target.name)
                 .detail(serde_json::json!({ "kind": target.kind, "upstream": target.upstream, "labels": target.labels, "by": by })),
         )
@@ -401,7 +401,7 @@ impl Broker {
             Some(_) => {}
         }
         let write = Write::event(
-            AuditEvent::new("target.removed")
+            AuditEvent::new(EventKind::TargetRemoved)
                 .target(name)
                 .detail(serde_json::json!({ "by": by })),
         )
@@ -488,7 +488,7 @@ impl Broker {
                 grant.hint = hint.clone();
             }
         }
-        let requested = AuditEvent::new("grant.requested")
+        let requested = AuditEvent::new(EventKind::GrantRequested)
             .agent(&agent.name)
             .target(&target.name)
             .grant(&id)
@@ -500,7 +500,7 @@ impl Broker {
         let mut decided = decision_detail(&decision);
         decided["status"] = serde_json::json!(grant.status);
         decided["expires_ms"] = serde_json::json!(grant.expires_ms);
-        let decided = AuditEvent::new("grant.decided")
+        let decided = AuditEvent::new(EventKind::GrantDecided)
             .agent(&agent.name)
             .target(&target.name)
             .grant(&id)
@@ -558,7 +558,7 @@ impl Broker {
         grant.expires_ms = now_ms() + u64::from(grant.ttl_seconds) * 1000;
         grant.approved_by = Some(operator.to_string());
         let write = Write::event(
-            AuditEvent::new("grant.approved")
+            AuditEvent::new(EventKind::GrantApproved)
                 .agent(&grant.agent)
                 .target(&grant.target)
                 .grant(id)
@@ -590,7 +590,7 @@ impl Broker {
         let kind = self.target(&grant.target).map_or(Kind::Http, |t| t.kind);
         let secret = mint_secret(&mut grant, kind);
         let write = Write::event(
-            AuditEvent::new("grant.collected")
+            AuditEvent::new(EventKind::GrantCollected)
                 .agent(agent)
                 .target(&grant.target)
                 .grant(id),
@@ -691,10 +691,10 @@ impl Broker {
         grant.status = status;
         grant.reason = Some(reason.to_string());
         let kind = match status {
-            GrantStatus::Denied => "grant.denied",
-            GrantStatus::Expired => "grant.expired",
-            GrantStatus::Ended => "grant.ended",
-            _ => "grant.revoked",
+            GrantStatus::Denied => EventKind::GrantDenied,
+            GrantStatus::Expired => EventKind::GrantExpired,
+            GrantStatus::Ended => EventKind::GrantEnded,
+            _ => EventKind::GrantRevoked,
         };
         let write = Write::event(
             AuditEvent::new(kind)
@@ -803,7 +803,7 @@ impl Broker {
             end_reason: None,
         };
         let write = Write::event(
-            AuditEvent::new("session.opened")
+            AuditEvent::new(EventKind::SessionOpened)
                 .agent(&grant.agent)
                 .target(&grant.target)
                 .grant(&grant.id)
@@ -825,7 +825,7 @@ impl Broker {
         session.statements = statements;
         session.end_reason = Some(reason.to_string());
         let write = Write::event(
-            AuditEvent::new("session.closed")
+            AuditEvent::new(EventKind::SessionClosed)
                 .agent(&session.agent)
                 .target(&session.target)
                 .grant(&session.grant)

@@ -7,6 +7,16 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::EventKind;
+
+/// The version of the published schema new entries follow, stored in each entry's
+/// `schema` field. It changes only when a field's meaning or type does; a new field or
+/// kind keeps it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The published JSON Schema (2020-12) of an audit entry at [`SCHEMA_VERSION`].
+pub const SCHEMA: &str = include_str!("../../schema/audit-v1.schema.json");
+
 /// What the caller records; the writer adds the sequence number, time and chain link.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
@@ -24,9 +34,9 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    pub fn new(kind: &str) -> Self {
+    pub fn new(kind: EventKind) -> Self {
         AuditEvent {
-            kind: kind.to_string(),
+            kind: kind.as_str().to_string(),
             agent: None,
             target: None,
             grant: None,
@@ -64,6 +74,10 @@ pub struct AuditEntry {
     pub time_ms: u64,
     /// Hex sha256 of the previous entry's bytes; 64 zeros for the first entry.
     pub prev: String,
+    /// The schema version the entry follows; absent in entries written before the
+    /// schema was published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<u32>,
     #[serde(flatten)]
     pub event: AuditEvent,
 }
@@ -75,6 +89,7 @@ pub(crate) struct NewEntry<'a> {
     pub seq: u64,
     pub time_ms: u64,
     pub prev: &'a str,
+    pub schema: u32,
     #[serde(flatten)]
     pub event: &'a AuditEvent,
 }

@@ -10,6 +10,7 @@
 mod entry;
 mod export;
 mod head;
+mod kind;
 mod store;
 mod tree;
 mod verify;
@@ -18,9 +19,10 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use entry::{AuditEntry, AuditEvent, GENESIS, entry_hash};
+pub use entry::{AuditEntry, AuditEvent, GENESIS, SCHEMA, SCHEMA_VERSION, entry_hash};
 pub use export::{ExportLine, export_lines, parse_export};
 pub use head::{HeadMark, Shortfall, check as check_mark, read_mark};
+pub use kind::EventKind;
 pub use store::{Space, Spaces, StoreCopy};
 pub use tree::{CheckpointError, TreeHead, checkpoint_origin, open_checkpoint, sign_checkpoint};
 pub use verify::{Consistency, VerifyError, VerifyReport, verify_against, verify_log};

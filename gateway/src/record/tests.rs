@@ -15,7 +15,7 @@ fn options(dir: &std::path::Path) -> RecordOptions {
 }
 
 fn event(n: u64) -> AuditEvent {
-    AuditEvent::new("test.event")
+    AuditEvent::new(EventKind::AgentAdded)
         .agent("agent-1")
         .detail(serde_json::json!({ "n": n }))
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fjall::PersistMode;
 use tokio::sync::oneshot;
 
-use super::entry::{AuditEvent, GENESIS, NewEntry, entry_hash, seq_key};
+use super::EventKind;
+use super::entry::{AuditEvent, GENESIS, NewEntry, SCHEMA_VERSION, entry_hash, seq_key};
 use super::store::{Space, Spaces};
 use super::tree::{MemHashes, Overlay, TreeHead, append, sign_checkpoint};
 use super::{RecordError, head};
@@ -148,7 +149,7 @@ impl Record {
             (None, _) => None,
             (Some(shortfall), None) => return Err(RecordError::Shortened(shortfall)),
             (Some(shortfall), Some(reason)) => Some(
-                AuditEvent::new("record.loss-accepted").detail(serde_json::json!({
+                AuditEvent::new(EventKind::RecordLossAccepted).detail(serde_json::json!({
                     "shortfall": shortfall.to_string(),
                     "acknowledged": mark,
                     "found_entries": spaces.audit_len()?,
@@ -376,6 +377,7 @@ impl Writer {
                     seq,
                     time_ms,
                     prev: &prev,
+                    schema: SCHEMA_VERSION,
                     event,
                 };
                 let bytes = serde_json::to_vec(&entry).expect("an audit entry serializes");

@@ -26,7 +26,7 @@ use crate::config::Durability;
 use crate::grants::LiveGrant;
 use crate::policy::types::{Action, GrantContext, SqlKind};
 use crate::policy::{Outcome, PolicySet, sql_kind_name};
-use crate::record::{AuditEvent, RecordError, Write};
+use crate::record::{AuditEvent, EventKind, RecordError, Write};
 
 /// How long a cached verdict on a statement text is reused. Verdicts take the time as
 /// an input, so a cached one is only as good as a recent one.
@@ -45,6 +45,8 @@ pub(super) struct Checked {
     pub(super) denial: Option<(String, Option<String>)>,
     pub(super) bundle: Option<String>,
     pub(super) votes: Vec<serde_json::Value>,
+    /// `gateway` for what the gateway refuses before any policy runs, else `policy`.
+    pub(super) decided_by: &'static str,
 }
 
 /// What the gateway waits for from the upstream, in order, for what it forwarded.
@@ -296,7 +298,7 @@ impl Session {
         if !ended.terminated {
             tracing::error!(error = ?ended.error, "cannot confirm the upstream backend ended (its connection is closed; a running statement stops within 100 ms)");
         }
-        let event = AuditEvent::new("session.upstream-ended")
+        let event = AuditEvent::new(EventKind::SessionUpstreamEnded)
             .agent(&self.live.grant.agent)
             .target(&self.context.target.name)
             .grant(&self.live.grant.id)
@@ -457,7 +459,8 @@ impl Session {
             return Arc::new(Checked {
                 denial: Some(denial),
                 bundle: None,
-                votes: vec![serde_json::json!({ "module": "gateway" })],
+                votes: Vec::new(),
+                decided_by: "gateway",
             });
         }
         if let Some((at, cached_set, checked)) = self.verdicts.get(&statement.text)
@@ -489,6 +492,7 @@ impl Session {
             denial,
             bundle: decision.bundle.as_ref().map(|b| b.to_string()),
             votes: decision.votes.iter().map(|v| v.to_record()).collect(),
+            decided_by: "policy",
         });
         if self.verdicts.len() >= VERDICTS_KEPT {
             self.verdicts.clear();
@@ -513,6 +517,7 @@ impl Session {
             "text": statement.text,
             "kind": sql_kind_name(statement.kind),
             "verdict": if checked.denial.is_some() { "deny" } else { "allow" },
+            "decided_by": checked.decided_by,
             "reason": checked.denial.as_ref().map(|d| &d.0),
             "bundle": checked.bundle,
             "votes": checked.votes,
@@ -520,10 +525,10 @@ impl Session {
         if let Some(params) = params {
             detail["params"] = params.clone();
         }
-        self.event("sql.statement", detail)
+        self.event(EventKind::SqlStatement, detail)
     }
 
-    fn event(&self, kind: &str, detail: serde_json::Value) -> AuditEvent {
+    fn event(&self, kind: EventKind, detail: serde_json::Value) -> AuditEvent {
         AuditEvent::new(kind)
             .agent(&self.context.agent.id)
             .target(&self.context.target.name)
@@ -535,12 +540,13 @@ impl Session {
     /// statement it could not classify (`kind` "unparsed"), or a fastpath call.
     pub(super) fn refusal_event(&self, text: &str, kind: &str, reason: &str) -> AuditEvent {
         self.event(
-            "sql.statement",
+            EventKind::SqlStatement,
             serde_json::json!({
                 "session": self.session_id,
                 "text": text,
                 "kind": kind,
                 "verdict": "deny",
+                "decided_by": "gateway",
                 "reason": reason,
             }),
         )
@@ -923,7 +929,7 @@ impl Session {
     pub(super) fn record_result(&mut self, summary: ResultSummary) {
         self.write_result_summary();
         self.result_summary = Some(self.event(
-            "sql.result",
+            EventKind::SqlResult,
             serde_json::json!({
                 "session": self.session_id,
                 "commands": summary.commands,
@@ -967,7 +973,7 @@ impl Session {
         let reason =
             format!("the server answered {command:?} to statements decided as changing nothing");
         let event = self.event(
-            "sql.mismatch",
+            EventKind::SqlMismatch,
             serde_json::json!({ "session": self.session_id, "command": command, "reason": reason }),
         );
         if let Err(e) = self.record(Write::event(event)).await {
@@ -995,7 +1001,7 @@ impl Session {
             return Ok(());
         };
         let event = self.event(
-            "sql.pin-broken",
+            EventKind::SqlPinBroken,
             serde_json::json!({ "session": self.session_id, "parameter": name, "value": value, "reason": reason }),
         );
         self.record(Write::event(event)).await?;

@@ -119,15 +119,17 @@ async fn refuse_login(
         ),
         grant => (grant.map(bounded), reason.to_string()),
     };
-    let event = crate::record::AuditEvent::new("session.refused").detail(serde_json::json!({
-        "protocol": "postgres",
-        "code": code,
-        "reason": bounded(&recorded_reason),
-        "claimed_grant": grant,
-        "target": target.map(bounded),
-        "peer": peer,
-        "unrecorded_before": left_out,
-    }));
+    let event = crate::record::AuditEvent::new(crate::record::EventKind::SessionRefused).detail(
+        serde_json::json!({
+            "protocol": "postgres",
+            "code": code,
+            "reason": bounded(&recorded_reason),
+            "claimed_grant": grant,
+            "target": target.map(bounded),
+            "peer": peer,
+            "unrecorded_before": left_out,
+        }),
+    );
     if let Err(e) = services
         .broker
         .record()
