@@ -171,6 +171,14 @@ pub struct RecordConfig {
     /// for `airlock audit verify --witness`.
     #[serde(default)]
     pub witness: Option<PathBuf>,
+    /// An endpoint each signed checkpoint is also POSTed to, as one JSON line
+    /// (`{"checkpoint": …}`): https:// verified against `witness-ca`, or http:// to a
+    /// loopback address.
+    #[serde(default)]
+    pub witness_url: Option<String>,
+    /// The CA file (PEM) that signs the witness endpoint's certificate.
+    #[serde(default)]
+    pub witness_ca: Option<PathBuf>,
     /// When a statement's record entry must be durable: `strict` (before its result is
     /// released) or `batched` (queued before it runs, durable within the writer's next
     /// group commit; a record failure cuts every session).
@@ -212,6 +220,8 @@ impl Default for RecordConfig {
             checkpoint_every: default_cp_every(),
             checkpoint_interval: default_cp_interval(),
             witness: None,
+            witness_url: None,
+            witness_ca: None,
             durability: Durability::Strict,
             batch_window: default_batch_window(),
         }

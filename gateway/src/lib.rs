@@ -26,3 +26,4 @@ pub mod proxy;
 pub mod record;
 pub mod secrets;
 pub mod serve;
+mod tls;

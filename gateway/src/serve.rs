@@ -20,7 +20,10 @@ use crate::keys::SecretKey;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
 use crate::proxy::postgres::classify::ClassifyCache;
 use crate::proxy::postgres::startup::{self, PgServices};
-use crate::record::{AuditEvent, EventKind, Record, RecordOptions, Write};
+use crate::record::{
+    AuditEvent, EventKind, FileWitness, HttpWitness, Record, RecordOptions, Witness, WitnessUrl,
+    Write,
+};
 use crate::secrets::Secrets;
 
 /// How often grants are checked for expiry (their connections are cut within this).
@@ -52,6 +55,29 @@ pub fn signing_key(path: &Path) -> Result<SecretKey, ServeError> {
 }
 
 /// Runs the gateway until `shutdown` resolves.
+/// The checkpoint witnesses the configuration names: a file outside the data
+/// directory, an HTTP(S) endpoint, or both.
+fn witnesses(config: &Config, data: &DataDir) -> Result<Vec<Arc<dyn Witness>>, ServeError> {
+    let mut witnesses: Vec<Arc<dyn Witness>> = Vec::new();
+    if let Some(path) = &config.record.witness {
+        if !path.is_absolute() || path.starts_with(data.root()) {
+            return Err(ServeError::Setup(format!(
+                "record.witness = {}: the witness must be an absolute path outside the data directory, where the gateway's own files cannot rewrite it",
+                path.display()
+            )));
+        }
+        witnesses.push(Arc::new(FileWitness::new(path)));
+    }
+    if let Some(url) = &config.record.witness_url {
+        let url = WitnessUrl::parse(url, config.record.witness_ca.as_deref())
+            .map_err(setup("record.witness-url"))?;
+        witnesses.push(Arc::new(
+            HttpWitness::start(url).map_err(setup("record.witness-url"))?,
+        ));
+    }
+    Ok(witnesses)
+}
+
 pub async fn run(
     config: Config,
     data: DataDir,
@@ -70,15 +96,7 @@ pub async fn run(
             checkpoint_every: config.record.checkpoint_every,
             checkpoint_interval: config.checkpoint_interval(),
             commit_window: config.commit_window(),
-            witness: match &config.record.witness {
-                Some(path) if !path.is_absolute() || path.starts_with(data.root()) => {
-                    return Err(ServeError::Setup(format!(
-                        "record.witness = {}: the witness must be an absolute path outside the data directory, where the gateway's own files cannot rewrite it",
-                        path.display()
-                    )));
-                }
-                witness => witness.clone(),
-            },
+            witnesses: witnesses(&config, &data)?,
             ..RecordOptions::new(data.store_dir())
         },
         key,

@@ -2,14 +2,18 @@
 //! checked against the published schema (`airlock audit schema`).
 
 use std::collections::BTreeSet;
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::gateway::{assert_follows_schema, wait_for};
+use crate::gateway::{Gateway, assert_follows_schema, wait_for};
 use crate::postgres::Raw;
 use crate::postgres_hostile::{lying_upstream, setup_with_flip};
-use crate::support::text;
+use crate::support::{tempdir, test_certificates, text};
 
 const TASK: &str = "confirm migration 42 ran";
 
@@ -177,4 +181,123 @@ fn a_run_through_every_event_kind_exports_entries_that_follow_the_published_sche
         airlock::record::SCHEMA
     );
     ok(s.gw.cli(&["audit", "verify"]));
+}
+
+/// A checkpoint witness as an operator might run one: an HTTPS endpoint that appends
+/// each POSTed body as a line of `file`, on `port`, until the test ends.
+fn https_witness(port: u16, cert: &Path, key: &Path, file: PathBuf) {
+    use http_body_util::BodyExt as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, PrivateKeyDer::from_pem_file(key).unwrap())
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let file = file.clone();
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let file = file.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let mut out = std::fs::OpenOptions::new()
+                                .append(true)
+                                .create(true)
+                                .open(&file)
+                                .unwrap();
+                            out.write_all(&[&body[..], b"\n"].concat()).unwrap();
+                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Empty::<
+                                bytes::Bytes,
+                            >::new(
+                            )))
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service),
+                );
+            }
+        })
+    });
+}
+
+/// With `witness-url`, each signed checkpoint also reaches an HTTPS endpoint the
+/// operator runs; while it is down the gateway serves on and delivers later; what the
+/// endpoint kept is what `audit verify --witness` checks. Plain HTTP off loopback, and
+/// HTTPS without a CA to verify it by, are refused at start.
+#[test]
+fn checkpoints_reach_an_https_witness_that_was_down_when_they_were_signed() {
+    let outside = tempdir();
+    let (ca, cert, key) = test_certificates(outside.path(), "witness");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let witnessed = outside.path().join("witnessed.jsonl");
+    let mut gw = Gateway::prepare("");
+    let setting = format!(
+        "checkpoint-interval = \"1s\"\nwitness-url = \"https://localhost:{port}/airlock/checkpoints\"\nwitness-ca = {:?}",
+        ca.to_str().unwrap()
+    );
+    gw.edit_config("checkpoint-interval = \"1s\"", &setting);
+    gw.spawn();
+    // The endpoint is down: grants are still decided and recorded.
+    let token = gw.agent("claude", &[]);
+    for _ in 0..3 {
+        assert_eq!(gw.ask(&token, "prod-db", TASK, "read", "10m").0, 201);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!witnessed.exists());
+    https_witness(port, &cert, &key, witnessed.clone());
+    let lines = || {
+        std::fs::read_to_string(&witnessed)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    wait_for("the queued checkpoints to be delivered", || lines() >= 1);
+    let delivered = lines();
+    for _ in 0..3 {
+        assert_eq!(gw.ask(&token, "prod-db", TASK, "read", "10m").0, 201);
+    }
+    wait_for("a new checkpoint to be delivered", || lines() > delivered);
+    gw.stop(false);
+    let out = gw.cli(&["audit", "verify", "--witness", witnessed.to_str().unwrap()]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("consistent with all"), "{said}");
+
+    // Plain HTTP to another host, and HTTPS with nothing to verify it by, are refused.
+    gw.edit_config(&setting, "witness-url = \"http://192.0.2.1/checkpoints\"");
+    let refused = gw.refused_start();
+    assert!(refused.contains("not loopback"), "{refused}");
+    gw.edit_config(
+        "witness-url = \"http://192.0.2.1/checkpoints\"",
+        "witness-url = \"https://192.0.2.1/checkpoints\"",
+    );
+    let refused = gw.refused_start();
+    assert!(refused.contains("witness-ca"), "{refused}");
 }

@@ -14,6 +14,7 @@ mod kind;
 mod store;
 mod tree;
 mod verify;
+mod witness;
 mod writer;
 
 #[cfg(test)]
@@ -26,6 +27,7 @@ pub use kind::EventKind;
 pub use store::{Space, Spaces, StoreCopy};
 pub use tree::{CheckpointError, TreeHead, checkpoint_origin, open_checkpoint, sign_checkpoint};
 pub use verify::{Consistency, VerifyError, VerifyReport, verify_against, verify_log};
+pub use witness::{FileWitness, HttpWitness, Witness, WitnessError, WitnessUrl};
 pub use writer::{Receipt, Record, RecordOptions, Write};
 
 /// Why the record could not be used.

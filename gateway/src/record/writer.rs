@@ -14,6 +14,7 @@ use super::EventKind;
 use super::entry::{AuditEvent, GENESIS, NewEntry, SCHEMA_VERSION, entry_hash, seq_key};
 use super::store::{Space, Spaces};
 use super::tree::{MemHashes, Overlay, TreeHead, append, sign_checkpoint};
+use super::witness::Witness;
 use super::{RecordError, head};
 use crate::keys::SecretKey;
 
@@ -36,10 +37,10 @@ pub struct RecordOptions {
     /// a `record.loss-accepted` entry (`airlock audit accept-loss`). Without it such a
     /// store is refused.
     pub accept_loss: Option<String>,
-    /// A file outside the gateway's data directory each signed checkpoint is also
-    /// appended to (one JSON line each): a gateway that re-signs a rewritten history
-    /// is caught by `audit verify --witness`.
-    pub witness: Option<PathBuf>,
+    /// Where each signed checkpoint is also handed, outside the gateway's data
+    /// directory: a gateway that re-signs a rewritten history is caught by
+    /// `audit verify --witness`.
+    pub witnesses: Vec<Arc<dyn Witness>>,
 }
 
 impl RecordOptions {
@@ -52,7 +53,7 @@ impl RecordOptions {
             max_batch: 4096,
             commit_window: Duration::ZERO,
             accept_loss: None,
-            witness: None,
+            witnesses: Vec::new(),
         }
     }
 }
@@ -473,10 +474,9 @@ impl Writer {
                     .insert(size.to_be_bytes(), note.clone())
                     .and_then(|()| self.spaces.db.persist(PersistMode::SyncAll))
                     .map_err(|e| e.to_string())?;
-                if let Some(witness) = &self.options.witness
-                    && let Err(e) = append_witness(witness, &note)
-                {
-                    tracing::error!(witness = %witness.display(), error = %e, "cannot append a checkpoint to the witness file");
+                let line = super::ExportLine::Checkpoint(note).to_line();
+                for witness in &self.options.witnesses {
+                    witness.witness(&line);
                 }
                 Ok(())
             });
@@ -488,19 +488,4 @@ impl Writer {
             Err(reason) => self.poison(format!("checkpoint at size {size}: {reason}")),
         }
     }
-}
-
-/// Appends one signed checkpoint to the witness file, as an export's checkpoint line,
-/// and makes it durable.
-fn append_witness(path: &std::path::Path, note: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let line = super::ExportLine::Checkpoint(note.to_vec()).to_line();
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(&[line.as_slice(), b"\n"].concat())?;
-    file.sync_data()
 }

@@ -2,14 +2,12 @@
 //! the gateway holds for the target. The agent never sees it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -347,22 +345,8 @@ async fn start_tls(
     root: &std::path::Path,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, UpstreamError> {
     let tls_error = |e: String| UpstreamError::Tls(addr.host_port.clone(), e);
-    let mut roots = rustls::RootCertStore::empty();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(root)
-        .and_then(|certs| certs.collect())
-        .map_err(|e| tls_error(format!("sslrootcert {}: {e}", root.display())))?;
-    for cert in certs {
-        roots
-            .add(cert)
-            .map_err(|e| tls_error(format!("sslrootcert {}: {e}", root.display())))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| tls_error(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config =
+        crate::tls::client_config(root).map_err(|e| tls_error(format!("sslrootcert {e}")))?;
     let name = ServerName::try_from(addr.host().to_string())
         .map_err(|e| tls_error(format!("server name: {e}")))?;
     let mut request = bytes::BytesMut::new();
@@ -381,7 +365,7 @@ async fn start_tls(
             "the server does not offer TLS, and the target requires it".into(),
         ));
     }
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, stream)
         .await
         .map_err(|e| tls_error(e.to_string()))
