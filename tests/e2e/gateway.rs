@@ -1249,16 +1249,42 @@ fn the_agent_api_speaks_tls_when_configured() {
 }
 
 /// Every file under `dir`, with its bytes: to show a reader left a store as it was.
-fn tree_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+/// The range in "entries A to B of the N this gateway acknowledged cannot be read".
+fn lost_entries(said: &str) -> (u64, u64) {
+    let after = &said[said.find("; entries ").expect(said) + "; entries ".len()..];
+    let mut words = after.split(' ');
+    let first = words.next().unwrap().parse().expect(said);
+    assert_eq!(words.next(), Some("to"), "{said}");
+    (first, words.next().unwrap().parse().expect(said))
+}
+
+/// Panics naming the files that differ, if any.
+fn assert_same_files(got: &[(PathBuf, Vec<u8>)], want: &[(PathBuf, Vec<u8>)], what: &str) {
+    if got != want {
+        let names = |files: &[(PathBuf, Vec<u8>)]| -> Vec<String> {
+            files
+                .iter()
+                .map(|(p, b)| format!("{} ({} bytes)", p.display(), b.len()))
+                .collect()
+        };
+        let (got, want) = (names(got), names(want));
+        let added: Vec<_> = got.iter().filter(|f| !want.contains(f)).collect();
+        let removed: Vec<_> = want.iter().filter(|f| !got.contains(f)).collect();
+        panic!("{what}: now {added:?}, before {removed:?} (or same names, other bytes)");
+    }
+}
+
+fn tree_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut files = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
+    let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 pending.push(path);
             } else {
-                files.push((path.clone(), std::fs::read(&path).unwrap()));
+                let relative = path.strip_prefix(root).unwrap().to_path_buf();
+                files.push((relative, std::fs::read(&path).unwrap()));
             }
         }
     }
@@ -1284,6 +1310,19 @@ fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record
     assert!(ok.status.success(), "{}", text(&ok));
     assert_eq!(tree_bytes(&store), before, "verify changed the store");
 
+    let saved = gw.data().join("../store.saved");
+    let cp = |from: &Path, to: &Path| {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    cp(&store, &saved);
+    let head_before = std::fs::read(gw.data().join("store.head")).unwrap();
+
     // A flipped byte near the end of the newest journal's data.
     let mut journals: Vec<_> = std::fs::read_dir(&store)
         .unwrap()
@@ -1301,8 +1340,11 @@ fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record
         .iter()
         .rposition(|&b| b != 0)
         .expect("journal data");
+    // A flipped byte in the middle of the journal's data: the entries written from
+    // there on are unreadable.
+    let at = end / 2;
     let mut flipped = original.clone();
-    flipped[end.saturating_sub(40)] ^= 0x01;
+    flipped[at] ^= 0x01;
     std::fs::write(&newest, &flipped).unwrap();
     let damaged = tree_bytes(&store);
     let out = gw.cli(&["audit", "verify"]);
@@ -1312,12 +1354,85 @@ fn a_shortened_record_is_named_by_verify_refused_by_serve_and_accepted_on_record
         "a flipped journal byte verified: {said}"
     );
     assert!(!said.contains("ok:"), "{said}");
-    assert_eq!(
-        tree_bytes(&store),
-        damaged,
-        "verify changed the damaged store"
+    // Named by file, byte and entry; fjall's own words are not the message.
+    let journal = newest.file_name().unwrap().to_str().unwrap();
+    let named = format!("the store's journal {journal} is damaged from byte ");
+    assert!(said.contains(&named), "{said}");
+    let lost = lost_entries(&said);
+    assert!(lost.0 < lost.1 && lost.1 == 13, "{said}");
+    assert!(
+        !said.contains("ChecksumMismatch") && !said.contains("fjall"),
+        "{said}"
     );
-    std::fs::write(&newest, &original).unwrap();
+    let offset: usize = said[said.find(&named).unwrap() + named.len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        offset <= at,
+        "the damage starts after the flipped byte: {said}"
+    );
+    assert_same_files(
+        &tree_bytes(&store),
+        &damaged,
+        "verify changed the damaged store",
+    );
+    // serve refuses it the same way, and says what to do.
+    let refused = gw.refused_start();
+    assert!(refused.contains(&named), "{refused}");
+    assert!(refused.contains("airlock audit accept-loss"), "{refused}");
+    // The journal, the evidence, is as it was (fjall's open in place has removed
+    // superseded version files of a keyspace before it refused the journal).
+    let journals = |files: &[(PathBuf, Vec<u8>)]| -> Vec<(PathBuf, Vec<u8>)> {
+        files
+            .iter()
+            .filter(|(p, _)| p.extension().is_some_and(|e| e == "jnl"))
+            .cloned()
+            .collect()
+    };
+    assert_same_files(
+        &journals(&tree_bytes(&store)),
+        &journals(&damaged),
+        "serve changed the damaged journal",
+    );
+    // Accepting the loss cuts the journal there, keeps the store as it was, and
+    // records where it was cut.
+    let before_accept = tree_bytes(&store);
+    let out = gw.cli(&["audit", "accept-loss", "--reason", "disk fault on host 7"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("accepted and recorded"), "{said}");
+    let kept: Vec<_> = std::fs::read_dir(gw.data())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("store.damaged-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{}", text(&out));
+    assert_same_files(
+        &tree_bytes(&kept[0]),
+        &before_accept,
+        "the damaged store is kept as it was",
+    );
+    let out = gw.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let accepted = gw.events("record.loss-accepted");
+    assert_eq!(accepted.len(), 1, "{}", text(&out));
+    assert_eq!(accepted[0]["detail"]["cut"]["journal"], journal);
+    assert_eq!(accepted[0]["detail"]["cut"]["offset"], offset);
+    // Back to the undamaged store for the cases below.
+    std::fs::remove_dir_all(&store).unwrap();
+    std::fs::remove_dir_all(&kept[0]).unwrap();
+    std::fs::write(gw.data().join("store.head"), &head_before).unwrap();
+    cp(&saved, &store);
+    assert_eq!(tree_bytes(&store), before);
 
     // A lost tail: the last two entries gone (as a cut-back journal leaves it).
     {

@@ -926,7 +926,11 @@ fn a_crash_under_eight_sessions_loses_no_acknowledged_statement() {
         .into_iter()
         .flat_map(|t| t.join().unwrap())
         .collect();
-    assert!(acknowledged.len() > 8, "{} statements ran", acknowledged.len());
+    assert!(
+        acknowledged.len() > 8,
+        "{} statements ran",
+        acknowledged.len()
+    );
 
     s.gw.spawn();
     let recorded: std::collections::HashSet<String> = events(&s.gw, "sql.statement")
@@ -937,12 +941,18 @@ fn a_crash_under_eight_sessions_loses_no_acknowledged_statement() {
         .iter()
         .filter(|sql| !recorded.contains(*sql))
         .collect();
-    assert!(missing.is_empty(), "acknowledged but not recorded: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not recorded: {missing:?}"
+    );
     // Record first, then act: every row the server has, its statement is recorded.
     let rows = s.pg.psql_super("SELECT v FROM crash_log", "app");
     for row in rows.lines().filter(|r| !r.is_empty()) {
         let sql = format!("INSERT INTO crash_log VALUES ('{row}')");
-        assert!(recorded.contains(&sql), "{sql} reached the server unrecorded");
+        assert!(
+            recorded.contains(&sql),
+            "{sql} reached the server unrecorded"
+        );
     }
 
     let interrupted: Vec<_> = events(&s.gw, "session.closed")

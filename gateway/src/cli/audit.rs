@@ -12,8 +12,9 @@ use clap::Subcommand;
 use airlock::api::admin::{AdminRequest, call, export_from};
 use airlock::keys::PublicKey;
 use airlock::record::{
-    AuditEntry, ExportLine, Record, RecordError, RecordOptions, Shortfall, Spaces, StoreCopy,
-    check_mark, export_lines, parse_export, read_mark, verify_against, verify_log,
+    AcceptLoss, AuditEntry, ExportLine, Record, RecordError, RecordOptions, Shortfall, Spaces,
+    StoreCopy, check_mark, cut_journal, export_lines, parse_export, read_mark, verify_against,
+    verify_log,
 };
 
 use super::Context;
@@ -299,33 +300,59 @@ pub(crate) fn run(context: &Context, command: AuditCommand) -> anyhow::Result<Ex
             let config = context.config()?;
             let data = context.data_dir()?;
             let store = data.store_dir();
-            // Opened in place, not copied: accepting the loss writes to this store.
-            let shortfall = match Spaces::open(&store) {
-                Ok(spaces) => {
-                    let mark = read_mark(&store).map_err(anyhow::Error::msg)?;
-                    check_mark(&spaces, mark.as_ref()).err()
+            // A damaged journal is cut where the damage starts (fjall cannot read past
+            // it), after the store as it was is kept beside it.
+            let cut = match Spaces::open_copy(&store) {
+                Err(RecordError::Damaged(damage)) => {
+                    let kept = data.root().join(format!(
+                        "store.damaged-{}",
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    ));
+                    cut_journal(&store, &damage, &kept)
+                        .with_context(|| format!("cutting the journal: {damage}"))?;
+                    println!(
+                        "cut: {damage}; the store as it was is kept at {}",
+                        kept.display()
+                    );
+                    Some((damage, kept))
                 }
                 Err(RecordError::Locked { .. }) => anyhow::bail!(
                     "stop the gateway first: a running gateway's store holds everything it acknowledged"
                 ),
-                Err(e) => return Err(e.into()),
+                _ => None,
             };
-            let Some(shortfall) = shortfall else {
+            // Opened in place, not copied: accepting the loss writes to this store.
+            let shortfall = {
+                let spaces = Spaces::open(&store)?;
+                let mark = read_mark(&store).map_err(anyhow::Error::msg)?;
+                check_mark(&spaces, mark.as_ref()).err()
+            };
+            if shortfall.is_none() && cut.is_none() {
                 println!("nothing to accept: the store holds everything this gateway acknowledged");
                 return Ok(ExitCode::SUCCESS);
-            };
+            }
             let operator = format!("uid:{}", rustix::process::getuid().as_raw());
             let key = airlock::keys::SecretKey::read(&data.signing_key())?;
             let record = Record::open(
                 RecordOptions {
                     origin: config.gateway.name.clone(),
-                    accept_loss: Some(format!("{reason} (accepted by {operator})")),
+                    accept_loss: Some(AcceptLoss {
+                        reason: format!("{reason} (accepted by {operator})"),
+                        cut,
+                    }),
                     ..RecordOptions::new(store)
                 },
                 key,
             )?;
             record.close();
-            println!("accepted and recorded: {shortfall}; the gateway can start again");
+            match shortfall {
+                Some(shortfall) => {
+                    println!("accepted and recorded: {shortfall}; the gateway can start again")
+                }
+                None => println!(
+                    "accepted and recorded: the journal was cut, no acknowledged entry was lost; the gateway can start again"
+                ),
+            }
         }
         AuditCommand::Tail { n, follow } => {
             let source = source(context)?;

@@ -85,15 +85,24 @@ impl Context {
 }
 
 pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The audit commands name a damaged store themselves (by file, byte and entry),
+    // on copies they cut and reopen: fjall's own complaint about each is noise, unless
+    // AIRLOCK_LOG asks for fjall by name.
+    let store_logs = match cli.command {
+        Command::Audit(_) => "fjall=off,lsm_tree=off",
+        _ => "fjall=warn,lsm_tree=warn",
+    };
+    let filter = match std::env::var("AIRLOCK_LOG") {
+        Ok(asked) if asked.contains("fjall") || asked.contains("lsm_tree") => asked,
+        Ok(asked) => format!("{asked},{store_logs}"),
+        Err(_) => format!("info,{store_logs}"),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
-                .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let context = Context {
         data: cli.data,
         config: cli.config,

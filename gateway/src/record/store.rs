@@ -43,6 +43,7 @@ impl Spaces {
             fjall::Error::Locked => RecordError::Locked {
                 path: path.display().to_string(),
             },
+            fjall::Error::JournalRecovery(e) => RecordError::JournalUnreadable(format!("{e:?}")),
             e => RecordError::Store(e.to_string()),
         })?;
         let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
@@ -83,7 +84,8 @@ impl Spaces {
         let guard = CopyDir(copy.clone());
         copy_tree(path, &copy)
             .map_err(|e| RecordError::Store(format!("copying the store: {e}")))?;
-        let spaces = Spaces::open(&copy)?;
+        // A damaged journal is named by where the damage is, not by fjall's word.
+        let spaces = Spaces::open(&copy).map_err(|e| super::damage::named(path, e))?;
         Ok(StoreCopy {
             spaces,
             _dir: guard,
@@ -152,7 +154,7 @@ pub struct StoreCopy {
 }
 
 /// Removes the copy when dropped (after the store in it is closed).
-struct CopyDir(std::path::PathBuf);
+pub(super) struct CopyDir(pub(super) std::path::PathBuf);
 
 impl Drop for CopyDir {
     fn drop(&mut self) {
@@ -162,7 +164,7 @@ impl Drop for CopyDir {
 
 /// Copies the regular files and directories under `from` into `to` (created 0700,
 /// files 0600); links and special files are not part of a store and are skipped.
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(super) fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     fsperm::create_private_dir(to).map_err(std::io::Error::other)?;
     for entry in std::fs::read_dir(from)? {

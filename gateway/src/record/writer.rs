@@ -33,10 +33,10 @@ pub struct RecordOptions {
     /// How long a batch stays open for more writes after its first. Zero commits at
     /// once (latency first); a few milliseconds trade that latency for fewer fsyncs.
     pub commit_window: Duration,
-    /// Open a store that falls short of its high-water mark, recording this reason as
-    /// a `record.loss-accepted` entry (`airlock audit accept-loss`). Without it such a
+    /// Open a store that falls short of its high-water mark, recording why as a
+    /// `record.loss-accepted` entry (`airlock audit accept-loss`). Without it such a
     /// store is refused.
-    pub accept_loss: Option<String>,
+    pub accept_loss: Option<AcceptLoss>,
     /// Where each signed checkpoint is also handed, outside the gateway's data
     /// directory: a gateway that re-signs a rewritten history is caught by
     /// `audit verify --witness`.
@@ -56,6 +56,16 @@ impl RecordOptions {
             witnesses: Vec::new(),
         }
     }
+}
+
+/// An operator's acceptance of a store that lost entries it had acknowledged.
+#[derive(Debug, Clone)]
+pub struct AcceptLoss {
+    /// Why, in the operator's words, and who.
+    pub reason: String,
+    /// Where a damaged journal was cut to make the store readable, and where the store
+    /// as it was is kept.
+    pub cut: Option<(super::Damage, PathBuf)>,
 }
 
 /// One atomic write: state changes and the audit entries that explain them, committed
@@ -144,17 +154,27 @@ impl Record {
     /// Opens the store and starts the writer thread. `key` signs checkpoints.
     pub fn open(options: RecordOptions, key: SecretKey) -> Result<Self, RecordError> {
         let mark = head::read_mark(&options.path).map_err(RecordError::Store)?;
-        let spaces = Arc::new(Spaces::open(&options.path)?);
+        let spaces = Arc::new(
+            Spaces::open(&options.path).map_err(|e| super::damage::named(&options.path, e))?,
+        );
         let shortfall = head::check(&spaces, mark.as_ref()).err();
         let loss = match (shortfall, &options.accept_loss) {
-            (None, _) => None,
             (Some(shortfall), None) => return Err(RecordError::Shortened(shortfall)),
-            (Some(shortfall), Some(reason)) => Some(
+            (None, None) => None,
+            // Nothing acknowledged was lost and nothing was cut: nothing to record.
+            (None, Some(accepted)) if accepted.cut.is_none() => None,
+            (shortfall, Some(accepted)) => Some(
                 AuditEvent::new(EventKind::RecordLossAccepted).detail(serde_json::json!({
-                    "shortfall": shortfall.to_string(),
+                    "shortfall": shortfall.map(|s| s.to_string()),
                     "acknowledged": mark,
                     "found_entries": spaces.audit_len()?,
-                    "reason": reason,
+                    "reason": accepted.reason,
+                    "cut": accepted.cut.as_ref().map(|(damage, kept_at)| serde_json::json!({
+                        "journal": damage.journal,
+                        "offset": damage.offset,
+                        "readable_entries": damage.readable_entries,
+                        "kept_at": kept_at,
+                    })),
                 })),
             ),
         };
