@@ -78,11 +78,26 @@ fn witnesses(config: &Config, data: &DataDir) -> Result<Vec<Arc<dyn Witness>>, S
     Ok(witnesses)
 }
 
+/// How often a gateway whose record failed checks whether its store is writable.
+const RECORD_PROBE: Duration = Duration::from_secs(5);
+
+/// Why [`run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The shutdown future resolved.
+    Shutdown,
+    /// The record had failed and its store is writable again. fjall refuses every
+    /// write after a failed one until the store is reopened, and the gateway's state
+    /// is loaded from the store, so the caller starts the gateway again, whole (the
+    /// binary re-executes itself in place).
+    RecordWritableAgain,
+}
+
 pub async fn run(
     config: Config,
     data: DataDir,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
+) -> Result<Ended, ServeError> {
     fsperm::create_private_dir(data.root()).map_err(setup("data directory"))?;
     // A write past a file-size limit must fail (and be refused, fail closed), not kill
     // the gateway: handling SIGXFSZ turns it into an EFBIG error from write(2).
@@ -250,13 +265,31 @@ pub async fn run(
     });
     let pg_task = tokio::spawn(startup::listen(pg_listener, pg_services));
     // A record that cannot be written ends every session: nothing goes on unrecorded.
+    // Then the store is probed until it is writable again.
+    let (writable, writable_again) = tokio::sync::oneshot::channel();
     let failure_task = tokio::spawn({
         let (failure, broker) = (record.failure(), broker.clone());
+        let store = data.store_dir();
         async move {
             let reason = failure.await;
             broker.cut_all(&format!(
                 "the gateway's record is unavailable ({reason}), so nothing more can be recorded"
             ));
+            loop {
+                tokio::time::sleep(RECORD_PROBE).await;
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || probe_writable(&store)).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "the record's store is still not writable; every action stays refused")
+                    }
+                    Err(e) => tracing::error!(error = %e, "the record's store probe failed"),
+                }
+            }
+            tracing::warn!(
+                "the record's store is writable again: the gateway restarts in place to reopen it"
+            );
+            let _ = writable.send(());
         }
     });
 
@@ -312,10 +345,14 @@ pub async fn run(
             });
         }
     };
-    tokio::select! {
-        () = accept => {}
-        () = shutdown => tracing::info!("shutting down"),
-    }
+    let ended = tokio::select! {
+        () = accept => Ended::Shutdown,
+        () = shutdown => {
+            tracing::info!("shutting down");
+            Ended::Shutdown
+        }
+        Ok(()) = writable_again => Ended::RecordWritableAgain,
+    };
     admin_task.abort();
     expiry_task.abort();
     failure_task.abort();
@@ -323,6 +360,13 @@ pub async fn run(
     // Open sessions end as PostgreSQL's own do on shutdown (57P01), before the record
     // closes under them.
     broker.cut_all("the gateway is shutting down");
+    if ended == Ended::RecordWritableAgain {
+        // The store is left open, not closed: closing would flush the batch whose
+        // write failed, and was refused to its callers, now that there is room. The
+        // caller replaces the process next, which drops it as a kill would.
+        std::mem::forget(record);
+        return Ok(ended);
+    }
     if let Err(e) = record
         .write_async(Write::event(
             AuditEvent::new(EventKind::GatewayStopped).detail(
@@ -337,5 +381,18 @@ pub async fn run(
     drop(broker);
     drop(api);
     record.close();
-    Ok(())
+    Ok(ended)
+}
+
+/// Whether the store's directory takes a write as big as a commit and its fsync: a
+/// file is written, synced and removed.
+fn probe_writable(store: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let path = store.join(format!(".airlock-probe-{}", std::process::id()));
+    let result = std::fs::File::create(&path).and_then(|mut file| {
+        file.write_all(&[0; 64 * 1024])?;
+        file.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    result
 }

@@ -1125,15 +1125,36 @@ fn when_the_record_cannot_be_written_grants_are_refused() {
         "says why: {health}"
     );
     // Still refused: fjall refuses every write after a failed one (its state on disk
-    // is unknown), so the store must be reopened, by a restart, once it has room.
+    // is unknown), so the store must be reopened once it has room.
     assert_eq!(gw.ask(&token, "prod-db", TASK, "read", "10m").0, 503);
     assert!(
         gw.log_text().contains("record write failed"),
         "{}",
         gw.log_text()
     );
+    // Room again: the gateway notices, restarts in place (the same process), and
+    // serves; the grant from before the failure is still there.
+    let limit = Command::new("prlimit")
+        .args(["--pid", &gw.pid().to_string(), "--fsize=unlimited"])
+        .status()
+        .unwrap();
+    assert!(limit.success());
+    // (It listens on new ephemeral ports, as this test's configuration asks.)
     let mut gw = gw;
-    gw.stop(true);
+    let _ = std::fs::remove_file(gw.data().join("endpoints.json"));
+    wait_for("the gateway to be ready again", || {
+        gw.read_endpoints() && gw.http("GET", "/healthz", None, None).0 == 200
+    });
+    assert_eq!(gw.ask(&token, "prod-db", TASK, "read", "10m").0, 201);
+    assert_eq!(gw.events("gateway.started").len(), 2);
+    assert!(
+        gw.log_text().contains("writable again"),
+        "{}",
+        gw.log_text()
+    );
+    gw.stop(false);
+    let out = gw.cli(&["audit", "verify"]);
+    assert!(out.status.success(), "{}", text(&out));
     let spaces = airlock::record::Spaces::open(&gw.data().join("store")).unwrap();
     for kv in spaces.grants.iter() {
         let value = kv.value().unwrap();

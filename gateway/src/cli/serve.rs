@@ -1,6 +1,9 @@
 //! `airlock serve`.
 
+use std::os::unix::process::CommandExt as _;
 use std::process::ExitCode;
+
+use airlock::serve::Ended;
 
 use super::Context;
 
@@ -10,7 +13,17 @@ pub(crate) fn run(context: &Context) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(airlock::serve::run(config, data, shutdown_signal()))?;
+    let ended = runtime.block_on(airlock::serve::run(config, data, shutdown_signal()))?;
+    if ended == Ended::RecordWritableAgain {
+        // The same binary, arguments and process id: a supervisor sees no exit, and
+        // the new run reopens the store and reloads the gateway's state from it. The
+        // runtime is not shut down first: its sockets and files close on exec, and
+        // the failed store must not be flushed (see `serve::run`).
+        let error = std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .exec();
+        anyhow::bail!("cannot restart in place to reopen the record: {error}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

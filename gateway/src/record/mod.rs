@@ -54,7 +54,7 @@ pub enum RecordError {
     )]
     Shortened(Shortfall),
     #[error(
-        "the record cannot be written ({0}); refusing every action until an operator makes the store writable and restarts the gateway (after a failed write the store refuses every write until it is reopened)"
+        "the record cannot be written ({0}); refusing every action until its store is writable again (checked every 5 s; the gateway then restarts in place, since after a failed write the store takes no write until it is reopened)"
     )]
     NotReady(String),
     #[error("the record is shutting down")]
