@@ -776,11 +776,12 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
         "",
         "SELECT count(*) AS long_read FROM generate_series(1, 3000000000)".to_string(),
     );
-    // A write grant that locks the gateway's second login out (a new password for the
-    // role) and catches the cancel: the backend still dies, once the gateway's
-    // connection is gone, before it can write.
+    // An admin grant (below admin the gateway refuses role management, tested below)
+    // that locks the gateway's second login out (a new password for the role) and
+    // catches the cancel: the backend still dies, once the gateway's connection is
+    // gone, before it can write.
     revoke_during(
-        "write",
+        "admin",
         "ALTER ROLE airlock PASSWORD 'locked-out'",
         format!(
             "DO $$ BEGIN \
@@ -802,6 +803,22 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
             crate::pg::UPSTREAM_PASSWORD
         ),
         "postgres",
+    );
+    // A write grant cannot change the gateway's credential: refused before it runs, and
+    // the gateway still logs in with it.
+    let (id, secret) = s.grant_for("prod-db", "write");
+    let mut raw = Raw::login(port, &id, &secret);
+    assert_eq!(
+        raw.simple(b"ALTER ROLE airlock PASSWORD 'locked-out'"),
+        Err("42501".into())
+    );
+    assert_eq!(
+        raw.simple(b"ALTER USER CURRENT_USER NOLOGIN"),
+        Err("42501".into())
+    );
+    assert_eq!(
+        Raw::login(port, &id, &secret).simple(b"SELECT 1"),
+        Ok(vec!["1".into()])
     );
     let running = s.pg.psql_super(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%AS long_read FROM%' AND pid <> pg_backend_pid()",

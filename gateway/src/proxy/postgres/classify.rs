@@ -42,6 +42,9 @@ pub struct Statement {
     /// `BEGIN`/`START TRANSACTION`/`SET TRANSACTION`/`SET SESSION CHARACTERISTICS` with
     /// `READ WRITE`: lifts a read-only session's default.
     pub read_write: bool,
+    /// Creates, changes, renames, drops or grants a role (`ALTER ROLE … PASSWORD`
+    /// among them): it can change or lock out the credential the gateway holds.
+    pub manages_roles: bool,
     /// SQL-level `PREPARE`, `DEALLOCATE` or `DISCARD`: it can create or drop prepared
     /// statements under names the gateway's Parse also uses.
     pub manages_prepared: bool,
@@ -207,6 +210,7 @@ struct Found {
     settings: Vec<String>,
     read_write: bool,
     locks_rows: bool,
+    manages_roles: bool,
 }
 
 impl Found {
@@ -270,6 +274,11 @@ fn walk(root: &Value, ddl: bool) -> Found {
                         }
                         "FuncCall" => found.function_call(fields),
                         "LockingClause" => found.locks_rows = true,
+                        "AlterRoleStmt" | "AlterRoleSetStmt" | "CreateRoleStmt"
+                        | "DropRoleStmt" | "GrantRoleStmt" => found.manages_roles = true,
+                        "RenameStmt" if str_field(fields, "renameType") == "OBJECT_ROLE" => {
+                            found.manages_roles = true
+                        }
                         "ColumnRef" => found
                             .field_names
                             .extend(strings(fields.get("fields")).into_iter().skip(1)),
@@ -382,6 +391,7 @@ fn describe(text: &str, stmt: &Value) -> Statement {
         locks_rows: found.locks_rows,
         settings: found.settings,
         read_write: found.read_write,
+        manages_roles: found.manages_roles,
         manages_prepared,
         manages_cursors,
     }

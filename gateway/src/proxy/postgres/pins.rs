@@ -82,7 +82,13 @@ pub(super) fn check_client_startup(params: &[(String, String)]) -> Result<(), St
 
 /// Why the gateway refuses a statement itself, if it does: it changes a pinned lexing
 /// setting (any grant), or could lift read-only (a read session).
-pub(super) fn refusal(statement: &Statement, read_only: bool) -> Option<Refusal> {
+pub(super) fn refusal(statement: &Statement, read_only: bool, admin: bool) -> Option<Refusal> {
+    if statement.manages_roles && !admin {
+        return Some((
+            "role management (CREATE, ALTER, DROP or GRANT of a role) is refused on read and write grants: it can change or lock out the credential the gateway holds".into(),
+            Some("ask for a grant with access=admin for this task".into()),
+        ));
+    }
     for setting in &statement.settings {
         match setting.as_str() {
             // RESET ALL restores what the session started with: the pinned values.
@@ -171,7 +177,38 @@ mod tests {
         classify(sql)
             .unwrap()
             .iter()
-            .any(|s| refusal(s, read_only).is_some())
+            .any(|s| refusal(s, read_only, false).is_some())
+    }
+
+    #[test]
+    fn role_management_needs_an_admin_grant() {
+        for sql in [
+            "ALTER ROLE airlock PASSWORD 'locked-out'",
+            "ALTER USER CURRENT_USER WITH PASSWORD 'x'",
+            "ALTER ROLE airlock NOLOGIN",
+            "ALTER ROLE airlock VALID UNTIL '2000-01-01'",
+            "ALTER ROLE airlock SET search_path = evil",
+            "ALTER ROLE airlock RENAME TO gone",
+            "CREATE ROLE backdoor LOGIN PASSWORD 'x'",
+            "DROP ROLE someone",
+            "GRANT pg_read_server_files TO airlock",
+            "REVOKE app_rw FROM airlock",
+            "BEGIN; ALTER USER airlock PASSWORD 'x'; COMMIT",
+        ] {
+            assert!(refused(sql, false), "{sql}");
+            let statements = classify(sql).unwrap();
+            assert!(
+                statements.iter().all(|s| refusal(s, false, true).is_none()),
+                "an admin grant may: {sql}"
+            );
+        }
+        for sql in [
+            "SELECT rolname FROM pg_roles",
+            "GRANT SELECT ON t TO reporting",
+            "ALTER TABLE t RENAME TO u",
+        ] {
+            assert!(!refused(sql, false), "{sql}");
+        }
     }
 
     #[test]

@@ -455,7 +455,8 @@ impl Session {
         set: &Arc<PolicySet>,
         statement: &Statement,
     ) -> Arc<Checked> {
-        if let Some(denial) = pins::refusal(statement, self.read_only) {
+        let admin = self.context.access == crate::policy::types::Access::Admin;
+        if let Some(denial) = pins::refusal(statement, self.read_only, admin) {
             return Arc::new(Checked {
                 denial: Some(denial),
                 bundle: None,
