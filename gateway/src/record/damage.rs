@@ -70,15 +70,23 @@ fn journals(path: &Path) -> std::io::Result<Vec<(u64, String, u64)>> {
     Ok(found)
 }
 
+/// What a store holds, as far as the record writes it: every batch the writer
+/// commits adds an audit entry or a checkpoint, so this changes with every batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    entries: u64,
+    checkpointed: u64,
+}
+
 /// Opens a private copy of the store at `path` with journal `k` cut to `len` bytes
-/// and every later journal gone: the number of entries it holds, or `None` if fjall
-/// still refuses its journal.
-fn entries_if_cut(
+/// and every later journal gone: what it holds, or `None` if fjall still refuses its
+/// journal.
+fn held_if_cut(
     path: &Path,
     journals: &[(u64, String, u64)],
     k: usize,
     len: u64,
-) -> Result<Option<u64>, RecordError> {
+) -> Result<Option<Held>, RecordError> {
     let copy = std::env::temp_dir().join(format!("airlock-store-{}", fsperm::random_suffix()));
     let _guard = CopyDir(copy.clone());
     let store_error = |e: std::io::Error| RecordError::Store(format!("copying the store: {e}"));
@@ -92,7 +100,16 @@ fn entries_if_cut(
         .and_then(|f| f.set_len(len))
         .map_err(store_error)?;
     match Spaces::open(&copy) {
-        Ok(spaces) => Ok(Some(spaces.audit_len()?)),
+        Ok(spaces) => {
+            let checkpointed = match spaces.checkpoints.last_key_value() {
+                Some(kv) => u64::from_be_bytes(kv.key()?.as_ref().try_into().unwrap_or([0; 8])),
+                None => 0,
+            };
+            Ok(Some(Held {
+                entries: spaces.audit_len()?,
+                checkpointed,
+            }))
+        }
         Err(RecordError::JournalUnreadable(_)) => Ok(None),
         Err(e) => Err(e),
     }
@@ -105,33 +122,33 @@ pub(crate) fn locate(path: &Path) -> Result<Option<Damage>, RecordError> {
         journals(path).map_err(|e| RecordError::Store(format!("reading the store: {e}")))?;
     let mut damaged = None;
     for (k, (_, _, len)) in journals.iter().enumerate() {
-        if entries_if_cut(path, &journals, k, *len)?.is_none() {
+        if held_if_cut(path, &journals, k, *len)?.is_none() {
             damaged = Some(k);
             break;
         }
     }
     let Some(k) = damaged else { return Ok(None) };
-    let Some(at_start) = entries_if_cut(path, &journals, k, 0)? else {
+    let Some(at_start) = held_if_cut(path, &journals, k, 0)? else {
         return Ok(None);
     };
     // The longest cut that opens: it ends inside the batch after the damaged one, and
     // fjall drops the damaged batch with that torn tail.
-    let (mut good, mut bad, mut readable) = (0, journals[k].2, at_start);
+    let (mut good, mut bad, mut held) = (0, journals[k].2, at_start);
     while bad - good > 1 {
         let mid = good + (bad - good) / 2;
-        match entries_if_cut(path, &journals, k, mid)? {
-            Some(n) => (good, readable) = (mid, n),
+        match held_if_cut(path, &journals, k, mid)? {
+            Some(h) => (good, held) = (mid, h),
             None => bad = mid,
         }
     }
-    // The shortest cut that reads as many entries: where the damaged batch starts.
+    // The shortest cut that holds as much: where the damaged batch starts.
     let (mut short, mut long) = (0, good);
-    if at_start == readable {
+    if at_start == held {
         long = 0;
     }
     while long - short > 1 {
         let mid = short + (long - short) / 2;
-        if entries_if_cut(path, &journals, k, mid)? == Some(readable) {
+        if held_if_cut(path, &journals, k, mid)? == Some(held) {
             long = mid;
         } else {
             short = mid;
@@ -140,7 +157,7 @@ pub(crate) fn locate(path: &Path) -> Result<Option<Damage>, RecordError> {
     Ok(Some(Damage {
         journal: journals[k].1.clone(),
         offset: long,
-        readable_entries: readable,
+        readable_entries: held.entries,
         acknowledged: head::read_mark(path).ok().flatten().map(|m| m.entries),
     }))
 }
