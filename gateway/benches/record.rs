@@ -101,6 +101,8 @@ fn main() {
         read_user: None,
         read_credential: None,
         allow_superuser: false,
+        end_as: None,
+        end_credential: None,
     };
     let broker =
         Arc::new(Broker::load(record, policy, vec![target], Duration::from_secs(3600)).unwrap());

@@ -440,20 +440,7 @@ impl Config {
             if target.upstream.is_empty() {
                 return Err(format!("target[{i}] `{}`: upstream is empty", target.name));
             }
-            if target.kind == crate::policy::Kind::Postgres {
-                crate::proxy::postgres::upstream::UpstreamAddr::parse(&target.upstream)
-                    .map_err(|e| format!("target[{i}] `{}`: {e}", target.name))?;
-            }
-            for reference in target.credential.iter().chain(&target.read_credential) {
-                crate::secrets::parse_reference(reference)
-                    .map_err(|e| format!("target[{i}] `{}`: credential: {e}", target.name))?;
-            }
-            if target.read_user.is_some() != target.read_credential.is_some() {
-                return Err(format!(
-                    "target[{i}] `{}`: read-user and read-credential must be set together",
-                    target.name
-                ));
-            }
+            check_target(target).map_err(|e| format!("target[{i}] `{}`: {e}", target.name))?;
         }
         Ok(())
     }
@@ -574,4 +561,31 @@ impl DataDir {
     pub fn signing_key(&self) -> PathBuf {
         self.root.join("gateway-signing.key")
     }
+}
+
+/// Checks a target's own settings, from the configuration file or added at run time:
+/// its upstream address, its credential references, and the settings that go
+/// together.
+pub fn check_target(target: &TargetRecord) -> Result<(), String> {
+    use crate::proxy::postgres::upstream::UpstreamAddr;
+    let postgres = target.kind == crate::policy::Kind::Postgres;
+    if postgres {
+        UpstreamAddr::parse(&target.upstream)?;
+    }
+    for reference in target.references() {
+        crate::secrets::parse_reference(reference).map_err(|e| format!("credential: {e}"))?;
+    }
+    if target.read_user.is_some() != target.read_credential.is_some() {
+        return Err("read-user and read-credential must be set together".into());
+    }
+    match (&target.end_as, &target.end_credential) {
+        (None, None) => {}
+        (Some(end_as), Some(_)) if postgres => {
+            UpstreamAddr::parse(end_as).map_err(|e| format!("end-as: {e}"))?;
+        }
+        _ => {
+            return Err("end-as and end-credential go together, on PostgreSQL targets".into());
+        }
+    }
+    Ok(())
 }

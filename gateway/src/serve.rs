@@ -123,7 +123,13 @@ pub async fn run(
     let secrets_file = data.root().join(&config.gateway.secrets_file);
     let secrets = Secrets::load(&secrets_file).map_err(setup("gateway.secrets-file"))?;
     for target in &config.targets {
-        for reference in target.credential.iter().chain(&target.read_credential) {
+        if target.kind == crate::policy::Kind::Postgres && target.end_as.is_none() {
+            tracing::warn!(
+                target = %target.name,
+                "no end-as role: a grant's end is confirmed by logging in as the agents' own role, which a write grant can lock out, and a locked-out session that also unpins its connection check can keep working past its grant; see the README, \"A grant's end reaches the server\""
+            );
+        }
+        for reference in target.references() {
             secrets
                 .resolve(reference)
                 .map_err(|e| ServeError::Setup(format!("target `{}`: {e}", target.name)))?;

@@ -38,6 +38,8 @@ fn broker(dir: &std::path::Path) -> Arc<Broker> {
         read_user: None,
         read_credential: None,
         allow_superuser: false,
+        end_as: None,
+        end_credential: None,
     };
     Arc::new(
         Broker::load(

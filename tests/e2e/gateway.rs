@@ -883,6 +883,16 @@ fn grants_survive_a_restart_and_no_secret_is_left_in_logs_or_store() {
     );
     assert!(gw.cli(&["grants", "approve", &pid]).status.success());
     let (_, collected) = gw.http("GET", &format!("/v1/grants/{pid}"), Some(&token), None);
+    // A token in a refused path, or in a task, is withheld from what is recorded.
+    assert_eq!(gw.http("GET", &format!("/v1/{token}"), None, None).0, 401);
+    let (status, _) = gw.ask(
+        &token,
+        "prod-db",
+        &format!("confirm migration 42 ran with {token}"),
+        "read",
+        "10m",
+    );
+    assert_eq!(status, 201);
     let secrets = [
         token.clone(),
         // `airlock_<id>_<secret>`: the secret is URL-safe base64 and may hold `_`.

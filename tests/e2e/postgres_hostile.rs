@@ -86,6 +86,17 @@ fn the_server_reads_statements_as_the_gateway_decided_them() {
     }
     assert!(Raw::login_with(port, &id, &secret, &[("client_encoding", "UTF8")]).is_ok());
 
+    // A Query is one string: bytes after its NUL are not relayed unread (the record
+    // and the policy would see only the first part).
+    let mut raw = Raw::login(port, &id, &secret);
+    raw.send(b'Q', b"SELECT 1\0; DROP TABLE users\0");
+    let fatal = raw.fatal_until_closed();
+    assert!(fatal.contains("08P01"), "{fatal}");
+    assert_eq!(
+        s.pg.psql_super("SELECT count(*) FROM users", "app").trim(),
+        "2"
+    );
+
     // No statement changes them, however it is spelled, even under a write grant.
     for sql in [
         "SET client_encoding = 'SJIS'",
@@ -804,6 +815,82 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
         ),
         "postgres",
     );
+    // The review's attack on the above: inside a DO block (which the gateway cannot read
+    // into) unpin the connection check, lock the agents' role out of new logins, and
+    // catch cancels while committing rows. Only a login as a role apart (`end-as`, a
+    // member of pg_signal_backend) can end that backend: with one, nothing is committed
+    // after the revoke.
+    s.pg.psql_super(
+        "CREATE ROLE airlock_end LOGIN PASSWORD 'end-role-password'; \
+         GRANT pg_signal_backend TO airlock_end;",
+        "postgres",
+    );
+    let secrets = s.gw.data().join("secrets.toml");
+    let mut text_secrets = std::fs::read_to_string(&secrets).unwrap();
+    text_secrets.push_str("prod-db-end = \"end-role-password\"\n");
+    std::fs::write(&secrets, text_secrets).unwrap();
+    let pg_port = s.pg.port.to_string();
+    let out = s.gw.cli(&[
+        "target",
+        "add",
+        "prod-db-guarded",
+        "--kind",
+        "postgres",
+        "--upstream",
+        &format!("postgres://airlock@127.0.0.1:{pg_port}/app"),
+        "--credential",
+        "secret:prod-db",
+        "--end-as",
+        &format!("postgres://airlock_end@127.0.0.1:{pg_port}/postgres"),
+        "--end-credential",
+        "secret:prod-db-end",
+        "--label",
+        "env=prod",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (id, secret) = s.grant_for("prod-db-guarded", "write");
+    let mut raw = Raw::login_with(port, &id, &secret, &[("database", "prod-db-guarded")]).unwrap();
+    let unpinned = format!(
+        "DO $$ BEGIN \
+           PERFORM set_config('client_connection_check_interval', '0', false); \
+           EXECUTE 'ALTER ROLE airlock PASSWORD ''locked-out'''; \
+           COMMIT; \
+           FOR i IN 1..8 LOOP \
+             INSERT INTO {table} VALUES (100 + i); \
+             COMMIT; \
+             BEGIN PERFORM pg_sleep(0.5); EXCEPTION WHEN query_canceled THEN NULL; END; \
+           END LOOP; \
+         END $$"
+    );
+    let running = std::thread::spawn(move || raw.simple(unpinned.as_bytes()));
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(s.gw.cli(&["grants", "revoke", &id]).status.success());
+    assert_eq!(running.join().unwrap(), Err("57P01".to_string()));
+    let count = || {
+        s.pg.psql_super(&format!("SELECT count(*) FROM {table}"), "app")
+            .trim()
+            .to_string()
+    };
+    let at_revoke = count();
+    assert_ne!(
+        at_revoke, "0",
+        "the attack's loop was running: it had committed rows"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(count(), at_revoke, "rows were committed after the revoke");
+    let guarded = events(&s.gw, "session.upstream-ended")
+        .into_iter()
+        .find(|e| e["grant"] == id.as_str())
+        .unwrap();
+    assert_eq!(guarded["detail"]["terminated"], true, "{guarded}");
+    s.pg.psql_super(
+        &format!(
+            "ALTER ROLE airlock PASSWORD '{}'",
+            crate::pg::UPSTREAM_PASSWORD
+        ),
+        "postgres",
+    );
+
     // A write grant cannot change the gateway's credential: refused before it runs, and
     // the gateway still logs in with it.
     let (id, secret) = s.grant_for("prod-db", "write");
@@ -846,7 +933,7 @@ fn a_grants_end_stops_its_work_upstream_and_expiry_is_checked_per_statement() {
         assert_eq!(vote["digest"].as_str().unwrap().len(), 64, "{vote}");
     }
     let ended = events(&s.gw, "session.upstream-ended");
-    assert_eq!(ended.len(), 3, "{ended:?}");
+    assert_eq!(ended.len(), 4, "{ended:?}");
     for event in &ended {
         assert_eq!(event["detail"]["connection_closed"], true, "{event}");
         assert_eq!(event["detail"]["statement_running"], true, "{event}");
@@ -1010,13 +1097,29 @@ fn refused_logins_are_recorded_without_any_secret() {
     assert!(!s.psql(&id, &secret, "prod-db", "SELECT 1").status.success());
     // User and password swapped: the "user" is a secret, and is not recorded.
     assert!(!s.psql(&secret, &id, "prod-db", "SELECT 1").status.success());
+    // A startup packet that is not one (here a user name that is not UTF-8).
+    {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", s.gw.pg_port())).unwrap();
+        let body = [&196_608i32.to_be_bytes()[..], b"user\0\xff\xfe\0\0"].concat();
+        stream
+            .write_all(&[&((body.len() + 4) as i32).to_be_bytes()[..], &body].concat())
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert!(String::from_utf8_lossy(&answer).contains("08P01"));
+    }
     let refused = events(&s.gw, "session.refused");
     let codes: Vec<&str> = refused
         .iter()
         .map(|e| e["detail"]["code"].as_str().unwrap())
         .collect();
-    assert_eq!(codes, ["28P01", "3D000", "28000", "28P01"], "{refused:?}");
-    let swapped = refused.last().unwrap();
+    assert_eq!(
+        codes,
+        ["28P01", "3D000", "28000", "28P01", "08P01"],
+        "{refused:?}"
+    );
+    let swapped = &refused[3];
     assert_eq!(
         swapped["detail"]["claimed_grant"],
         "(not a grant id; withheld)"

@@ -300,4 +300,11 @@ fn checkpoints_reach_an_https_witness_that_was_down_when_they_were_signed() {
     );
     let refused = gw.refused_start();
     assert!(refused.contains("witness-ca"), "{refused}");
+    // Credentials in the URL would travel in its Host header.
+    gw.edit_config(
+        "witness-url = \"https://192.0.2.1/checkpoints\"",
+        "witness-url = \"http://user:pw@127.0.0.1:9/checkpoints\"",
+    );
+    let refused = gw.refused_start();
+    assert!(refused.contains("holds credentials"), "{refused}");
 }

@@ -224,11 +224,9 @@ async fn dispatch(
         AdminRequest::TargetAdd { target } => {
             // The upstream must be usable and the credential must resolve now: a target
             // the gateway cannot reach is refused.
-            if target.kind == crate::policy::Kind::Postgres {
-                crate::proxy::postgres::upstream::UpstreamAddr::parse(&target.upstream)
-                    .map_err(|e| AdminError::new("invalid_request", e))?;
-            }
-            for reference in target.credential.iter().chain(&target.read_credential) {
+            crate::config::check_target(&target)
+                .map_err(|e| AdminError::new("invalid_request", e))?;
+            for reference in target.references() {
                 Secrets::load(secrets_file)
                     .and_then(|secrets| secrets.resolve(reference))
                     .map_err(|e| AdminError::new("invalid_request", e.to_string()))?;

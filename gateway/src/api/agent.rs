@@ -139,7 +139,7 @@ impl AgentApi {
         let Some(left_out) = self.refusals.admit(agent.unwrap_or("(unauthenticated)")) else {
             return;
         };
-        let path: String = path.chars().take(256).collect();
+        let path: String = withhold_tokens(path).chars().take(256).collect();
         let mut event = AuditEvent::new(EventKind::ApiRefused).detail(json!({
             "method": method.as_str(),
             "path": path,
@@ -273,8 +273,12 @@ impl AgentApi {
             }
             Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.to_string()),
         };
-        let request: GrantRequestBody = match serde_json::from_slice(&body) {
-            Ok(request) => request,
+        let request = match serde_json::from_slice::<GrantRequestBody>(&body) {
+            // A task is recorded and shown to operators: no agent token in it.
+            Ok(request) => GrantRequestBody {
+                task: withhold_tokens(&request.task).into_owned(),
+                ..request
+            },
             Err(e) => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -317,5 +321,49 @@ impl AgentApi {
             },
             Err(e) => broker_error(e),
         }
+    }
+}
+
+/// `text` with every agent token in it (`airlock_` and what follows, up to a character
+/// no token holds) replaced: for what is recorded or logged.
+fn withhold_tokens(text: &str) -> std::borrow::Cow<'_, str> {
+    const PREFIX: &str = "airlock_";
+    if !text.contains(PREFIX) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(PREFIX) {
+        out.push_str(&rest[..at]);
+        out.push_str("(token withheld)");
+        let after = &rest[at + PREFIX.len()..];
+        let end = after
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(after.len());
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::withhold_tokens;
+
+    #[test]
+    fn tokens_are_withheld_from_what_is_recorded() {
+        let token = "airlock_0123456789abcdef_nqAe2Qd-KVcq_XvT9f8oIZZ";
+        assert_eq!(
+            withhold_tokens(&format!("/v1/{token}/x")),
+            "/v1/(token withheld)/x"
+        );
+        assert_eq!(
+            withhold_tokens(&format!("fix it, use {token}. thanks")),
+            "fix it, use (token withheld). thanks"
+        );
+        assert_eq!(
+            withhold_tokens("confirm migration 42 ran"),
+            "confirm migration 42 ran"
+        );
     }
 }

@@ -55,6 +55,13 @@ pub(crate) enum TargetCommand {
         /// row security.
         #[arg(long)]
         allow_superuser: bool,
+        /// PostgreSQL: `postgres://USER@HOST:PORT/DATABASE` of a role apart from the
+        /// agents' one, member of pg_signal_backend, that ends a grant's backends.
+        #[arg(long, requires = "end_credential")]
+        end_as: Option<String>,
+        /// PostgreSQL: where the gateway finds the end-as role's credential.
+        #[arg(long, requires = "end_as")]
+        end_credential: Option<String>,
     },
     List,
     Remove {
@@ -180,6 +187,8 @@ pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Resul
             read_user,
             read_credential,
             allow_superuser,
+            end_as,
+            end_credential,
         } => {
             let target = TargetRecord {
                 name: name.clone(),
@@ -190,6 +199,8 @@ pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Resul
                 read_user,
                 read_credential,
                 allow_superuser,
+                end_as,
+                end_credential,
             };
             admin(context, AdminRequest::TargetAdd { target })?;
             println!("target {name} added");

@@ -79,6 +79,15 @@ pub struct TargetRecord {
     pub read_user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_credential: Option<String>,
+    /// PostgreSQL: where and as whom the gateway logs in to end a grant's backends
+    /// (`postgres://USER@HOST:PORT/DATABASE`), with its own credential reference. A
+    /// role apart from the one agents act as, member of `pg_signal_backend`: the
+    /// agents' role can lock itself out of new logins or kill its own backends, but
+    /// not this one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_as: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_credential: Option<String>,
     /// PostgreSQL: the gateway may log in as a role that is a superuser or bypasses
     /// row security. Off by default: such a role can undo every server-side limit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -86,6 +95,14 @@ pub struct TargetRecord {
 }
 
 impl TargetRecord {
+    /// Every credential reference the target names.
+    pub fn references(&self) -> impl Iterator<Item = &String> {
+        self.credential
+            .iter()
+            .chain(&self.read_credential)
+            .chain(&self.end_credential)
+    }
+
     pub fn policy_target(&self) -> types::Target {
         types::Target {
             name: self.name.clone(),

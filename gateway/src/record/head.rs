@@ -16,13 +16,17 @@ use super::entry::{entry_hash, seq_key};
 use super::store::Spaces;
 use crate::fsperm;
 
-/// What the gateway had acknowledged: the log's length and its last entry's hash.
+/// What the gateway had acknowledged: the log's length, its last entry's hash, and
+/// its newest signed checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeadMark {
     /// Entries acknowledged (the next sequence number).
     pub entries: u64,
     /// Hex sha256 of entry `entries - 1`.
     pub head: String,
+    /// The tree size of the newest signed checkpoint acknowledged (0: none).
+    #[serde(default)]
+    pub checkpointed: u64,
 }
 
 /// How a store falls short of its mark.
@@ -39,6 +43,10 @@ pub enum Shortfall {
         "the high-water mark (store.head) is missing, though this store has had one: what the gateway acknowledged cannot be checked"
     )]
     MarkMissing,
+    #[error(
+        "the newest signed checkpoint is for {found} entries but this gateway signed one for {acknowledged}: a checkpoint is missing"
+    )]
+    CheckpointMissing { found: u64, acknowledged: u64 },
 }
 
 /// The key in the store's `meta` space that says the store has a mark beside it, so a
@@ -83,6 +91,20 @@ pub fn check(spaces: &Spaces, mark: Option<&HeadMark>) -> Result<(), Shortfall> 
         return Err(Shortfall::Missing {
             found,
             acknowledged: mark.entries,
+        });
+    }
+    let checkpointed = match spaces.checkpoints.last_key_value() {
+        Some(kv) => kv
+            .key()
+            .ok()
+            .and_then(|k| k.as_ref().try_into().ok())
+            .map_or(0, u64::from_be_bytes),
+        None => 0,
+    };
+    if checkpointed < mark.checkpointed {
+        return Err(Shortfall::CheckpointMissing {
+            found: checkpointed,
+            acknowledged: mark.checkpointed,
         });
     }
     if mark.entries == 0 {

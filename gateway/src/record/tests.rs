@@ -229,8 +229,36 @@ fn a_flipped_journal_byte_is_located_at_or_before_it() {
             }
             Err(e) => panic!("flipped {flip}: {e}"),
         }
-        assert_eq!(std::fs::read(&journal).unwrap(), damaged, "looking changed it");
+        assert_eq!(
+            std::fs::read(&journal).unwrap(),
+            damaged,
+            "looking changed it"
+        );
     }
     std::fs::write(&journal, &original).unwrap();
     assert!(located >= 5, "only {located} flips were located");
+}
+
+/// A signed checkpoint lost with the journal's last batch (fjall drops a damaged last
+/// batch as a torn tail) is named against the mark, like a lost entry.
+#[test]
+fn a_lost_checkpoint_is_a_shortfall() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 25);
+    let store = dir.path().join("store");
+    let mark = read_mark(&store).unwrap().unwrap();
+    assert_eq!(
+        mark.checkpointed, 25,
+        "the closing checkpoint is acknowledged"
+    );
+    let spaces = Spaces::open(&store).unwrap();
+    assert_eq!(check_mark(&spaces, Some(&mark)), Ok(()));
+    spaces.checkpoints.remove(25u64.to_be_bytes()).unwrap();
+    assert_eq!(
+        check_mark(&spaces, Some(&mark)),
+        Err(Shortfall::CheckpointMissing {
+            found: 20,
+            acknowledged: 25
+        })
+    );
 }

@@ -444,13 +444,7 @@ impl Writer {
                 self.next_seq = seq;
                 self.head = head;
                 // Before anyone hears of the commit: the mark never lags an answer.
-                let mark = head::HeadMark {
-                    entries: seq,
-                    head: hex::encode(head),
-                };
-                if let Err(e) = head::write_mark(&self.options.path, &mark) {
-                    tracing::warn!(error = %e, "cannot update the record's high-water mark");
-                }
+                self.write_mark();
                 for (request, receipt) in batch.into_iter().zip(receipts) {
                     let _ = request.reply.send(Ok(receipt));
                 }
@@ -504,8 +498,22 @@ impl Writer {
             Ok(()) => {
                 self.last_checkpoint = size;
                 self.last_checkpoint_at = Instant::now();
+                // A signed checkpoint lost with a damaged last batch is a loss too.
+                self.write_mark();
             }
             Err(reason) => self.poison(format!("checkpoint at size {size}: {reason}")),
+        }
+    }
+
+    /// Rewrites the high-water mark with what is now durable.
+    fn write_mark(&self) {
+        let mark = head::HeadMark {
+            entries: self.next_seq,
+            head: hex::encode(self.head),
+            checkpointed: self.last_checkpoint,
+        };
+        if let Err(e) = head::write_mark(&self.options.path, &mark) {
+            tracing::warn!(error = %e, "cannot update the record's high-water mark");
         }
     }
 }

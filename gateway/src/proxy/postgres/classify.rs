@@ -42,9 +42,11 @@ pub struct Statement {
     /// `BEGIN`/`START TRANSACTION`/`SET TRANSACTION`/`SET SESSION CHARACTERISTICS` with
     /// `READ WRITE`: lifts a read-only session's default.
     pub read_write: bool,
-    /// Creates, changes, renames, drops or grants a role (`ALTER ROLE … PASSWORD`
-    /// among them): it can change or lock out the credential the gateway holds.
-    pub manages_roles: bool,
+    /// Changes who may log in, or as what: creates, changes, renames, drops or grants
+    /// a role (`ALTER ROLE … PASSWORD` among them), or changes the database's
+    /// connection privileges, limit, name or defaults. It can change or lock out the
+    /// credential the gateway holds.
+    pub manages_logins: bool,
     /// SQL-level `PREPARE`, `DEALLOCATE` or `DISCARD`: it can create or drop prepared
     /// statements under names the gateway's Parse also uses.
     pub manages_prepared: bool,
@@ -210,7 +212,7 @@ struct Found {
     settings: Vec<String>,
     read_write: bool,
     locks_rows: bool,
-    manages_roles: bool,
+    manages_logins: bool,
 }
 
 impl Found {
@@ -274,10 +276,23 @@ fn walk(root: &Value, ddl: bool) -> Found {
                         }
                         "FuncCall" => found.function_call(fields),
                         "LockingClause" => found.locks_rows = true,
-                        "AlterRoleStmt" | "AlterRoleSetStmt" | "CreateRoleStmt"
-                        | "DropRoleStmt" | "GrantRoleStmt" => found.manages_roles = true,
-                        "RenameStmt" if str_field(fields, "renameType") == "OBJECT_ROLE" => {
-                            found.manages_roles = true
+                        "AlterRoleStmt"
+                        | "AlterRoleSetStmt"
+                        | "CreateRoleStmt"
+                        | "DropRoleStmt"
+                        | "GrantRoleStmt"
+                        | "AlterDatabaseStmt"
+                        | "AlterDatabaseSetStmt" => found.manages_logins = true,
+                        "RenameStmt"
+                            if matches!(
+                                str_field(fields, "renameType"),
+                                "OBJECT_ROLE" | "OBJECT_DATABASE"
+                            ) =>
+                        {
+                            found.manages_logins = true
+                        }
+                        "GrantStmt" if str_field(fields, "objtype") == "OBJECT_DATABASE" => {
+                            found.manages_logins = true
                         }
                         "ColumnRef" => found
                             .field_names
@@ -391,7 +406,7 @@ fn describe(text: &str, stmt: &Value) -> Statement {
         locks_rows: found.locks_rows,
         settings: found.settings,
         read_write: found.read_write,
-        manages_roles: found.manages_roles,
+        manages_logins: found.manages_logins,
         manages_prepared,
         manages_cursors,
     }

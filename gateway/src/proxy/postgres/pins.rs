@@ -83,9 +83,9 @@ pub(super) fn check_client_startup(params: &[(String, String)]) -> Result<(), St
 /// Why the gateway refuses a statement itself, if it does: it changes a pinned lexing
 /// setting (any grant), or could lift read-only (a read session).
 pub(super) fn refusal(statement: &Statement, read_only: bool, admin: bool) -> Option<Refusal> {
-    if statement.manages_roles && !admin {
+    if statement.manages_logins && !admin {
         return Some((
-            "role management (CREATE, ALTER, DROP or GRANT of a role) is refused on read and write grants: it can change or lock out the credential the gateway holds".into(),
+            "changing roles or the database's logins (CREATE, ALTER, DROP or GRANT of a role; ALTER DATABASE; GRANT or REVOKE on the database) is refused on read and write grants: it can change or lock out the credential the gateway holds".into(),
             Some("ask for a grant with access=admin for this task".into()),
         ));
     }
@@ -181,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn role_management_needs_an_admin_grant() {
+    fn changing_who_may_log_in_needs_an_admin_grant() {
         for sql in [
             "ALTER ROLE airlock PASSWORD 'locked-out'",
             "ALTER USER CURRENT_USER WITH PASSWORD 'x'",
@@ -194,6 +194,11 @@ mod tests {
             "GRANT pg_read_server_files TO airlock",
             "REVOKE app_rw FROM airlock",
             "BEGIN; ALTER USER airlock PASSWORD 'x'; COMMIT",
+            "ALTER DATABASE app CONNECTION LIMIT 0",
+            "ALTER DATABASE app ALLOW_CONNECTIONS false",
+            "ALTER DATABASE app SET search_path = evil",
+            "ALTER DATABASE app RENAME TO gone",
+            "REVOKE CONNECT, TEMP ON DATABASE app FROM PUBLIC, airlock",
         ] {
             assert!(refused(sql, false), "{sql}");
             let statements = classify(sql).unwrap();

@@ -332,6 +332,17 @@ impl Session {
             Ok(text) => text,
             Err(invalid) => return self.refuse_invalid_utf8(&invalid, true).await,
         };
+        // A Query is one string: bytes after its NUL would be relayed unread, so the
+        // record and the policy would see less than the server is sent.
+        if !body.is_empty() {
+            fatal(
+                &mut self.client,
+                "08P01",
+                "invalid message format: a Query holds bytes after its string",
+            )
+            .await;
+            return Err("protocol error: a Query with bytes after its string".into());
+        }
         let classified = self.classify(&text).await;
         let statements: &[Statement] = match &*classified {
             Ok(s) => s,

@@ -215,10 +215,14 @@ async fn run(stream: TcpStream, services: Arc<PgServices>) {
             Ok(Startup::Startup { params }) => break params,
             Err(WireError::Closed) => return,
             Err(e) => {
-                fatal(
+                let reason = format!("invalid startup packet: {e}");
+                refuse_login(
                     &mut client,
+                    &services,
                     "08P01",
-                    &format!("invalid startup packet: {e}"),
+                    &reason,
+                    (None, None),
+                    &peer,
                 )
                 .await;
                 return;
@@ -418,23 +422,33 @@ async fn login(
         (Some(user), Some(reference)) if read_only => (user.as_str(), Some(reference)),
         _ => (addr.user.as_str(), target.credential.as_ref()),
     };
-    let credential = match reference {
-        None => None,
-        Some(reference) => Some(
-            Secrets::load(&services.secrets_file)
-                .map_err(|e| e.to_string())
-                .and_then(|secrets| secrets.resolve(reference).map_err(|e| e.to_string()))
-                .map_err(LoginError::Credential)?,
-        ),
+    let resolve = |reference: Option<&String>| match reference {
+        None => Ok(None),
+        Some(reference) => Secrets::load(&services.secrets_file)
+            .map_err(|e| e.to_string())
+            .and_then(|secrets| secrets.resolve(reference).map_err(|e| e.to_string()))
+            .map(Some)
+            .map_err(LoginError::Credential),
     };
+    let credential = resolve(reference)?;
     let settings = pins::upstream_parameters(read_only);
     let mut upstream = upstream::connect(&addr, user, credential.as_ref(), &settings).await?;
-    let ender = Ender {
-        user: user.to_string(),
-        addr: addr.clone(),
-        credential: credential.clone(),
-        read_only,
-        backend_key: upstream.backend_key,
+    let ender = match &target.end_as {
+        Some(end_as) => {
+            let end_addr = UpstreamAddr::parse(end_as).map_err(LoginError::Address)?;
+            Ender {
+                user: end_addr.user.clone(),
+                addr: end_addr,
+                credential: resolve(target.end_credential.as_ref())?,
+                backend_key: upstream.backend_key,
+            }
+        }
+        None => Ender {
+            user: user.to_string(),
+            addr: addr.clone(),
+            credential: credential.clone(),
+            backend_key: upstream.backend_key,
+        },
     };
     for parameter in &upstream.parameters {
         let mut body = parameter.slice(5..);

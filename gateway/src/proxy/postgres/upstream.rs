@@ -385,10 +385,11 @@ async fn start_tls(
 /// confirmation; a write grant can make that login fail (a new password for the
 /// role), which the record shows.
 pub struct Ender {
+    /// Where and as whom to log in to terminate: the target's `end-as` role when it
+    /// names one, else the session's own role.
     pub(super) addr: UpstreamAddr,
     pub(super) user: String,
     pub(super) credential: Option<Credential>,
-    pub(super) read_only: bool,
     pub(super) backend_key: (i32, i32),
 }
 
@@ -420,7 +421,8 @@ impl Ender {
     }
 
     async fn terminate(&self) -> Result<bool, UpstreamError> {
-        let settings = super::pins::upstream_parameters(self.read_only);
+        // Only a function call runs on this login: read-only is enough.
+        let settings = super::pins::upstream_parameters(true);
         let mut side = connect(&self.addr, &self.user, self.credential.as_ref(), &settings).await?;
         // Waits up to 4 s for the backend to exit, so the answer means it is gone.
         let query = format!(

@@ -42,6 +42,10 @@ pub enum WitnessError {
     PlainOffLoopback(String),
     #[error("`{0}` is https://: set record.witness-ca to the CA file that signs its certificate")]
     NeedsCa(String),
+    #[error("`{0}` holds credentials: the endpoint must not need them in its URL")]
+    Credentials(String),
+    #[error("`{0}` is plain HTTP: witness-ca is only for an https:// endpoint")]
+    CaWithoutTls(String),
     #[error("witness-ca {0}")]
     Ca(String),
     #[error("cannot connect: {0}")]
@@ -78,6 +82,10 @@ impl WitnessUrl {
     pub fn parse(url: &str, ca: Option<&Path>) -> Result<Self, WitnessError> {
         let bad = || WitnessError::BadUrl(url.to_string());
         let uri: Uri = url.parse().map_err(|_| bad())?;
+        // Credentials in a URL would travel in the Host header, and be logged.
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err(WitnessError::Credentials(url.to_string()));
+        }
         let host = uri
             .host()
             .ok_or_else(bad)?
@@ -91,6 +99,9 @@ impl WitnessUrl {
                     Some(crate::tls::client_config(ca).map_err(WitnessError::Ca)?),
                     443,
                 )
+            }
+            Some("http") if ca.is_some() => {
+                return Err(WitnessError::CaWithoutTls(url.to_string()));
             }
             Some("http") => {
                 let loopback =
