@@ -28,6 +28,11 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 superuser -d postgres -c "CREATE ROLE airlock LOGIN PASSWORD '$upstream_password'"
+# The role that ends a grant's backends: apart from the agents' one (README, "A grant's
+# end reaches the server").
+end_password=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
+superuser -d postgres -c "CREATE ROLE airlock_end LOGIN PASSWORD '$end_password'"
+superuser -d postgres -c "GRANT pg_signal_backend TO airlock_end"
 superuser -d postgres -c "CREATE DATABASE app OWNER airlock"
 superuser -d app <<'SQL'
 SET ROLE airlock;
@@ -57,9 +62,11 @@ kind = "postgres"
 upstream = "postgres://airlock@127.0.0.1:$pgport/app"
 labels = { env = "prod" }
 credential = "secret:prod-db"
+end-as = "postgres://airlock_end@127.0.0.1:$pgport/postgres"
+end-credential = "secret:prod-db-end"
 TOML
 chmod 600 "$AIRLOCK_DATA/airlock.toml"
-(umask 077 && echo "prod-db = \"$upstream_password\"" > "$AIRLOCK_DATA/secrets.toml")
+(umask 077 && printf 'prod-db = "%s"\nprod-db-end = "%s"\n' "$upstream_password" "$end_password" > "$AIRLOCK_DATA/secrets.toml")
 
 # Versions must only increase: seconds since the epoch do.
 version=$(date +%s)
