@@ -349,11 +349,8 @@ async fn serve_session(
             return;
         }
     };
-    let cancel = CancelKey::register(
-        &services,
-        ender.addr.host_port.clone(),
-        upstream.backend_key,
-    );
+    // To the session's own server, not to where the end role logs in.
+    let cancel = CancelKey::register(&services, upstream.host_port.clone(), upstream.backend_key);
     let mut hello = Vec::new();
     hello.extend_from_slice(&wire::authentication(0, &[]));
     for p in &upstream.parameters {

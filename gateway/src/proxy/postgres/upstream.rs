@@ -127,6 +127,8 @@ pub struct Upstream {
     pub parameters: Vec<Bytes>,
     /// The upstream's BackendKeyData (process id, secret key), for cancelling.
     pub backend_key: (i32, i32),
+    /// Where the backend is (`host:port`): a client's CancelRequest goes there.
+    pub host_port: String,
 }
 
 /// Logs in upstream as `user`, with `settings` as startup parameters.
@@ -247,6 +249,7 @@ pub async fn connect(
                     conn,
                     parameters,
                     backend_key,
+                    host_port: addr.host_port.clone(),
                 });
             }
             _ => {}
