@@ -18,6 +18,7 @@ use crate::fsperm;
 use crate::grants::Broker;
 use crate::keys::SecretKey;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
+use crate::proxy::ProxyServices;
 use crate::proxy::postgres::classify::ClassifyCache;
 use crate::proxy::postgres::startup::{self, PgServices};
 use crate::record::{
@@ -257,17 +258,20 @@ pub async fn run(
         Some(pg_addr),
     ));
 
-    let pg_services = Arc::new(PgServices {
+    let proxy = Arc::new(ProxyServices {
         broker: broker.clone(),
         policy: policy.clone(),
-        classify: ClassifyCache::new(10_000),
-        catalogs: Default::default(),
         secrets_file: secrets_file.clone(),
         durability: config.record.durability,
+        refusals: crate::api::RecordCap::per_minute(60),
+    });
+    let pg_services = Arc::new(PgServices {
+        proxy,
+        classify: ClassifyCache::new(10_000),
+        catalogs: Default::default(),
         require_tls: config.postgres.require_tls || !pg_addr.ip().is_loopback(),
         tls: pg_tls,
         cancels: Default::default(),
-        refusals: crate::api::RecordCap::per_minute(60),
     });
     let pg_task = tokio::spawn(startup::listen(pg_listener, pg_services));
     // A record that cannot be written ends every session: nothing goes on unrecorded.

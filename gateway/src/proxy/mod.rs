@@ -3,3 +3,6 @@
 //! every protocol.
 
 pub mod postgres;
+pub mod session;
+
+pub use session::{ProxyServices, SessionCore, Verdict};

@@ -104,7 +104,7 @@ impl Session {
                     .send_now(&sync)
                     .await
                     .map_err(|e| e.to_string())?;
-                let set = self.services.policy.current();
+                let set = self.services.proxy.policy.current();
                 self.relay(&set, VecDeque::from([Expect::Sync]), &mut [], false)
                     .await?;
                 Ok(())
@@ -114,9 +114,9 @@ impl Session {
 
     async fn run_batch(&mut self, batch: Vec<Message>, synced: bool) -> Result<(), String> {
         self.unexpired().await?;
-        let set = self.services.policy.current();
+        let set = self.services.proxy.policy.current();
         self.current_catalog().await?;
-        let masks = set.masks(&self.context.target);
+        let masks = set.masks(&self.core.context().target);
         let saved = (self.prepared.clone(), self.portals.clone());
         let mut write = Write::default();
         let mut out = BytesMut::new();
@@ -187,7 +187,7 @@ impl Session {
                 }
             }
         }
-        self.statements += write.events.len() as u64;
+        self.core.count_actions(write.events.len() as u64);
         if let Some((code, reason, hint)) = refusal {
             (self.prepared, self.portals) = saved;
             self.portals_stale = false;

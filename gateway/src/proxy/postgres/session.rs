@@ -23,31 +23,14 @@ use super::wire::{
     self, Field, Message, WireError, error_response, message, put_cstr, ready_for_query,
 };
 use crate::config::Durability;
-use crate::grants::LiveGrant;
-use crate::policy::types::{Action, GrantContext, SqlKind};
-use crate::policy::{Outcome, PolicySet, sql_kind_name};
+use crate::policy::types::{Action, SqlKind};
+use crate::policy::{PolicySet, sql_kind_name};
+use crate::proxy::{SessionCore, Verdict};
 use crate::record::{AuditEvent, EventKind, RecordError, Write};
-
-/// How long a cached verdict on a statement text is reused. Verdicts take the time as
-/// an input, so a cached one is only as good as a recent one.
-const VERDICT_TTL: Duration = Duration::from_secs(1);
-
-/// Statement texts whose verdicts a session remembers before starting over.
-const VERDICTS_KEPT: usize = 1024;
 
 /// A result summary waits at most this long, while the session is idle, for the next
 /// statement's record write to carry it.
 const RESULT_SUMMARY_DELAY: Duration = Duration::from_millis(200);
-
-/// A policy verdict on one statement, as the record and the client need it.
-pub(super) struct Checked {
-    /// `None` when allowed; else the reason and the policy's hint.
-    pub(super) denial: Option<(String, Option<String>)>,
-    pub(super) bundle: Option<String>,
-    pub(super) votes: Vec<serde_json::Value>,
-    /// `gateway` for what the gateway refuses before any policy runs, else `policy`.
-    pub(super) decided_by: &'static str,
-}
 
 /// What the gateway waits for from the upstream, in order, for what it forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +78,8 @@ pub(super) struct Session {
     pub(super) client: Conn,
     pub(super) upstream: Conn,
     pub(super) services: Arc<PgServices>,
-    pub(super) context: GrantContext,
+    /// The grant, its verdicts, its record: what every protocol's session shares.
+    pub(super) core: SessionCore,
     /// The target's catalog, as read at login or after DDL.
     catalog: Arc<Catalog>,
     /// DDL ran since the catalog was read: read it again once the session is idle.
@@ -104,14 +88,9 @@ pub(super) struct Session {
     /// may lift that.
     read_only: bool,
     superuser_allowed: bool,
-    live: LiveGrant,
-    session_id: String,
     ender: Ender,
     pub(super) tx_status: u8,
-    /// Statements run or refused in this session.
-    pub(super) statements: u64,
     masks: MaskPlans,
-    verdicts: HashMap<String, (Instant, Arc<PolicySet>, Arc<Checked>)>,
     /// Prepared statements and portals made through this session's Parse and Bind.
     pub(super) prepared: HashMap<String, Arc<Prepared>>,
     pub(super) portals: HashMap<String, Portal>,
@@ -122,22 +101,17 @@ pub(super) struct Session {
     /// The upstream has had extended-protocol messages since its last Sync, so it may be
     /// inside an implicit transaction.
     pub(super) unsynced: bool,
-    /// The last result summary, not yet recorded: it goes with the next statement's
-    /// entry (one record write instead of two), or on its own when the session idles
-    /// or ends.
-    result_summary: Option<AuditEvent>,
 }
 
-/// What admission and the upstream login hand a session: the grant as policies see it
-/// and as it lives, the target's catalog, and whether the session is read-only.
+/// What admission and the upstream login hand a session: the core (the grant as
+/// policies see it and as it lives), the target's catalog, and whether the session is
+/// read-only.
 pub(super) struct Admitted {
-    pub(super) context: GrantContext,
-    pub(super) live: LiveGrant,
+    pub(super) core: SessionCore,
     pub(super) catalog: Arc<Catalog>,
     pub(super) read_only: bool,
     /// The target allows a superuser upstream role (`allow-superuser`).
     pub(super) superuser_allowed: bool,
-    pub(super) session_id: String,
     /// Ends the upstream session from outside when the grant ends.
     pub(super) ender: Ender,
 }
@@ -150,48 +124,37 @@ impl Session {
         admitted: Admitted,
     ) -> Self {
         let Admitted {
-            context,
-            live,
+            core,
             catalog,
             read_only,
             superuser_allowed,
-            session_id,
             ender,
         } = admitted;
         Session {
             client,
             upstream,
             services,
-            context,
+            core,
             catalog,
             catalog_stale: false,
             read_only,
             superuser_allowed,
-            live,
-            session_id,
             ender,
             tx_status: b'I',
-            statements: 0,
             masks: MaskPlans::default(),
-            verdicts: HashMap::new(),
             prepared: HashMap::new(),
             portals: HashMap::new(),
             portals_stale: false,
             discard: Discard::No,
             unsynced: false,
-            result_summary: None,
         }
     }
 
-    pub(super) fn statements(&self) -> u64 {
-        self.statements
-    }
-
-    /// Serves the connection; returns why it ended.
-    pub(super) async fn serve(&mut self) -> String {
+    /// Serves the connection until it ends; records why, and closes the session
+    /// record.
+    pub(super) async fn serve(mut self) {
         let reason = self.serve_messages().await;
-        self.write_result_summary();
-        reason
+        self.core.close(&reason).await;
     }
 
     async fn serve_messages(&mut self) -> String {
@@ -235,9 +198,9 @@ impl Session {
         let message = loop {
             tokio::select! {
                 m = self.client.read_message() => break m,
-                _ = self.live.ended.changed() => return Err(self.grant_ended(false).await),
-                () = tokio::time::sleep(RESULT_SUMMARY_DELAY), if self.result_summary.is_some() => {
-                    self.write_result_summary();
+                reason = self.core.ended() => return Err(self.end_grant(reason, false).await),
+                () = tokio::time::sleep(RESULT_SUMMARY_DELAY), if self.core.result_waiting() => {
+                    self.core.flush_result();
                 }
             }
         };
@@ -251,32 +214,13 @@ impl Session {
         }
     }
 
-    /// FATAL 57P01 to the client; returns the reason the grant ended.
-    /// The grant ended while a statement was `running` upstream, or between them.
-    async fn grant_ended(&mut self, running: bool) -> String {
-        let reason = self
-            .live
-            .ended
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| "the grant ended".into());
-        self.end_grant(reason, running).await
-    }
-
     /// Checks the grant's expiry at decision time, before anything of a message is
-    /// decided or sent: a statement past it is refused and the session ends, with no
-    /// grace window (the broker's sweep is only for idle connections).
+    /// decided or sent: a statement past it is refused and the session ends.
     pub(super) async fn unexpired(&mut self) -> Result<(), String> {
-        let expires = self.live.grant.expires_ms;
-        if now_ms() < expires {
-            return Ok(());
+        match self.core.expired() {
+            None => Ok(()),
+            Some(reason) => Err(self.end_grant(reason, false).await),
         }
-        let at = humantime::format_rfc3339_millis(
-            std::time::UNIX_EPOCH + Duration::from_millis(expires),
-        );
-        Err(self
-            .end_grant(format!("grant expired at {at}"), false)
-            .await)
     }
 
     /// Ends the session because its grant ended: FATAL 57P01 to the client, the
@@ -298,29 +242,15 @@ impl Session {
         if !ended.terminated {
             tracing::error!(error = ?ended.error, "cannot confirm the upstream backend ended (its connection is closed; a running statement stops within 100 ms)");
         }
-        let event = AuditEvent::new(EventKind::SessionUpstreamEnded)
-            .agent(&self.live.grant.agent)
-            .target(&self.context.target.name)
-            .grant(&self.live.grant.id)
-            .detail(serde_json::json!({
-                "session": self.session_id,
-                "reason": reason,
-                "statement_running": running,
-                // As of the server's last ReadyForQuery.
-                "transaction_open": self.tx_status != b'I',
-                "connection_closed": closed,
-                "terminated": ended.terminated,
-                "error": ended.error,
-            }));
-        if let Err(e) = self
-            .services
-            .broker
-            .record()
-            .write_async(Write::event(event))
-            .await
-        {
-            tracing::error!(error = %e, "cannot record the upstream session's end");
-        }
+        let detail = serde_json::json!({
+            "statement_running": running,
+            // As of the server's last ReadyForQuery.
+            "transaction_open": self.tx_status != b'I',
+            "connection_closed": closed,
+            "terminated": ended.terminated,
+            "error": ended.error,
+        });
+        self.core.record_upstream_end(&reason, detail).await;
         reason
     }
 
@@ -357,7 +287,7 @@ impl Session {
             return self.client.send(&out).await.map_err(|e| e.to_string());
         }
         self.unexpired().await?;
-        let set = self.services.policy.current();
+        let set = self.services.proxy.policy.current();
         self.current_catalog().await?;
         let mut write = Write::default();
         let mut denial: Option<(String, Option<String>)> = None;
@@ -370,7 +300,7 @@ impl Session {
                 denial.clone_from(&checked.denial);
             }
         }
-        self.statements += statements.len() as u64;
+        self.core.count_actions(statements.len() as u64);
         if let Some((reason, hint)) = denial {
             self.record(write).await?;
             let error = error_response("ERROR", "42501", &reason, hint.as_deref());
@@ -398,7 +328,7 @@ impl Session {
         let services = self.services.clone();
         services
             .classify
-            .classify_for(&self.context.agent.id, text)
+            .classify_for(&self.core.context().agent.id, text)
             .await
     }
 
@@ -407,10 +337,14 @@ impl Session {
     /// it again (a function created outside the gateway resolves within the TTL).
     /// Verdicts made with the old one are forgotten.
     pub(super) async fn current_catalog(&mut self) -> Result<(), String> {
-        if let Some((latest, fresh)) = self.services.catalogs.latest(&self.context.target.name) {
+        if let Some((latest, fresh)) = self
+            .services
+            .catalogs
+            .latest(&self.core.context().target.name)
+        {
             if !Arc::ptr_eq(&latest, &self.catalog) {
                 self.catalog = latest;
-                self.verdicts.clear();
+                self.core.forget_verdicts();
             }
             self.catalog_stale |= !fresh;
         }
@@ -429,9 +363,9 @@ impl Session {
                 let catalog = Arc::new(catalog);
                 self.services
                     .catalogs
-                    .put(&self.context.target.name, catalog.clone());
+                    .put(&self.core.context().target.name, catalog.clone());
                 self.catalog = catalog;
-                self.verdicts.clear();
+                self.core.forget_verdicts();
                 Ok(())
             }
             Err(e) => {
@@ -451,69 +385,33 @@ impl Session {
         self.portals.clear();
     }
 
-    /// The grant's context as of now: time is an input to every check and mask call.
-    fn context_now(&self) -> GrantContext {
-        GrantContext {
-            now_unix_ms: now_ms(),
-            ..self.context.clone()
-        }
-    }
-
     /// The verdict on one statement, from the session's cache when it is recent and the
     /// policy set is the same. What the gateway pins is refused before any policy runs.
     pub(super) async fn check(
         &mut self,
         set: &Arc<PolicySet>,
         statement: &Statement,
-    ) -> Arc<Checked> {
-        let admin = self.context.access == crate::policy::types::Access::Admin;
+    ) -> Arc<Verdict> {
+        let admin = self.core.context().access == crate::policy::types::Access::Admin;
         if let Some(denial) = pins::refusal(statement, self.read_only, admin) {
-            return Arc::new(Checked {
-                denial: Some(denial),
-                bundle: None,
-                votes: Vec::new(),
-                decided_by: "gateway",
-            });
+            return Verdict::refused_by_gateway(denial);
         }
-        if let Some((at, cached_set, checked)) = self.verdicts.get(&statement.text)
-            && at.elapsed() < VERDICT_TTL
-            && Arc::ptr_eq(cached_set, set)
-        {
-            return checked.clone();
-        }
-        let decision = self
-            .services
-            .policy
+        let unmaskable =
+            statement.kind == SqlKind::CopyTo && set.masks(&self.core.context().target);
+        let catalog = &self.catalog;
+        self.core
             .check(
                 set,
-                self.context_now(),
-                Action::Sql(statement.action(&self.catalog)),
+                &statement.text,
+                || Action::Sql(statement.action(catalog)),
+                unmaskable.then(|| {
+                    (
+                        "COPY TO is not masked on this target; read with SELECT instead".into(),
+                        None,
+                    )
+                }),
             )
-            .await;
-        let unmaskable = statement.kind == SqlKind::CopyTo && set.masks(&self.context.target);
-        let denial = match decision.outcome {
-            Outcome::Allow(_) if unmaskable => Some((
-                "COPY TO is not masked on this target; read with SELECT instead".to_string(),
-                None,
-            )),
-            Outcome::Allow(_) => None,
-            Outcome::Deny { reason, hint, .. } => Some((reason, hint)),
-            Outcome::Review { reason, .. } => Some((format!("needs review: {reason}"), None)),
-        };
-        let checked = Arc::new(Checked {
-            denial,
-            bundle: decision.bundle.as_ref().map(|b| b.to_string()),
-            votes: decision.votes.iter().map(|v| v.to_record()).collect(),
-            decided_by: "policy",
-        });
-        if self.verdicts.len() >= VERDICTS_KEPT {
-            self.verdicts.clear();
-        }
-        self.verdicts.insert(
-            statement.text.clone(),
-            (Instant::now(), set.clone(), checked.clone()),
-        );
-        checked
+            .await
     }
 
     /// The record entry of one statement and its verdict; `params` are an extended-
@@ -521,11 +419,11 @@ impl Session {
     pub(super) fn statement_event(
         &self,
         statement: &Statement,
-        checked: &Checked,
+        checked: &Verdict,
         params: Option<&serde_json::Value>,
     ) -> AuditEvent {
         let mut detail = serde_json::json!({
-            "session": self.session_id,
+            "session": self.core.session_id(),
             "text": statement.text,
             "kind": sql_kind_name(statement.kind),
             "verdict": if checked.denial.is_some() { "deny" } else { "allow" },
@@ -541,11 +439,7 @@ impl Session {
     }
 
     fn event(&self, kind: EventKind, detail: serde_json::Value) -> AuditEvent {
-        AuditEvent::new(kind)
-            .agent(&self.context.agent.id)
-            .target(&self.context.target.name)
-            .grant(&self.context.grant_id)
-            .detail(detail)
+        self.core.event(kind, detail)
     }
 
     /// The record entry of something the gateway refused without asking policy: a
@@ -554,7 +448,7 @@ impl Session {
         self.event(
             EventKind::SqlStatement,
             serde_json::json!({
-                "session": self.session_id,
+                "session": self.core.session_id(),
                 "text": text,
                 "kind": kind,
                 "verdict": "deny",
@@ -569,7 +463,7 @@ impl Session {
     async fn refuse_function_call(&mut self) -> Result<(), String> {
         let reason = "the fastpath function call interface is not allowed through Airlock";
         let refused = self.refusal_event("(fastpath function call)", "function-call", reason);
-        self.statements += 1;
+        self.core.count_actions(1);
         self.record(Write::event(refused)).await?;
         let hint = Some("call the function in a SELECT statement");
         self.refuse(error_response("ERROR", "42501", reason, hint), true)
@@ -587,7 +481,7 @@ impl Session {
     ) -> Result<(), String> {
         let reason = error.to_string();
         let refused = self.refusal_event(text, "unparsed", &reason);
-        self.statements += 1;
+        self.core.count_actions(1);
         self.record(Write::event(refused)).await?;
         let hint = matches!(error, ParseError::TooDeep)
             .then_some("simplify the statement: PostgreSQL refuses expressions nested this deeply");
@@ -600,7 +494,7 @@ impl Session {
     async fn refuse_invalid_utf8(&mut self, text: &[u8], ready: bool) -> Result<(), String> {
         let reason = invalid_utf8(text);
         let refused = self.refusal_event(&String::from_utf8_lossy(text), "unparsed", &reason);
-        self.statements += 1;
+        self.core.count_actions(1);
         self.record(Write::event(refused)).await?;
         self.refuse(error_response("ERROR", "22021", &reason, None), ready)
             .await
@@ -608,13 +502,8 @@ impl Session {
 
     /// Records `write` as the configured durability says: made durable (strict), or
     /// queued ahead of everything that follows (batched). A failure ends the session.
-    pub(super) async fn record(&mut self, mut write: Write) -> Result<(), String> {
-        write.events.splice(0..0, self.result_summary.take());
-        let record = self.services.broker.record();
-        let result = match self.services.durability {
-            Durability::Strict => record.write_async(write).await.map(drop),
-            Durability::Batched => record.write_queued(write),
-        };
+    pub(super) async fn record(&mut self, write: Write) -> Result<(), String> {
+        let result = self.core.record(write).await;
         self.recorded_or_close(result).await
     }
 
@@ -630,12 +519,12 @@ impl Session {
         if write.events.is_empty() {
             return self.upstream.send_now(message).await.map_err(upstream_lost);
         }
-        if self.services.durability == Durability::Batched || !read_only {
+        if self.services.proxy.durability == Durability::Batched || !read_only {
             self.record(write).await?;
             return self.upstream.send_now(message).await.map_err(upstream_lost);
         }
-        write.events.splice(0..0, self.result_summary.take());
-        let record = self.services.broker.record().clone();
+        self.core.carry_result(&mut write);
+        let record = self.services.proxy.broker.record().clone();
         let recording = tokio::spawn(async move { record.write_async(write).await });
         self.upstream
             .send_now(message)
@@ -722,7 +611,7 @@ impl Session {
                         return Err(upstream_lost(e));
                     }
                 },
-                _ = self.live.ended.changed() => return Err(self.grant_ended(true).await),
+                reason = self.core.ended() => return Err(self.end_grant(reason, true).await),
             };
             summary.bytes += m.body.len() as u64 + 5;
             let m = self.mask_message(set, m).await?;
@@ -742,7 +631,11 @@ impl Session {
                 && let Some(mask) = rows.as_mut()
             {
                 let flushed = mask
-                    .flush(&self.services.policy, &self.context_now(), &mut self.client)
+                    .flush(
+                        &self.services.proxy.policy,
+                        &self.core.context_now(),
+                        &mut self.client,
+                    )
                     .await;
                 self.or_withhold(flushed).await?;
             }
@@ -778,9 +671,9 @@ impl Session {
                         Some(mask) => {
                             let full = mask.push(&m.body);
                             if self.or_withhold(full).await? {
-                                let context = self.context_now();
+                                let context = self.core.context_now();
                                 let flushed = mask
-                                    .flush(&self.services.policy, &context, &mut self.client)
+                                    .flush(&self.services.proxy.policy, &context, &mut self.client)
                                     .await;
                                 self.or_withhold(flushed).await?;
                             }
@@ -873,13 +766,13 @@ impl Session {
             b'A' => masking::mask_notification,
             _ => return Ok(m),
         };
-        if !set.masks(&self.context.target) {
+        if !set.masks(&self.core.context().target) {
             return Ok(m);
         }
         let (set, body) = (set.clone(), m.body.clone());
         let masked = masking::on_pool(
-            &self.services.policy,
-            self.context_now(),
+            &self.services.proxy.policy,
+            self.core.context_now(),
             move |context, deadline| mask(&set, context, &body, deadline),
         )
         .await;
@@ -898,9 +791,9 @@ impl Session {
             Some(fields) => {
                 self.masks
                     .rows(
-                        &self.services.policy,
+                        &self.services.proxy.policy,
                         set,
-                        &self.context_now(),
+                        &self.core.context_now(),
                         fields,
                         &self.catalog,
                     )
@@ -939,32 +832,15 @@ impl Session {
     /// Records what came back for one client message, after the fact (the statements'
     /// own entries were recorded before any of it was released), with the next write.
     pub(super) fn record_result(&mut self, summary: ResultSummary) {
-        self.write_result_summary();
-        self.result_summary = Some(self.event(
-            EventKind::SqlResult,
-            serde_json::json!({
-                "session": self.session_id,
-                "commands": summary.commands,
-                "rows": summary.rows,
-                "bytes": summary.bytes,
-                "duration_ms": summary.duration.as_secs_f64() * 1e3,
-                "masked": summary.masked,
-            }),
-        ));
-    }
-
-    /// Queues the waiting result summary on its own. A failure poisons the record,
-    /// which cuts every session.
-    fn write_result_summary(&mut self) {
-        if let Some(event) = self.result_summary.take()
-            && let Err(e) = self
-                .services
-                .broker
-                .record()
-                .write_queued(Write::event(event))
-        {
-            tracing::error!(error = %e, "cannot record a statement's result summary");
-        }
+        let detail = serde_json::json!({
+            "session": self.core.session_id(),
+            "commands": summary.commands,
+            "rows": summary.rows,
+            "bytes": summary.bytes,
+            "duration_ms": summary.duration.as_secs_f64() * 1e3,
+            "masked": summary.masked,
+        });
+        self.core.result(EventKind::SqlResult, detail);
     }
 
     /// A masking failure: the result is not released and the connection is closed.
@@ -986,7 +862,7 @@ impl Session {
             format!("the server answered {command:?} to statements decided as changing nothing");
         let event = self.event(
             EventKind::SqlMismatch,
-            serde_json::json!({ "session": self.session_id, "command": command, "reason": reason }),
+            serde_json::json!({ "session": self.core.session_id(), "command": command, "reason": reason }),
         );
         if let Err(e) = self.record(Write::event(event)).await {
             return e;
@@ -1014,7 +890,7 @@ impl Session {
         };
         let event = self.event(
             EventKind::SqlPinBroken,
-            serde_json::json!({ "session": self.session_id, "parameter": name, "value": value, "reason": reason }),
+            serde_json::json!({ "session": self.core.session_id(), "parameter": name, "value": value, "reason": reason }),
         );
         self.record(Write::event(event)).await?;
         fatal(
@@ -1089,10 +965,4 @@ pub(super) fn message_bytes(m: &Message) -> Bytes {
     let mut out = BytesMut::with_capacity(m.body.len() + 5);
     wire::put_message(&mut out, m);
     out.freeze()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

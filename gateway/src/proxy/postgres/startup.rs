@@ -18,23 +18,18 @@ use super::scram::{Exchange, Verifier};
 use super::session::{Admitted, Session};
 use super::upstream::{self, Ender, Upstream, UpstreamAddr};
 use super::wire::{self, Startup, WireError, error_response, message, ready_for_query};
-use crate::config::Durability;
-use crate::grants::{Access, Broker, GrantAuthError, TargetRecord};
-use crate::policy::ActivePolicy;
+use crate::grants::{Access, GrantAuthError, TargetRecord};
 use crate::policy::Kind;
-use crate::policy::types::GrantContext;
+use crate::proxy::ProxyServices;
 use crate::secrets::Secrets;
 
 /// What every PostgreSQL session shares.
 pub struct PgServices {
-    pub broker: Arc<Broker>,
-    pub policy: Arc<ActivePolicy>,
+    /// What every protocol's sessions share: broker, policy, record, credentials.
+    pub proxy: Arc<ProxyServices>,
     pub classify: ClassifyCache,
     /// Each target's functions and types, as its upstream's catalog says.
     pub catalogs: Catalogs,
-    pub secrets_file: std::path::PathBuf,
-    /// When a statement's record entry must be durable.
-    pub durability: Durability,
     /// TLS for clients that ask for it (SSLRequest).
     pub tls: Option<TlsAcceptor>,
     /// Refuse clients that do not ask for TLS.
@@ -42,8 +37,6 @@ pub struct PgServices {
     /// The cancel keys the gateway gave its clients → the upstream connection and key
     /// to cancel. Clients never see an upstream's key.
     pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
-    /// Refused logins recorded, per client address.
-    pub refusals: crate::api::RecordCap,
 }
 
 /// A BackendKeyData: (process id, secret key).
@@ -99,7 +92,7 @@ async fn refuse_login(
     // At most so many refusals per client address a minute reach the record, so a
     // flood of bad logins cannot fill it; the next recorded one counts the rest.
     let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
-    let Some(left_out) = services.refusals.admit(host) else {
+    let Some(left_out) = services.proxy.refusals.admit(host) else {
         fatal(client, code, reason).await;
         return;
     };
@@ -131,6 +124,7 @@ async fn refuse_login(
         }),
     );
     if let Err(e) = services
+        .proxy
         .broker
         .record()
         .write_queued(crate::record::Write::event(event))
@@ -265,7 +259,7 @@ async fn run(stream: TcpStream, services: Arc<PgServices>) {
         .await;
         return;
     };
-    let target = match services.broker.target(&database) {
+    let target = match services.proxy.broker.target(&database) {
         Some(t) if t.kind == Kind::Postgres => t,
         _ => {
             let reason = format!(
@@ -300,7 +294,7 @@ async fn serve_session(
         refuse_login(&mut client, &services, "28P01", &reason, claimed, &peer).await;
         return;
     }
-    let live = match services.broker.admit(&grant_id, &target.name) {
+    let live = match services.proxy.admit(&grant_id, &target.name) {
         Ok(live) => live,
         Err(e) => {
             let code = match e {
@@ -324,26 +318,8 @@ async fn serve_session(
             return;
         }
     };
-    let grant = live.grant.clone();
-    let context = GrantContext {
-        grant_id: grant.id.clone(),
-        agent: services
-            .broker
-            .agents()
-            .into_iter()
-            .find(|a| a.name == grant.agent)
-            .map(|a| a.policy_agent())
-            .unwrap_or_else(|| crate::policy::types::Agent {
-                id: grant.agent.clone(),
-                labels: vec![],
-            }),
-        target: target.policy_target(),
-        task: grant.task.clone(),
-        access: grant.access.into(),
-        now_unix_ms: 0,
-    };
-    let opened = match services.broker.open_session(&grant, "postgres").await {
-        Ok(session) => session,
+    let core = match services.proxy.open(live, &target, "postgres").await {
+        Ok(core) => core,
         Err(e) => {
             fatal(&mut client, "53000", &format!("refused: {e}")).await;
             return;
@@ -362,27 +338,20 @@ async fn serve_session(
     }));
     hello.extend_from_slice(&ready_for_query(b'I'));
     if client.send_now(&hello).await.is_err() {
+        core.close("client closed the connection").await;
         return;
     }
     let admitted = Admitted {
-        context,
-        live,
+        core,
         catalog,
         read_only,
         superuser_allowed: target.allow_superuser,
-        session_id: opened.id.clone(),
         ender,
     };
-    let mut session = Session::new(client, upstream.conn, services.clone(), admitted);
-    let reason = session.serve().await;
+    Session::new(client, upstream.conn, services.clone(), admitted)
+        .serve()
+        .await;
     drop(cancel);
-    if let Err(e) = services
-        .broker
-        .close_session(opened, session.statements(), &reason)
-        .await
-    {
-        tracing::error!(error = %e, "cannot record the session's end");
-    }
 }
 
 /// Why the gateway did not give a session an upstream: said to the client as it is
@@ -421,7 +390,7 @@ async fn login(
     };
     let resolve = |reference: Option<&String>| match reference {
         None => Ok(None),
-        Some(reference) => Secrets::load(&services.secrets_file)
+        Some(reference) => Secrets::load(&services.proxy.secrets_file)
             .map_err(|e| e.to_string())
             .and_then(|secrets| secrets.resolve(reference).map_err(|e| e.to_string()))
             .map(Some)
@@ -480,6 +449,7 @@ async fn authenticate(
     grant_id: &str,
 ) -> Result<(), String> {
     let verifier = services
+        .proxy
         .broker
         .scram_verifier(grant_id)
         .and_then(|v| Verifier::parse(&v))
