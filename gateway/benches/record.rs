@@ -104,8 +104,16 @@ fn main() {
         end_as: None,
         end_credential: None,
     };
-    let broker =
-        Arc::new(Broker::load(record, policy, vec![target], Duration::from_secs(3600)).unwrap());
+    let broker = Arc::new(
+        Broker::load(
+            record,
+            policy,
+            Arc::new(airlock::proxy::Protocols::builtin()),
+            vec![target],
+            Duration::from_secs(3600),
+        )
+        .unwrap(),
+    );
     let agent = runtime
         .block_on(broker.add_agent("agent-1", BTreeMap::new()))
         .unwrap()

@@ -564,28 +564,20 @@ impl DataDir {
 }
 
 /// Checks a target's own settings, from the configuration file or added at run time:
-/// its upstream address, its credential references, and the settings that go
-/// together.
+/// its credential references, the settings that go together, and what its protocol
+/// checks (its upstream address, …).
 pub fn check_target(target: &TargetRecord) -> Result<(), String> {
-    use crate::proxy::postgres::upstream::UpstreamAddr;
-    let postgres = target.kind == crate::policy::Kind::Postgres;
-    if postgres {
-        UpstreamAddr::parse(&target.upstream)?;
-    }
     for reference in target.references() {
         crate::secrets::parse_reference(reference).map_err(|e| format!("credential: {e}"))?;
     }
     if target.read_user.is_some() != target.read_credential.is_some() {
         return Err("read-user and read-credential must be set together".into());
     }
-    match (&target.end_as, &target.end_credential) {
-        (None, None) => {}
-        (Some(end_as), Some(_)) if postgres => {
-            UpstreamAddr::parse(end_as).map_err(|e| format!("end-as: {e}"))?;
-        }
-        _ => {
-            return Err("end-as and end-credential go together, on PostgreSQL targets".into());
-        }
+    let postgres = target.kind == crate::policy::Kind::Postgres;
+    if target.end_as.is_some() != target.end_credential.is_some()
+        || (target.end_as.is_some() && !postgres)
+    {
+        return Err("end-as and end-credential go together, on PostgreSQL targets".into());
     }
-    Ok(())
+    crate::proxy::Protocols::builtin().check_target(target)
 }

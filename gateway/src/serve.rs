@@ -18,9 +18,10 @@ use crate::fsperm;
 use crate::grants::Broker;
 use crate::keys::SecretKey;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
-use crate::proxy::ProxyServices;
+use crate::proxy::postgres::Postgres;
 use crate::proxy::postgres::classify::ClassifyCache;
 use crate::proxy::postgres::startup::{self, PgServices};
+use crate::proxy::{Protocols, ProxyServices};
 use crate::record::{
     AuditEvent, EventKind, FileWitness, HttpWitness, Record, RecordOptions, Witness, WitnessUrl,
     Write,
@@ -183,6 +184,7 @@ pub async fn run(
         Broker::load(
             record.clone(),
             policy.clone(),
+            Arc::new(Protocols::builtin()),
             config.targets.clone(),
             config.max_grant_ttl(),
         )
@@ -255,7 +257,9 @@ pub async fn run(
         broker.clone(),
         config.agent_api.max_body_bytes,
         config.agent_api.requests_per_minute,
-        Some(pg_addr),
+        Protocols::builtin().with(Arc::new(Postgres {
+            listen: Some(pg_addr),
+        })),
     ));
 
     let proxy = Arc::new(ProxyServices {

@@ -45,6 +45,7 @@ fn broker(dir: &std::path::Path) -> Arc<Broker> {
         Broker::load(
             record,
             Arc::new(ActivePolicy::new(set, &Default::default())),
+            Arc::new(airlock::proxy::Protocols::builtin()),
             vec![target("db-a"), target("db-b")],
             Duration::from_secs(3600),
         )

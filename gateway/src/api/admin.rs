@@ -182,7 +182,7 @@ fn grant_view(grant: &crate::grants::GrantRecord) -> Value {
     let mut view = json!(grant);
     if let Some(fields) = view.as_object_mut() {
         fields.remove("secret_hash");
-        fields.remove("scram_verifier");
+        fields.remove("proofs");
     }
     view
 }

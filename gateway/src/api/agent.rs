@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use super::ratelimit::{RateLimiter, RecordCap};
 use crate::grants::{AgentRecord, Broker, BrokerError, GrantRecord, GrantRequestBody, GrantStatus};
+use crate::proxy::Protocols;
 use crate::record::{AuditEvent, EventKind, Write};
 
 /// The agent API's shared state.
@@ -27,8 +28,8 @@ pub struct AgentApi {
     limiter: RateLimiter,
     /// Refused calls recorded, per caller.
     refusals: RecordCap,
-    /// Where agents reach the PostgreSQL gateway, for connection details.
-    postgres: Option<std::net::SocketAddr>,
+    /// The protocols, for the connection details each adds to a grant.
+    protocols: Protocols,
 }
 
 /// Refused calls recorded per caller (an agent, or all unauthenticated callers
@@ -76,11 +77,11 @@ fn broker_error(e: BrokerError) -> Reply {
 
 /// A grant as the agent sees it. The secret appears only in the response that issues
 /// it; connection details name the grant id as the user and the secret as password,
-/// and for a PostgreSQL target where to connect.
+/// and what the target's protocol adds (where to connect).
 fn grant_json(
     grant: &GrantRecord,
     secret: Option<&str>,
-    postgres: Option<std::net::SocketAddr>,
+    connection: Option<serde_json::Value>,
 ) -> serde_json::Value {
     let expires = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(grant.expires_ms),
@@ -107,10 +108,10 @@ fn grant_json(
         body["secret"] = json!(secret);
         body["connection"] =
             json!({ "target": grant.target, "user": grant.id, "password": secret });
-        if let Some(addr) = postgres.filter(|_| !grant.scram_verifier.is_empty()) {
-            body["connection"]["host"] = json!(addr.ip().to_string());
-            body["connection"]["port"] = json!(addr.port());
-            body["connection"]["database"] = json!(grant.target);
+        if let Some(serde_json::Value::Object(fields)) = connection {
+            for (name, value) in fields {
+                body["connection"][name] = value;
+            }
         }
     }
     body
@@ -121,14 +122,14 @@ impl AgentApi {
         broker: Arc<Broker>,
         max_body: usize,
         requests_per_minute: u32,
-        postgres: Option<std::net::SocketAddr>,
+        protocols: Protocols,
     ) -> Self {
         AgentApi {
             broker,
             max_body,
             limiter: RateLimiter::new(requests_per_minute),
             refusals: RecordCap::per_minute(REFUSALS_RECORDED_PER_MINUTE),
-            postgres,
+            protocols,
         }
     }
 
@@ -294,7 +295,8 @@ impl AgentApi {
                     GrantStatus::Pending => StatusCode::ACCEPTED,
                     _ => StatusCode::FORBIDDEN,
                 };
-                let mut body = grant_json(&issued.grant, issued.secret.as_deref(), self.postgres);
+                let connection = self.connection(&issued.grant);
+                let mut body = grant_json(&issued.grant, issued.secret.as_deref(), connection);
                 if status == StatusCode::FORBIDDEN {
                     body["code"] = json!("denied");
                     body["message"] = body["reason"].clone();
@@ -305,11 +307,17 @@ impl AgentApi {
         }
     }
 
+    /// Where and how to connect under `grant`, as its target's protocol says.
+    fn connection(&self, grant: &GrantRecord) -> Option<serde_json::Value> {
+        let kind = self.broker.target(&grant.target)?.kind;
+        self.protocols.connection(kind, grant)
+    }
+
     async fn show(&self, agent: &AgentRecord, id: &str) -> Reply {
         match self.broker.collect(&agent.name, id).await {
             Ok(Some((grant, secret))) => reply(
                 StatusCode::OK,
-                grant_json(&grant, Some(&secret), self.postgres),
+                grant_json(&grant, Some(&secret), self.connection(&grant)),
             ),
             Ok(None) => match self.broker.grant_for(&agent.name, id) {
                 Some(grant) => reply(StatusCode::OK, grant_json(&grant, None, None)),

@@ -127,23 +127,32 @@ struct State {
     changing: HashSet<String>,
 }
 
+/// Proofs of a fresh secret that a target's protocol checks without the secret itself
+/// (a SCRAM verifier for PostgreSQL): the protocols supply them, the broker stores them.
+pub trait SecretProofs: Send + Sync {
+    fn proofs(&self, kind: Kind, secret: &str) -> Vec<(&'static str, String)>;
+}
+
 /// The grant broker; share it behind an `Arc`.
 pub struct Broker {
     record: Record,
     policy: Arc<ActivePolicy>,
+    proofs: Arc<dyn SecretProofs>,
     max_ttl: Duration,
     state: RwLock<State>,
     live: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
 }
 
-/// Mints a fresh secret for `grant`, storing only its hash (and, for a PostgreSQL
-/// target, its SCRAM verifier). Returns the secret, to be shown once.
-fn mint_secret(grant: &mut GrantRecord, kind: Kind) -> String {
+/// Mints a fresh secret for `grant`, storing only its hash and the proofs its target's
+/// protocol checks. Returns the secret, to be shown once.
+fn mint_secret(grant: &mut GrantRecord, kind: Kind, proofs: &dyn SecretProofs) -> String {
     let secret = new_secret();
     grant.secret_hash = hash_secret(&secret);
-    if kind == Kind::Postgres {
-        grant.scram_verifier = postgres_protocol::password::scram_sha_256(secret.as_bytes());
-    }
+    grant.proofs = proofs
+        .proofs(kind, &secret)
+        .into_iter()
+        .map(|(name, proof)| (name.to_string(), proof))
+        .collect();
     secret
 }
 
@@ -172,6 +181,7 @@ impl Broker {
     pub fn load(
         record: Record,
         policy: Arc<ActivePolicy>,
+        proofs: Arc<dyn SecretProofs>,
         config_targets: Vec<TargetRecord>,
         max_ttl: Duration,
     ) -> Result<Self, BrokerError> {
@@ -213,6 +223,7 @@ impl Broker {
         Ok(Broker {
             record,
             policy,
+            proofs,
             max_ttl,
             state: RwLock::new(state),
             live: Mutex::new(HashMap::new()),
@@ -459,7 +470,7 @@ impl Broker {
             created_ms: now,
             expires_ms: now,
             secret_hash: String::new(),
-            scram_verifier: String::new(),
+            proofs: Default::default(),
             reason: None,
             hint: None,
             read_only: false,
@@ -476,7 +487,7 @@ impl Broker {
                 grant.status = GrantStatus::Active;
                 grant.expires_ms = now + ttl * 1000;
                 grant.read_only = constraints.read_only;
-                secret = Some(mint_secret(&mut grant, target.kind));
+                secret = Some(mint_secret(&mut grant, target.kind, &*self.proofs));
             }
             Outcome::Review { reason, .. } => {
                 grant.status = GrantStatus::Pending;
@@ -588,7 +599,7 @@ impl Broker {
             return Ok(None);
         }
         let kind = self.target(&grant.target).map_or(Kind::Http, |t| t.kind);
-        let secret = mint_secret(&mut grant, kind);
+        let secret = mint_secret(&mut grant, kind, &*self.proofs);
         let write = Write::event(
             AuditEvent::new(EventKind::GrantCollected)
                 .agent(agent)
@@ -753,12 +764,10 @@ impl Broker {
         self.admit(id, target)
     }
 
-    /// The SCRAM verifier of a grant's secret, for a protocol that proves the secret
-    /// without sending it (PostgreSQL). `None` for an unknown grant or one without one.
-    pub fn scram_verifier(&self, id: &str) -> Option<String> {
-        self.grant(id)
-            .map(|g| g.scram_verifier)
-            .filter(|v| !v.is_empty())
+    /// The proof named `name` of a grant's secret, for a protocol that proves the
+    /// secret without sending it. `None` for an unknown grant or one without it.
+    pub fn secret_proof(&self, id: &str, name: &str) -> Option<String> {
+        self.grant(id).and_then(|g| g.proofs.get(name).cloned())
     }
 
     /// Admits a connection under a grant whose secret the caller has already checked

@@ -11,7 +11,7 @@ mod secret;
 
 pub use broker::{
     AgentToken, Broker, BrokerError, GrantAuthError, GrantRequestBody, Issued, LiveGrant,
-    TargetSource,
+    SecretProofs, TargetSource,
 };
 pub use model::{Access, AgentRecord, GrantRecord, GrantStatus, SessionRecord, TargetRecord};
 pub use secret::{hash_secret, new_id, new_secret, secret_matches};

@@ -154,10 +154,10 @@ pub struct GrantRecord {
     /// sha256 of the secret; empty for a grant that never had one (denied).
     #[serde(default)]
     pub secret_hash: String,
-    /// For PostgreSQL targets: the secret's SCRAM-SHA-256 verifier, in PostgreSQL's
-    /// format, so the gateway can check a client's proof without the secret.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub scram_verifier: String,
+    /// Proofs of the secret that the target's protocol checks without the secret
+    /// itself, by name (PostgreSQL: `scram-sha-256`, its SCRAM verifier).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub proofs: BTreeMap<String, String>,
     /// Why it was denied, sent to review, or ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

@@ -3,6 +3,8 @@
 //! every protocol.
 
 pub mod postgres;
+pub mod protocol;
 pub mod session;
 
+pub use protocol::{Protocol, Protocols};
 pub use session::{ProxyServices, SessionCore, Verdict};

@@ -10,8 +10,11 @@ mod extended;
 mod masking;
 mod parser;
 mod pins;
+mod protocol;
 pub mod scram;
 mod session;
 pub mod startup;
 pub mod upstream;
 pub mod wire;
+
+pub use protocol::Postgres;

@@ -451,7 +451,7 @@ async fn authenticate(
     let verifier = services
         .proxy
         .broker
-        .scram_verifier(grant_id)
+        .secret_proof(grant_id, super::protocol::SCRAM_PROOF)
         .and_then(|v| Verifier::parse(&v))
         .unwrap_or_else(Verifier::impossible);
     client

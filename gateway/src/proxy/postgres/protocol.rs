@@ -1,0 +1,50 @@
+//! PostgreSQL's answers to the gateway's neutral parts (see `proxy::protocol`).
+
+use std::net::SocketAddr;
+
+use super::upstream::UpstreamAddr;
+use crate::grants::{GrantRecord, TargetRecord};
+use crate::policy::Kind;
+use crate::proxy::protocol::Protocol;
+
+/// The name a grant's SCRAM verifier is stored under.
+pub(super) const SCRAM_PROOF: &str = "scram-sha-256";
+
+/// The PostgreSQL protocol; `listen` is where its gateway accepts clients, once it
+/// does.
+#[derive(Debug, Default)]
+pub struct Postgres {
+    pub listen: Option<SocketAddr>,
+}
+
+impl Protocol for Postgres {
+    fn kind(&self) -> Kind {
+        Kind::Postgres
+    }
+
+    fn check_target(&self, target: &TargetRecord) -> Result<(), String> {
+        UpstreamAddr::parse(&target.upstream)?;
+        if let Some(end_as) = &target.end_as {
+            UpstreamAddr::parse(end_as).map_err(|e| format!("end-as: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// A client proves the secret by SCRAM-SHA-256, so the grant keeps a verifier.
+    fn secret_proofs(&self, secret: &str) -> Vec<(&'static str, String)> {
+        vec![(
+            SCRAM_PROOF,
+            postgres_protocol::password::scram_sha_256(secret.as_bytes()),
+        )]
+    }
+
+    /// psql's host, port, database (the target) and user (the grant id).
+    fn connection(&self, grant: &GrantRecord) -> Option<serde_json::Value> {
+        let addr = self.listen?;
+        Some(serde_json::json!({
+            "host": addr.ip().to_string(),
+            "port": addr.port(),
+            "database": grant.target,
+        }))
+    }
+}

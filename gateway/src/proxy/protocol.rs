@@ -1,0 +1,71 @@
+//! What the gateway's protocol-neutral parts (configuration, the broker, the agent and
+//! admin APIs) need to know of each protocol, behind one small trait, so none of them
+//! branches on a protocol by name.
+
+use std::sync::Arc;
+
+use crate::grants::{GrantRecord, SecretProofs, TargetRecord};
+use crate::policy::Kind;
+
+/// One protocol's answers to the neutral parts of the gateway.
+pub trait Protocol: Send + Sync {
+    /// The kind of target it serves.
+    fn kind(&self) -> Kind;
+
+    /// Checks a target's protocol-specific settings (its upstream address, …), from the
+    /// configuration file or added at run time.
+    fn check_target(&self, target: &TargetRecord) -> Result<(), String>;
+
+    /// Proofs of a freshly minted grant secret that this protocol's login checks
+    /// without the secret itself (PostgreSQL: a SCRAM verifier), stored with the grant
+    /// under their names. The secret itself is never stored.
+    fn secret_proofs(&self, _secret: &str) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
+    /// Where and how an agent connects through the gateway under `grant`: added to
+    /// the grant the agent API returns with its secret.
+    fn connection(&self, _grant: &GrantRecord) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// The protocols this gateway knows, by target kind.
+#[derive(Clone)]
+pub struct Protocols(Vec<Arc<dyn Protocol>>);
+
+impl Protocols {
+    /// Every protocol the gateway implements, before any listens.
+    pub fn builtin() -> Self {
+        Protocols(vec![Arc::new(super::postgres::Postgres::default())])
+    }
+
+    /// This registry with `protocol` in place of the one of its kind.
+    pub fn with(mut self, protocol: Arc<dyn Protocol>) -> Self {
+        self.0.retain(|p| p.kind() != protocol.kind());
+        self.0.push(protocol);
+        self
+    }
+
+    pub fn get(&self, kind: Kind) -> Option<&dyn Protocol> {
+        self.0.iter().find(|p| p.kind() == kind).map(|p| &**p)
+    }
+
+    /// The target's protocol-specific check; a kind no protocol serves yet has none.
+    pub fn check_target(&self, target: &TargetRecord) -> Result<(), String> {
+        self.get(target.kind)
+            .map_or(Ok(()), |p| p.check_target(target))
+    }
+
+    pub fn connection(&self, kind: Kind, grant: &GrantRecord) -> Option<serde_json::Value> {
+        self.get(kind).and_then(|p| p.connection(grant))
+    }
+}
+
+impl SecretProofs for Protocols {
+    fn proofs(&self, kind: Kind, secret: &str) -> Vec<(&'static str, String)> {
+        self.get(kind)
+            .map(|p| p.secret_proofs(secret))
+            .unwrap_or_default()
+    }
+}
