@@ -18,9 +18,10 @@ use crate::fsperm;
 use crate::grants::Broker;
 use crate::keys::SecretKey;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
+use crate::proxy::postgres::PgServices;
 use crate::proxy::postgres::Postgres;
 use crate::proxy::postgres::classify::ClassifyCache;
-use crate::proxy::postgres::startup::{self, PgServices};
+use crate::proxy::postgres::startup;
 use crate::proxy::{Protocols, ProxyServices};
 use crate::record::{
     AuditEvent, EventKind, FileWitness, HttpWitness, Record, RecordOptions, Witness, WitnessUrl,

@@ -124,3 +124,10 @@ impl Conn {
         self.flush().await
     }
 }
+
+/// Sends a FATAL ErrorResponse; the caller then closes the connection.
+pub(super) async fn fatal(client: &mut Conn, code: &str, message: &str) {
+    let _ = client
+        .send_now(&wire::error_response("FATAL", code, message, None))
+        .await;
+}

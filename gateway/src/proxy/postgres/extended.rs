@@ -13,10 +13,10 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::classify::Statement;
+use super::conn::fatal;
+use super::portals::{Discard, Portal, Prepared, RowShape};
 use super::session::{Expect, Session, invalid_utf8, message_bytes};
-use super::startup::fatal;
-use super::wire::{self, Field, Message, error_response, message, put_cstr, ready_for_query};
+use super::wire::{self, Message, error_response, message, put_cstr, ready_for_query};
 use crate::record::Write;
 
 /// Largest batch (bytes of messages up to Sync or Flush) held before deciding it.
@@ -24,34 +24,6 @@ const MAX_BATCH: usize = wire::MAX_MESSAGE;
 
 /// Parameter values kept in the record, each cut to this many bytes.
 const PARAM_RECORDED: usize = 256;
-
-/// What to do with client messages after an error in an extended-protocol batch: drop
-/// them up to Sync, as PostgreSQL does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Discard {
-    No,
-    /// The gateway refused: it answers the Sync itself.
-    Local,
-    /// The upstream failed and skips to Sync too: the Sync goes upstream.
-    Upstream,
-}
-
-/// A statement prepared through this gateway: its classification (`None` for an empty
-/// query, which runs nothing).
-pub(super) struct Prepared {
-    statement: Option<Statement>,
-}
-
-/// A result's columns, or `None` for a statement that returns no rows.
-pub(super) type RowShape = Option<Arc<Vec<Field>>>;
-
-/// A portal bound through this gateway: its statement, and its parameters for the
-/// record.
-#[derive(Clone)]
-pub(super) struct Portal {
-    prepared: Arc<Prepared>,
-    params: serde_json::Value,
-}
 
 /// A refusal of a batch: SQLSTATE, message, hint.
 type Refusal = (&'static str, String, Option<String>);

@@ -10,11 +10,14 @@ mod extended;
 mod masking;
 mod parser;
 mod pins;
+mod portals;
 mod protocol;
 pub mod scram;
+mod services;
 mod session;
 pub mod startup;
 pub mod upstream;
 pub mod wire;
 
 pub use protocol::Postgres;
+pub use services::PgServices;

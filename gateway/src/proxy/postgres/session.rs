@@ -13,11 +13,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::catalog::Catalog;
 use super::classify::{Classified, ParseError, Statement};
-use super::conn::Conn;
-use super::extended::{Discard, Portal, Prepared, RowShape};
+use super::conn::{Conn, fatal};
 use super::masking::{self, MaskPlans, RowMask};
 use super::pins;
-use super::startup::{PgServices, fatal};
+use super::portals::{Discard, Portal, Prepared, RowShape};
+use super::services::PgServices;
 use super::upstream::Ender;
 use super::wire::{
     self, Field, Message, WireError, error_response, message, put_cstr, ready_for_query,

@@ -2,81 +2,23 @@
 //! by the broker, and the upstream login with the gateway's own credential. What is
 //! left is a [`Session`] relaying statements.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::BufMut;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use super::catalog::{Catalog, Catalogs};
-use super::classify::ClassifyCache;
-use super::conn::Conn;
+use super::catalog::Catalog;
+use super::conn::{Conn, fatal};
 use super::pins;
 use super::scram::{Exchange, Verifier};
+use super::services::{CancelKey, PgServices};
 use super::session::{Admitted, Session};
 use super::upstream::{self, Ender, Upstream, UpstreamAddr};
-use super::wire::{self, Startup, WireError, error_response, message, ready_for_query};
+use super::wire::{self, Startup, WireError, message, ready_for_query};
 use crate::grants::{Access, GrantAuthError, TargetRecord};
 use crate::policy::Kind;
-use crate::proxy::ProxyServices;
 use crate::secrets::Secrets;
-
-/// What every PostgreSQL session shares.
-pub struct PgServices {
-    /// What every protocol's sessions share: broker, policy, record, credentials.
-    pub proxy: Arc<ProxyServices>,
-    pub classify: ClassifyCache,
-    /// Each target's functions and types, as its upstream's catalog says.
-    pub catalogs: Catalogs,
-    /// TLS for clients that ask for it (SSLRequest).
-    pub tls: Option<TlsAcceptor>,
-    /// Refuse clients that do not ask for TLS.
-    pub require_tls: bool,
-    /// The cancel keys the gateway gave its clients → the upstream connection and key
-    /// to cancel. Clients never see an upstream's key.
-    pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
-}
-
-/// A BackendKeyData: (process id, secret key).
-pub type BackendKey = (i32, i32);
-
-/// A random BackendKeyData for a client, registered until the session ends.
-pub(super) struct CancelKey<'a> {
-    services: &'a PgServices,
-    key: BackendKey,
-}
-
-impl<'a> CancelKey<'a> {
-    fn register(services: &'a PgServices, upstream: String, upstream_key: BackendKey) -> Self {
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes).expect("the OS random number generator is unavailable");
-        let key = (
-            i32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) & 0x7fff_ffff,
-            i32::from_be_bytes(bytes[4..].try_into().expect("4 bytes")),
-        );
-        services
-            .cancels
-            .lock()
-            .unwrap()
-            .insert(key, (upstream, upstream_key));
-        CancelKey { services, key }
-    }
-}
-
-impl Drop for CancelKey<'_> {
-    fn drop(&mut self) {
-        self.services.cancels.lock().unwrap().remove(&self.key);
-    }
-}
-
-/// Sends a FATAL ErrorResponse; the caller then closes the connection.
-pub(super) async fn fatal(client: &mut Conn, code: &str, message: &str) {
-    let _ = client
-        .send_now(&error_response("FATAL", code, message, None))
-        .await;
-}
 
 /// Refuses a login with FATAL `code` and records it (`session.refused`): who claimed
 /// which grant for which target, from where, and why; never a secret (SCRAM never

@@ -1,0 +1,63 @@
+//! What every PostgreSQL session shares, and the cancel keys the gateway hands its
+//! clients in place of the upstream's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio_rustls::TlsAcceptor;
+
+use super::catalog::Catalogs;
+use super::classify::ClassifyCache;
+use crate::proxy::ProxyServices;
+
+/// What every PostgreSQL session shares.
+pub struct PgServices {
+    /// What every protocol's sessions share: broker, policy, record, credentials.
+    pub proxy: Arc<ProxyServices>,
+    pub classify: ClassifyCache,
+    /// Each target's functions and types, as its upstream's catalog says.
+    pub catalogs: Catalogs,
+    /// TLS for clients that ask for it (SSLRequest).
+    pub tls: Option<TlsAcceptor>,
+    /// Refuse clients that do not ask for TLS.
+    pub require_tls: bool,
+    /// The cancel keys the gateway gave its clients → the upstream connection and key
+    /// to cancel. Clients never see an upstream's key.
+    pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
+}
+
+/// A BackendKeyData: (process id, secret key).
+pub type BackendKey = (i32, i32);
+
+/// A random BackendKeyData for a client, registered until the session ends.
+pub(super) struct CancelKey<'a> {
+    services: &'a PgServices,
+    pub(super) key: BackendKey,
+}
+
+impl<'a> CancelKey<'a> {
+    pub(super) fn register(
+        services: &'a PgServices,
+        upstream: String,
+        upstream_key: BackendKey,
+    ) -> Self {
+        let mut bytes = [0u8; 8];
+        getrandom::fill(&mut bytes).expect("the OS random number generator is unavailable");
+        let key = (
+            i32::from_be_bytes(bytes[..4].try_into().expect("4 bytes")) & 0x7fff_ffff,
+            i32::from_be_bytes(bytes[4..].try_into().expect("4 bytes")),
+        );
+        services
+            .cancels
+            .lock()
+            .unwrap()
+            .insert(key, (upstream, upstream_key));
+        CancelKey { services, key }
+    }
+}
+
+impl Drop for CancelKey<'_> {
+    fn drop(&mut self) {
+        self.services.cancels.lock().unwrap().remove(&self.key);
+    }
+}
