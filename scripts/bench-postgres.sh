@@ -83,7 +83,7 @@ TOML
     for _ in $(seq 100); do [ -S "$data/admin.sock" ] && break; sleep 0.1; done
     local token grant
     token=$("$airlock" --data "$data" agent add bench | tail -n 1)
-    grant=$(curl -s -X POST "http://127.0.0.1:$api/v1/grants" -H "Authorization: Bearer $token" \
+    grant=$(curl -s -X POST "http://127.0.0.1:$api/v1/grants" -H "Authorization: Bearer $token" -H "Content-Type: application/json" \
         -d '{"target":"bench","task":"benchmark read-only queries","access":"read","ttl":"10m"}')
     gw_user=$(echo "$grant" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
     gw_secret=$(echo "$grant" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
