@@ -276,7 +276,7 @@ impl SessionCore {
 
     /// Records that the grant's end reached the upstream (`session.upstream-ended`):
     /// the neutral facts, and what the protocol adds about its server's side.
-    pub async fn record_upstream_end(&mut self, reason: &str, mut detail: serde_json::Value) {
+    pub async fn record_upstream_end(&self, reason: &str, mut detail: serde_json::Value) {
         detail["session"] = self.opened.id.clone().into();
         detail["reason"] = reason.into();
         let event = self.event(EventKind::SessionUpstreamEnded, detail);
