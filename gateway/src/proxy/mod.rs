@@ -7,4 +7,4 @@ pub mod protocol;
 pub mod session;
 
 pub use protocol::{Protocol, Protocols};
-pub use session::{ProxyServices, SessionCore, Verdict};
+pub use session::{ProxyServices, SessionCore, SessionEnd, Verdict};

@@ -37,6 +37,38 @@ pub struct ProxyServices {
     pub refusals: RecordCap,
 }
 
+/// Why a session ends. Each protocol renders it on its own wire (PostgreSQL a FATAL,
+/// SSH a stderr line and a channel close); its text is the reason `session.closed`
+/// records.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    #[error("client closed the connection")]
+    ClientClosed,
+    #[error("client terminated")]
+    ClientTerminated,
+    #[error("client connection lost: {0}")]
+    ClientLost(std::io::Error),
+    /// The client broke its protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The grant was revoked, expired, or ended by its agent.
+    #[error("{0}")]
+    GrantEnded(String),
+    /// Nothing more can be recorded, so nothing more may happen.
+    #[error("record unavailable: {0}")]
+    Record(RecordError),
+    #[error("upstream connection lost: {0}")]
+    UpstreamLost(String),
+    /// The upstream said or did what the gateway cannot vouch for: a pinned setting
+    /// changed, an answer out of step or contradicting the decision, a catalog it
+    /// could not read.
+    #[error("{0}")]
+    Upstream(String),
+    /// A result could not be masked, so it was withheld.
+    #[error("{0}")]
+    Withheld(String),
+}
+
 /// A refusal: the reason, and a hint for the agent.
 pub type Denial = (String, Option<String>);
 

@@ -17,6 +17,7 @@ use super::conn::fatal;
 use super::portals::{Discard, Portal, Prepared, RowShape};
 use super::session::{Expect, Session, invalid_utf8, message_bytes};
 use super::wire::{self, Message, error_response, message, put_cstr, ready_for_query};
+use crate::proxy::SessionEnd;
 use crate::record::Write;
 
 /// Largest batch (bytes of messages up to Sync or Flush) held before deciding it.
@@ -30,7 +31,7 @@ type Refusal = (&'static str, String, Option<String>);
 
 impl Session {
     /// Takes a batch starting with `first`, decides it, and runs it or refuses it.
-    pub(super) async fn extended(&mut self, first: Message) -> Result<(), String> {
+    pub(super) async fn extended(&mut self, first: Message) -> Result<(), SessionEnd> {
         let mut size = first.body.len() + 5;
         let mut batch = vec![first];
         while !matches!(batch.last().map(|m| m.tag), Some(b'S' | b'H')) {
@@ -39,7 +40,7 @@ impl Session {
                 b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H' => {}
                 b'X' => {
                     let _ = self.upstream.send_now(&message_bytes(&m)).await;
-                    return Err("client terminated".into());
+                    return Err(SessionEnd::ClientTerminated);
                 }
                 other => {
                     let reason = format!(
@@ -47,14 +48,14 @@ impl Session {
                         other as char
                     );
                     fatal(&mut self.client, "08P01", &reason).await;
-                    return Err(reason);
+                    return Err(SessionEnd::Protocol(reason));
                 }
             }
             size += m.body.len() + 5;
             if size > MAX_BATCH {
                 let reason = format!("more than {MAX_BATCH} bytes of messages without a Sync");
                 fatal(&mut self.client, "54000", &reason).await;
-                return Err(reason);
+                return Err(SessionEnd::Protocol(reason));
             }
             batch.push(m);
         }
@@ -67,7 +68,7 @@ impl Session {
                 self.client
                     .send(&ready_for_query(self.tx_status))
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(SessionEnd::ClientLost)
             }
             Discard::Upstream => {
                 self.discard = Discard::No;
@@ -75,7 +76,7 @@ impl Session {
                 self.upstream
                     .send_now(&sync)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| SessionEnd::UpstreamLost(e.to_string()))?;
                 let set = self.services.proxy.policy.current();
                 self.relay(&set, VecDeque::from([Expect::Sync]), &mut [], false)
                     .await?;
@@ -84,7 +85,7 @@ impl Session {
         }
     }
 
-    async fn run_batch(&mut self, batch: Vec<Message>, synced: bool) -> Result<(), String> {
+    async fn run_batch(&mut self, batch: Vec<Message>, synced: bool) -> Result<(), SessionEnd> {
         self.unexpired().await?;
         let set = self.services.proxy.policy.current();
         self.current_catalog().await?;

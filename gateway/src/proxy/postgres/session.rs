@@ -25,7 +25,7 @@ use super::wire::{
 use crate::config::Durability;
 use crate::policy::types::{Action, SqlKind};
 use crate::policy::{PolicySet, sql_kind_name};
-use crate::proxy::{SessionCore, Verdict};
+use crate::proxy::{SessionCore, SessionEnd, Verdict};
 use crate::record::{AuditEvent, EventKind, RecordError, Write};
 
 /// A result summary waits at most this long, while the session is idle, for the next
@@ -153,11 +153,11 @@ impl Session {
     /// Serves the connection until it ends; records why, and closes the session
     /// record.
     pub(super) async fn serve(mut self) {
-        let reason = self.serve_messages().await;
-        self.core.close(&reason).await;
+        let end = self.serve_messages().await;
+        self.core.close(&end.to_string()).await;
     }
 
-    async fn serve_messages(&mut self) -> String {
+    async fn serve_messages(&mut self) -> SessionEnd {
         loop {
             let message = match self.read_client().await {
                 Ok(m) => m,
@@ -171,7 +171,7 @@ impl Session {
                 b'd' | b'c' | b'f' => Ok(()),
                 b'X' => {
                     let _ = self.upstream.send_now(&message_bytes(&message)).await;
-                    return "client terminated".into();
+                    return SessionEnd::ClientTerminated;
                 }
                 other => {
                     fatal(
@@ -180,7 +180,10 @@ impl Session {
                         &format!("unexpected message type {:?}", other as char),
                     )
                     .await;
-                    return "protocol error".into();
+                    return SessionEnd::Protocol(format!(
+                        "unexpected message type {:?}",
+                        other as char
+                    ));
                 }
             };
             if let Err(reason) = result {
@@ -191,9 +194,9 @@ impl Session {
 
     /// The client's next message; answers buffered so far are sent first unless the
     /// client has already pipelined more. Ends the session when the grant ends.
-    pub(super) async fn read_client(&mut self) -> Result<Message, String> {
+    pub(super) async fn read_client(&mut self) -> Result<Message, SessionEnd> {
         if !self.client.has_message() {
-            self.client.flush().await.map_err(|e| e.to_string())?;
+            self.client.flush().await.map_err(SessionEnd::ClientLost)?;
         }
         let message = loop {
             tokio::select! {
@@ -206,17 +209,17 @@ impl Session {
         };
         match message {
             Ok(m) => Ok(m),
-            Err(WireError::Closed) => Err("client closed the connection".into()),
+            Err(WireError::Closed) => Err(SessionEnd::ClientClosed),
             Err(e) => {
                 fatal(&mut self.client, "08P01", &format!("invalid message: {e}")).await;
-                Err(format!("protocol error: {e}"))
+                Err(SessionEnd::Protocol(e.to_string()))
             }
         }
     }
 
     /// Checks the grant's expiry at decision time, before anything of a message is
     /// decided or sent: a statement past it is refused and the session ends.
-    pub(super) async fn unexpired(&mut self) -> Result<(), String> {
+    pub(super) async fn unexpired(&mut self) -> Result<(), SessionEnd> {
         match self.core.expired() {
             None => Ok(()),
             Some(reason) => Err(self.end_grant(reason, false).await),
@@ -225,7 +228,7 @@ impl Session {
 
     /// Ends the session because its grant ended: FATAL 57P01 to the client, the
     /// upstream session cancelled and terminated, and that recorded.
-    async fn end_grant(&mut self, reason: String, running: bool) -> String {
+    async fn end_grant(&mut self, reason: String, running: bool) -> SessionEnd {
         fatal(
             &mut self.client,
             "57P01",
@@ -251,17 +254,18 @@ impl Session {
             "error": ended.error,
         });
         self.core.record_upstream_end(&reason, detail).await;
-        reason
+        SessionEnd::GrantEnded(reason)
     }
 
     /// A simple Query: every statement is checked before any is sent; one deny refuses
     /// the whole message.
-    async fn query(&mut self, message: Message) -> Result<(), String> {
+    async fn query(&mut self, message: Message) -> Result<(), SessionEnd> {
         let mut body = message.body.clone();
-        let text = match wire::cstr_bytes(&mut body).map_err(|e| e.to_string())? {
-            Ok(text) => text,
-            Err(invalid) => return self.refuse_invalid_utf8(&invalid, true).await,
-        };
+        let text =
+            match wire::cstr_bytes(&mut body).map_err(|e| SessionEnd::Protocol(e.to_string()))? {
+                Ok(text) => text,
+                Err(invalid) => return self.refuse_invalid_utf8(&invalid, true).await,
+            };
         // A Query is one string: bytes after its NUL would be relayed unread, so the
         // record and the policy would see less than the server is sent.
         if !body.is_empty() {
@@ -271,7 +275,9 @@ impl Session {
                 "invalid message format: a Query holds bytes after its string",
             )
             .await;
-            return Err("protocol error: a Query with bytes after its string".into());
+            return Err(SessionEnd::Protocol(
+                "a Query with bytes after its string".into(),
+            ));
         }
         let classified = self.classify(&text).await;
         let statements: &[Statement] = match &*classified {
@@ -284,7 +290,7 @@ impl Session {
                 ready_for_query(self.tx_status),
             ]
             .concat();
-            return self.client.send(&out).await.map_err(|e| e.to_string());
+            return self.client.send(&out).await.map_err(SessionEnd::ClientLost);
         }
         self.unexpired().await?;
         let set = self.services.proxy.policy.current();
@@ -336,7 +342,7 @@ impl Session {
     /// once the target's is older than its TTL and the upstream session is idle, reads
     /// it again (a function created outside the gateway resolves within the TTL).
     /// Verdicts made with the old one are forgotten.
-    pub(super) async fn current_catalog(&mut self) -> Result<(), String> {
+    pub(super) async fn current_catalog(&mut self) -> Result<(), SessionEnd> {
         if let Some((latest, fresh)) = self
             .services
             .catalogs
@@ -353,7 +359,7 @@ impl Session {
 
     /// Reads the target's catalog again after DDL, once the upstream session is idle
     /// (outside a transaction and a pipeline), so functions and types it made resolve.
-    pub(super) async fn refresh_catalog(&mut self) -> Result<(), String> {
+    pub(super) async fn refresh_catalog(&mut self) -> Result<(), SessionEnd> {
         if !self.catalog_stale || self.tx_status != b'I' || self.unsynced {
             return Ok(());
         }
@@ -371,7 +377,7 @@ impl Session {
             Err(e) => {
                 let reason = format!("the gateway cannot read the upstream's catalog: {e}");
                 fatal(&mut self.client, "08006", &reason).await;
-                Err(reason)
+                Err(SessionEnd::Upstream(reason))
             }
         }
     }
@@ -460,7 +466,7 @@ impl Session {
 
     /// A FunctionCall names a function by OID, outside any statement a policy could
     /// see: recorded as a denial and never relayed.
-    async fn refuse_function_call(&mut self) -> Result<(), String> {
+    async fn refuse_function_call(&mut self) -> Result<(), SessionEnd> {
         let reason = "the fastpath function call interface is not allowed through Airlock";
         let refused = self.refusal_event("(fastpath function call)", "function-call", reason);
         self.core.count_actions(1);
@@ -478,7 +484,7 @@ impl Session {
         text: &str,
         error: &ParseError,
         ready: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionEnd> {
         let reason = error.to_string();
         let refused = self.refusal_event(text, "unparsed", &reason);
         self.core.count_actions(1);
@@ -491,7 +497,7 @@ impl Session {
 
     /// Records and refuses a statement that is not UTF-8 (`22021`, PostgreSQL's answer):
     /// the session goes on.
-    async fn refuse_invalid_utf8(&mut self, text: &[u8], ready: bool) -> Result<(), String> {
+    async fn refuse_invalid_utf8(&mut self, text: &[u8], ready: bool) -> Result<(), SessionEnd> {
         let reason = invalid_utf8(text);
         let refused = self.refusal_event(&String::from_utf8_lossy(text), "unparsed", &reason);
         self.core.count_actions(1);
@@ -502,7 +508,7 @@ impl Session {
 
     /// Records `write` as the configured durability says: made durable (strict), or
     /// queued ahead of everything that follows (batched). A failure ends the session.
-    pub(super) async fn record(&mut self, write: Write) -> Result<(), String> {
+    pub(super) async fn record(&mut self, write: Write) -> Result<(), SessionEnd> {
         let result = self.core.record(write).await;
         self.recorded_or_close(result).await
     }
@@ -515,7 +521,7 @@ impl Session {
         mut write: Write,
         message: &[u8],
         read_only: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionEnd> {
         if write.events.is_empty() {
             return self.upstream.send_now(message).await.map_err(upstream_lost);
         }
@@ -530,7 +536,9 @@ impl Session {
             .send_now(message)
             .await
             .map_err(upstream_lost)?;
-        let result = recording.await.map_err(|e| e.to_string())?;
+        let result = recording
+            .await
+            .map_err(|e| SessionEnd::Record(RecordError::Store(e.to_string())))?;
         self.recorded_or_close(result.map(drop)).await
     }
 
@@ -539,7 +547,7 @@ impl Session {
     /// implicit transaction of an unsynced pipeline, is aborted. `ready`: the client
     /// waits for ReadyForQuery (it sent Sync or a Query); otherwise the rest of its
     /// batch, up to Sync, is dropped.
-    pub(super) async fn refuse(&mut self, error: Bytes, ready: bool) -> Result<(), String> {
+    pub(super) async fn refuse(&mut self, error: Bytes, ready: bool) -> Result<(), SessionEnd> {
         if self.tx_status == b'T' || self.unsynced {
             let mut poison = BytesMut::new();
             poison.extend_from_slice(&message(b'P', |out| {
@@ -561,12 +569,15 @@ impl Session {
             }
             self.unsynced = false;
         }
-        self.client.send(&error).await.map_err(|e| e.to_string())?;
+        self.client
+            .send(&error)
+            .await
+            .map_err(SessionEnd::ClientLost)?;
         if ready {
             self.client
                 .send(&ready_for_query(self.tx_status))
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(SessionEnd::ClientLost)
         } else {
             self.discard = Discard::Local;
             Ok(())
@@ -575,10 +586,13 @@ impl Session {
 
     /// Goes on only if the record write succeeded; otherwise ends the session with
     /// FATAL: nothing goes on unrecorded.
-    async fn recorded_or_close(&mut self, result: Result<(), RecordError>) -> Result<(), String> {
+    async fn recorded_or_close(
+        &mut self,
+        result: Result<(), RecordError>,
+    ) -> Result<(), SessionEnd> {
         if let Err(e) = result {
             fatal(&mut self.client, "53000", &format!("refused: {e}")).await;
-            return Err(format!("record unavailable: {e}"));
+            return Err(SessionEnd::Record(e));
         }
         Ok(())
     }
@@ -594,14 +608,14 @@ impl Session {
         mut expects: VecDeque<Expect>,
         masked: &mut [Option<RowShape>],
         changes_nothing: bool,
-    ) -> Result<ResultSummary, String> {
+    ) -> Result<ResultSummary, SessionEnd> {
         let started = Instant::now();
         let mut summary = ResultSummary::default();
         let mut rows: Option<RowMask> = None;
         let mut executing = false;
         while let Some(&front) = expects.front() {
             if !self.upstream.has_message() {
-                self.client.flush().await.map_err(|e| e.to_string())?;
+                self.client.flush().await.map_err(SessionEnd::ClientLost)?;
             }
             let m = tokio::select! {
                 m = self.upstream.read_message() => match m {
@@ -642,7 +656,10 @@ impl Session {
             let relay = match m.tag {
                 b'T' | b'n' => {
                     let fields = match m.tag {
-                        b'T' => Some(wire::row_description(&m.body).map_err(|e| e.to_string())?),
+                        b'T' => Some(
+                            wire::row_description(&m.body)
+                                .map_err(|e| SessionEnd::Upstream(e.to_string()))?,
+                        ),
                         _ => None,
                     };
                     match front {
@@ -740,7 +757,7 @@ impl Session {
                     self.client
                         .send_now(&message_bytes(&m))
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(SessionEnd::ClientLost)?;
                     self.copy_in(matches!(front, Expect::Execute { .. }))
                         .await?;
                     false
@@ -751,7 +768,7 @@ impl Session {
                 self.client
                     .send_message(&m)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(SessionEnd::ClientLost)?;
             }
         }
         summary.duration = started.elapsed();
@@ -760,7 +777,11 @@ impl Session {
 
     /// Errors, notices and notifications can quote values: where masking applies, their
     /// text goes through the masking modules too. A failure withholds the message.
-    async fn mask_message(&mut self, set: &Arc<PolicySet>, m: Message) -> Result<Message, String> {
+    async fn mask_message(
+        &mut self,
+        set: &Arc<PolicySet>,
+        m: Message,
+    ) -> Result<Message, SessionEnd> {
         let mask = match m.tag {
             b'E' | b'N' => masking::mask_notice,
             b'A' => masking::mask_notification,
@@ -786,7 +807,7 @@ impl Session {
         &mut self,
         set: &Arc<PolicySet>,
         fields: Option<&[Field]>,
-    ) -> Result<Option<RowMask>, String> {
+    ) -> Result<Option<RowMask>, SessionEnd> {
         let planned = match fields {
             Some(fields) => {
                 self.masks
@@ -808,7 +829,7 @@ impl Session {
     /// or CopyFail. In the extended protocol the server ignores the Sync the client sent
     /// with the Execute, and the client sends another after CopyDone: relay up to that
     /// one too.
-    async fn copy_in(&mut self, extended: bool) -> Result<(), String> {
+    async fn copy_in(&mut self, extended: bool) -> Result<(), SessionEnd> {
         let mut copying = true;
         loop {
             let c = self.read_client().await?;
@@ -844,12 +865,12 @@ impl Session {
     }
 
     /// A masking failure: the result is not released and the connection is closed.
-    async fn or_withhold<T>(&mut self, result: Result<T, String>) -> Result<T, String> {
+    async fn or_withhold<T>(&mut self, result: Result<T, String>) -> Result<T, SessionEnd> {
         match result {
             Ok(value) => Ok(value),
             Err(reason) => {
                 fatal(&mut self.client, "XX000", &reason).await;
-                Err(reason)
+                Err(SessionEnd::Withheld(reason))
             }
         }
     }
@@ -857,7 +878,7 @@ impl Session {
     /// The tripwire: statements decided as changing nothing were answered with a
     /// command that writes. The classification and the server disagreed, so nothing
     /// decided for this session can be trusted: recorded, and the session ends.
-    async fn mismatch(&mut self, command: &str) -> String {
+    async fn mismatch(&mut self, command: &str) -> SessionEnd {
         let reason =
             format!("the server answered {command:?} to statements decided as changing nothing");
         let event = self.event(
@@ -873,12 +894,12 @@ impl Session {
             &format!("terminating connection: {reason}"),
         )
         .await;
-        reason
+        SessionEnd::Upstream(reason)
     }
 
     /// A ParameterStatus mid-session: a pinned setting that changed ends the session,
     /// recorded, since statements would no longer be read as they were decided.
-    async fn check_parameter(&mut self, m: &Message) -> Result<(), String> {
+    async fn check_parameter(&mut self, m: &Message) -> Result<(), SessionEnd> {
         let mut body = m.body.clone();
         let (Ok(name), Ok(value)) = (wire::cstr(&mut body), wire::cstr(&mut body)) else {
             return Err(self.out_of_step(m.tag).await);
@@ -899,15 +920,15 @@ impl Session {
             &format!("terminating connection: {reason}"),
         )
         .await;
-        Err(reason)
+        Err(SessionEnd::Upstream(reason))
     }
 
     /// The upstream answered something the gateway did not ask for: it cannot tell
     /// which statement the answer belongs to, so it stops.
-    async fn out_of_step(&mut self, tag: u8) -> String {
+    async fn out_of_step(&mut self, tag: u8) -> SessionEnd {
         let reason = format!("the upstream sent an unexpected message {:?}", tag as char);
         fatal(&mut self.client, "08P01", &reason).await;
-        reason
+        SessionEnd::Upstream(reason)
     }
 }
 
@@ -950,8 +971,8 @@ fn reads_only(tag: &str) -> bool {
     })
 }
 
-fn upstream_lost(e: impl std::fmt::Display) -> String {
-    format!("upstream connection lost: {e}")
+fn upstream_lost(e: impl std::fmt::Display) -> SessionEnd {
+    SessionEnd::UpstreamLost(e.to_string())
 }
 
 fn empty_query() -> Message {
