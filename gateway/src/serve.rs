@@ -21,8 +21,7 @@ use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
 use crate::proxy::postgres::PgServices;
 use crate::proxy::postgres::Postgres;
 use crate::proxy::postgres::classify::ClassifyCache;
-use crate::proxy::postgres::startup;
-use crate::proxy::{Protocols, ProxyServices};
+use crate::proxy::{ProtocolGateway, Protocols, ProxyServices};
 use crate::record::{
     AuditEvent, EventKind, FileWitness, HttpWitness, Record, RecordOptions, Witness, WitnessUrl,
     Write,
@@ -278,7 +277,15 @@ pub async fn run(
         tls: pg_tls,
         cancels: Default::default(),
     });
-    let pg_task = tokio::spawn(startup::listen(pg_listener, pg_services));
+    // Each protocol's gateway on its own listener.
+    let gateways: Vec<(Arc<dyn ProtocolGateway>, TcpListener)> = vec![(pg_services, pg_listener)];
+    let gateway_tasks: Vec<_> = gateways
+        .into_iter()
+        .map(|(gateway, listener)| {
+            tracing::debug!(protocol = gateway.name(), "serving");
+            tokio::spawn(gateway.serve(listener))
+        })
+        .collect();
     // A record that cannot be written ends every session: nothing goes on unrecorded.
     // Then the store is probed until it is writable again.
     let (writable, writable_again) = tokio::sync::oneshot::channel();
@@ -371,7 +378,9 @@ pub async fn run(
     admin_task.abort();
     expiry_task.abort();
     failure_task.abort();
-    pg_task.abort();
+    for task in &gateway_tasks {
+        task.abort();
+    }
     // Open sessions end as PostgreSQL's own do on shutdown (57P01), before the record
     // closes under them.
     broker.cut_all("the gateway is shutting down");

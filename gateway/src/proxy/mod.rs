@@ -6,5 +6,5 @@ pub mod postgres;
 pub mod protocol;
 pub mod session;
 
-pub use protocol::{Protocol, Protocols};
+pub use protocol::{Protocol, ProtocolGateway, Protocols};
 pub use session::{ProxyServices, SessionCore, SessionEnd, Verdict};

@@ -2,7 +2,11 @@
 //! admin APIs) need to know of each protocol, behind one small trait, so none of them
 //! branches on a protocol by name.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+
+use tokio::net::TcpListener;
 
 use crate::grants::{GrantRecord, SecretProofs, TargetRecord};
 use crate::policy::Kind;
@@ -28,6 +32,15 @@ pub trait Protocol: Send + Sync {
     fn connection(&self, _grant: &GrantRecord) -> Option<serde_json::Value> {
         None
     }
+}
+
+/// A protocol's gateway, built by `serve` once the shared services exist: it accepts
+/// agents' connections on its listener until the returned future is dropped.
+pub trait ProtocolGateway: Send + Sync + 'static {
+    /// For logs: `PostgreSQL`, `SSH`, …
+    fn name(&self) -> &'static str;
+
+    fn serve(self: Arc<Self>, listener: TcpListener) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
 /// The protocols this gateway knows, by target kind.

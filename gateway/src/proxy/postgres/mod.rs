@@ -15,7 +15,7 @@ mod protocol;
 pub mod scram;
 mod services;
 mod session;
-pub mod startup;
+mod startup;
 pub mod upstream;
 pub mod wire;
 

@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::catalog::Catalogs;
 use super::classify::ClassifyCache;
-use crate::proxy::ProxyServices;
+use crate::proxy::{ProtocolGateway, ProxyServices};
 
 /// What every PostgreSQL session shares.
 pub struct PgServices {
@@ -24,6 +25,19 @@ pub struct PgServices {
     /// The cancel keys the gateway gave its clients → the upstream connection and key
     /// to cancel. Clients never see an upstream's key.
     pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
+}
+
+impl ProtocolGateway for PgServices {
+    fn name(&self) -> &'static str {
+        "PostgreSQL"
+    }
+
+    fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(super::startup::listen(listener, self))
+    }
 }
 
 /// A BackendKeyData: (process id, secret key).

@@ -84,7 +84,7 @@ fn looks_like_grant_id(user: &str) -> bool {
 }
 
 /// Accepts PostgreSQL clients on `listener` until the task is dropped.
-pub async fn listen(listener: tokio::net::TcpListener, services: Arc<PgServices>) {
+pub(super) async fn listen(listener: tokio::net::TcpListener, services: Arc<PgServices>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
