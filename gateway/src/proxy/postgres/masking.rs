@@ -12,22 +12,44 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use super::catalog::Catalog;
 use super::conn::Conn;
-use super::wire::{self, Field};
+use super::wire::{self, Field, WireError};
 use crate::policy::types::{Body, Column, GrantContext, Rows};
 use crate::policy::{ActivePolicy, MaskError, MaskPlan, PolicySet};
+
+/// Why a result is withheld instead of sent (fail closed).
+#[derive(Debug, thiserror::Error)]
+pub enum Withheld {
+    /// A masking module failed, or the decision pool refused the call.
+    #[error(transparent)]
+    Mask(#[from] MaskError),
+    /// The upstream's message could not be read for masking.
+    #[error("the upstream's message cannot be read for masking: {0}")]
+    Malformed(String),
+    /// A masked value cannot be sent in the format the client asked for.
+    #[error("{0}")]
+    Unsendable(String),
+    #[error("the client connection failed: {0}")]
+    Client(#[from] std::io::Error),
+}
+
+impl From<WireError> for Withheld {
+    fn from(e: WireError) -> Self {
+        Withheld::Malformed(e.to_string())
+    }
+}
 
 /// Runs masking `work` on the decision pool, in the turn of `context`'s agent, under a
 /// deadline of its own; a refusal withholds the result as a module's failure does.
 pub(super) async fn on_pool<R: Send + 'static>(
     policy: &ActivePolicy,
     context: GrantContext,
-    work: impl FnOnce(&GrantContext, Instant) -> Result<R, String> + Send + 'static,
-) -> Result<R, String> {
+    work: impl FnOnce(&GrantContext, Instant) -> Result<R, Withheld> + Send + 'static,
+) -> Result<R, Withheld> {
     let agent = context.agent.id.clone();
     policy
         .run(&agent, move |deadline| work(&context, deadline))
         .await
-        .unwrap_or_else(|refusal| Err(MaskError::from(refusal).to_string()))
+        .unwrap_or_else(|refusal| Err(MaskError::from(refusal).into()))
 }
 
 /// Rows masked per policy call.
@@ -52,7 +74,7 @@ impl MaskPlans {
         context: &GrantContext,
         fields: &[Field],
         catalog: &Catalog,
-    ) -> Result<Option<RowMask>, String> {
+    ) -> Result<Option<RowMask>, Withheld> {
         let columns: Vec<Column> = fields
             .iter()
             .map(|f| Column {
@@ -68,8 +90,7 @@ impl MaskPlans {
             None => {
                 let (set, columns) = (set.clone(), key.1.clone());
                 let plan = on_pool(policy, context.clone(), move |context, deadline| {
-                    set.mask_plan(context, &columns, deadline)
-                        .map_err(|e| e.to_string())
+                    Ok(set.mask_plan(context, &columns, deadline)?)
                 })
                 .await?;
                 let plan = (!plan.is_empty()).then(|| Arc::new(plan));
@@ -85,10 +106,10 @@ impl MaskPlans {
         for &i in plan.columns() {
             let field = &fields[i as usize];
             if Encoding::of(field) == Encoding::Opaque {
-                return Err(format!(
+                return Err(Withheld::Unsendable(format!(
                     "column \"{}\" is masked, and was asked for in binary format, which masking cannot rewrite for type {}; ask for text format",
                     field.name, key.1[i as usize].type_name
-                ));
+                )));
             }
             masked[i as usize] = true;
         }
@@ -131,10 +152,12 @@ impl RowMask {
     }
 
     /// Takes one DataRow; returns true when a batch is full and should be flushed.
-    pub fn push(&mut self, body: &Bytes) -> Result<bool, String> {
-        let values = wire::data_row(body).map_err(|e| e.to_string())?;
+    pub fn push(&mut self, body: &Bytes) -> Result<bool, Withheld> {
+        let values = wire::data_row(body)?;
         if values.len() != self.columns.len() {
-            return Err("a DataRow does not match its RowDescription".into());
+            return Err(Withheld::Malformed(
+                "a DataRow does not match its RowDescription".into(),
+            ));
         }
         self.pending.push(values);
         Ok(self.pending.len() >= MASK_BATCH)
@@ -146,7 +169,7 @@ impl RowMask {
         policy: &ActivePolicy,
         context: &GrantContext,
         client: &mut Conn,
-    ) -> Result<(), String> {
+    ) -> Result<(), Withheld> {
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -168,8 +191,7 @@ impl RowMask {
         };
         let plan = self.plan.clone();
         let masked = on_pool(policy, context.clone(), move |context, deadline| {
-            plan.mask_rows(context, rows, deadline)
-                .map_err(|e| e.to_string())
+            Ok(plan.mask_rows(context, rows, deadline)?)
         })
         .await?;
         for (original, row) in originals.into_iter().zip(masked.values) {
@@ -185,16 +207,13 @@ impl RowMask {
                 } else if masked == original.as_ref().and_then(|b| encoding.text(b)) {
                     out.push(original);
                 } else {
-                    return Err(format!(
+                    return Err(Withheld::Unsendable(format!(
                         "a value of column \"{}\" was masked, and a masked value cannot be sent in its binary format; ask for text format",
                         self.columns[i].name
-                    ));
+                    )));
                 }
             }
-            client
-                .send(&wire::encode_data_row(&out))
-                .await
-                .map_err(|e| e.to_string())?;
+            client.send(&wire::encode_data_row(&out)).await?;
         }
         Ok(())
     }
@@ -248,7 +267,7 @@ pub fn mask_notice(
     context: &GrantContext,
     body: &Bytes,
     deadline: Instant,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, Withheld> {
     // Modules are told the SQLSTATE and the field: a data error's quotes, detail and
     // context hold a value.
     let sqlstate = wire::error_field(body, b'C').unwrap_or_default();
@@ -259,7 +278,7 @@ pub fn mask_notice(
         if code == 0 {
             break;
         }
-        let value = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
+        let value = wire::cstr_lossy(&mut rest)?;
         let value = if IDENTIFYING_FIELDS.contains(&code) {
             value
         } else {
@@ -282,14 +301,14 @@ pub fn mask_notification(
     context: &GrantContext,
     body: &Bytes,
     deadline: Instant,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, Withheld> {
     let mut rest = body.clone();
     if rest.len() < 4 {
-        return Err("short NotificationResponse".into());
+        return Err(Withheld::Malformed("short NotificationResponse".into()));
     }
     let pid = rest.get_i32();
-    let channel = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
-    let payload = wire::cstr_lossy(&mut rest).map_err(|e| e.to_string())?;
+    let channel = wire::cstr_lossy(&mut rest)?;
+    let payload = wire::cstr_lossy(&mut rest)?;
     let mut out = BytesMut::with_capacity(body.len());
     out.put_i32(pid);
     wire::put_cstr(
@@ -309,7 +328,7 @@ fn mask_text(
     content_type: &str,
     text: String,
     deadline: Instant,
-) -> Result<String, String> {
+) -> Result<String, Withheld> {
     if text.is_empty() {
         return Ok(text);
     }
@@ -322,5 +341,5 @@ fn mask_text(
         deadline,
     )
     .map(|body| body.text)
-    .map_err(|e| e.to_string())
+    .map_err(Withheld::from)
 }

@@ -14,7 +14,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::catalog::Catalog;
 use super::classify::{Classified, ParseError, Statement};
 use super::conn::{Conn, fatal};
-use super::masking::{self, MaskPlans, RowMask};
+use super::masking::{self, MaskPlans, RowMask, Withheld};
 use super::pins;
 use super::portals::{Discard, Portal, Prepared, RowShape};
 use super::services::PgServices;
@@ -865,10 +865,11 @@ impl Session {
     }
 
     /// A masking failure: the result is not released and the connection is closed.
-    async fn or_withhold<T>(&mut self, result: Result<T, String>) -> Result<T, SessionEnd> {
+    async fn or_withhold<T>(&mut self, result: Result<T, Withheld>) -> Result<T, SessionEnd> {
         match result {
             Ok(value) => Ok(value),
-            Err(reason) => {
+            Err(withheld) => {
+                let reason = withheld.to_string();
                 fatal(&mut self.client, "XX000", &reason).await;
                 Err(SessionEnd::Withheld(reason))
             }
