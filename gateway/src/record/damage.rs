@@ -100,16 +100,10 @@ fn held_if_cut(
         .and_then(|f| f.set_len(len))
         .map_err(store_error)?;
     match Spaces::open(&copy) {
-        Ok(spaces) => {
-            let checkpointed = match spaces.checkpoints.last_key_value() {
-                Some(kv) => u64::from_be_bytes(kv.key()?.as_ref().try_into().unwrap_or([0; 8])),
-                None => 0,
-            };
-            Ok(Some(Held {
-                entries: spaces.audit_len()?,
-                checkpointed,
-            }))
-        }
+        Ok(spaces) => Ok(Some(Held {
+            entries: spaces.audit_len()?,
+            checkpointed: spaces.checkpointed()?,
+        })),
         Err(RecordError::JournalUnreadable(_)) => Ok(None),
         Err(e) => Err(e),
     }

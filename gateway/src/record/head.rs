@@ -93,14 +93,7 @@ pub fn check(spaces: &Spaces, mark: Option<&HeadMark>) -> Result<(), Shortfall> 
             acknowledged: mark.entries,
         });
     }
-    let checkpointed = match spaces.checkpoints.last_key_value() {
-        Some(kv) => kv
-            .key()
-            .ok()
-            .and_then(|k| k.as_ref().try_into().ok())
-            .map_or(0, u64::from_be_bytes),
-        None => 0,
-    };
+    let checkpointed = spaces.checkpointed().unwrap_or(0);
     if checkpointed < mark.checkpointed {
         return Err(Shortfall::CheckpointMissing {
             found: checkpointed,

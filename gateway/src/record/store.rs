@@ -117,6 +117,21 @@ impl Spaces {
         }
     }
 
+    /// The tree size of the newest signed checkpoint; 0 if none was signed.
+    pub fn checkpointed(&self) -> Result<u64, RecordError> {
+        match self.checkpoints.last_key_value() {
+            None => Ok(0),
+            Some(kv) => {
+                let key = kv.key().map_err(RecordError::from)?;
+                let size: [u8; 8] = key
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| RecordError::Store("checkpoint key is not 8 bytes".into()))?;
+                Ok(u64::from_be_bytes(size))
+            }
+        }
+    }
+
     /// The newest signed checkpoint, if any.
     pub fn latest_checkpoint(&self) -> Result<Option<Vec<u8>>, RecordError> {
         match self.checkpoints.last_key_value() {

@@ -189,13 +189,7 @@ impl Record {
                 entry_hash(&bytes)
             }
         };
-        let last_checkpoint = match spaces.checkpoints.last_key_value() {
-            None => 0,
-            Some(kv) => {
-                let key = kv.key()?;
-                u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8]))
-            }
-        };
+        let last_checkpoint = spaces.checkpointed()?;
         let (tx, rx) = sync_channel(options.max_batch * 4);
         let health = Arc::new(Health::default());
         let mut writer = Writer {
