@@ -104,32 +104,12 @@ impl Spaces {
 
     /// The number of entries in the audit log (its last seq + 1).
     pub fn audit_len(&self) -> Result<u64, RecordError> {
-        match self.audit.last_key_value() {
-            None => Ok(0),
-            Some(kv) => {
-                let key = kv.key().map_err(RecordError::from)?;
-                let seq: [u8; 8] = key
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| RecordError::Store("audit key is not 8 bytes".into()))?;
-                Ok(u64::from_be_bytes(seq) + 1)
-            }
-        }
+        Ok(last_key(&self.audit, "audit")?.map_or(0, |seq| seq + 1))
     }
 
     /// The tree size of the newest signed checkpoint; 0 if none was signed.
     pub fn checkpointed(&self) -> Result<u64, RecordError> {
-        match self.checkpoints.last_key_value() {
-            None => Ok(0),
-            Some(kv) => {
-                let key = kv.key().map_err(RecordError::from)?;
-                let size: [u8; 8] = key
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| RecordError::Store("checkpoint key is not 8 bytes".into()))?;
-                Ok(u64::from_be_bytes(size))
-            }
-        }
+        Ok(last_key(&self.checkpoints, "checkpoint")?.unwrap_or(0))
     }
 
     /// The newest signed checkpoint, if any.
@@ -139,6 +119,19 @@ impl Spaces {
             Some(kv) => Ok(Some(kv.value().map_err(RecordError::from)?.to_vec())),
         }
     }
+}
+
+/// The last key of a keyspace keyed by big-endian u64 (`what` names it in the error).
+fn last_key(space: &Keyspace, what: &str) -> Result<Option<u64>, RecordError> {
+    let Some(kv) = space.last_key_value() else {
+        return Ok(None);
+    };
+    let key = kv.key().map_err(RecordError::from)?;
+    let key: [u8; 8] = key
+        .as_ref()
+        .try_into()
+        .map_err(|_| RecordError::Store(format!("{what} key is not 8 bytes")))?;
+    Ok(Some(u64::from_be_bytes(key)))
 }
 
 impl HashReader for Spaces {
