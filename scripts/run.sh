@@ -2,8 +2,9 @@
 # The main job, on a fresh machine: build the gateway and the example policies, make a
 # dev signing key, sign the example bundle, install it into a gateway data directory,
 # run the bundle's fixtures, start a throwaway PostgreSQL 15 with a small schema holding
-# PII, start the gateway (`airlock serve`) in front of it with a demo agent, and print
-# the exact `airlock connect` line to try. Ctrl-C stops everything.
+# PII and a throwaway OpenSSH sshd with a log holding PII, start the gateway (`airlock
+# serve`) in front of both with a demo agent, and print the exact `airlock connect`
+# lines to try. Ctrl-C stops everything.
 #
 #   AIRLOCK_DATA   the gateway's data directory (default: ./.airlock-dev)
 set -euo pipefail
@@ -22,11 +23,18 @@ fi
 . scripts/throwaway-pg.sh
 pg_start
 upstream_password=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
+# A throwaway sshd: one account, airlock-ssh, which only the gateway's key logs in.
+. scripts/throwaway-sshd.sh
 cleanup() {
     [ -n "${gateway:-}" ] && kill "$gateway" 2>/dev/null || true
     pg_stop
+    sshd_stop
 }
 trap cleanup EXIT INT TERM
+sshd_start
+mkdir -p "$sshd_dir/logs"
+printf 'login ok for alice@example.com from 10.0.0.7\npayment retried for bob.chen@example.org\n' > "$sshd_dir/logs/app.log"
+chown -R "$sshd_user:$sshd_user" "$sshd_dir/logs"
 superuser -d postgres -c "CREATE ROLE airlock LOGIN PASSWORD '$upstream_password'"
 # The role that ends a grant's backends: apart from the agents' one (README, "A grant's
 # end reaches the server").
@@ -53,6 +61,9 @@ listen = "127.0.0.1:7070"
 [postgres]
 listen = "127.0.0.1:6432"
 
+[ssh]
+listen = "127.0.0.1:2222"
+
 [policy]
 trusted-keys = ["$keys/bundle-signing.key.pub"]
 
@@ -64,9 +75,18 @@ labels = { env = "prod" }
 credential = "secret:prod-db"
 end-as = "postgres://airlock_end@127.0.0.1:$pgport/postgres"
 end-credential = "secret:prod-db-end"
+
+[[target]]
+name = "web-1"
+kind = "ssh"
+upstream = "ssh://$sshd_user@127.0.0.1:$sshd_port"
+host-key = "$sshd_host_key"
+credential = "secret:web-1"
+labels = { env = "staging", ssh-allow = "cat $sshd_dir/logs/**", sftp-read = "$sshd_dir/logs/**" }
 TOML
 chmod 600 "$AIRLOCK_DATA/airlock.toml"
 (umask 077 && printf 'prod-db = "%s"\nprod-db-end = "%s"\n' "$upstream_password" "$end_password" > "$AIRLOCK_DATA/secrets.toml")
+(umask 077 && printf "web-1 = '''\n%s\n'''\n" "$(cat "$sshd_client_key")" >> "$AIRLOCK_DATA/secrets.toml")
 
 # Versions must only increase: seconds since the epoch do.
 version=$(date +%s)
@@ -88,7 +108,8 @@ token=$("$airlock" agent add "$agent" --label team=demo | tail -n 1)
 cat <<MESSAGE
 
 Airlock is running: agent API http://127.0.0.1:7070, PostgreSQL gateway 127.0.0.1:6432,
-in front of a throwaway PostgreSQL 15 (port $pgport) whose credential only the gateway holds.
+SSH gateway 127.0.0.1:2222, in front of a throwaway PostgreSQL 15 (port $pgport) and a
+throwaway sshd (port $sshd_port) whose credentials only the gateway holds.
 Agent "$agent" is enrolled. As that agent, confirm migration 42 ran:
 
   export AIRLOCK_URL=http://127.0.0.1:7070 AIRLOCK_TOKEN=$token
@@ -99,6 +120,12 @@ Then see policy and masking at work:
   $airlock connect prod-db --task "look at the customers table" -- -c "SELECT * FROM customers"
   $airlock connect prod-db --task "look at the customers table" -- -c "UPDATE customers SET name = 'x'"
 
+Over SSH: a log read through the masking module, then a second command smuggled after
+a `;` (denied, and nothing runs):
+
+  $airlock connect web-1 --task "read the app log after the deploy" -- cat $sshd_dir/logs/app.log
+  $airlock connect web-1 --task "read the app log after the deploy" -- "cat $sshd_dir/logs/app.log; rm -rf /tmp"
+
 Ask for --access write and the policy sends it to review; approve it as the operator:
 
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock grants list
@@ -106,6 +133,6 @@ Ask for --access write and the policy sends it to review; approve it as the oper
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock audit tail
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock audit verify
 
-Ctrl-C stops the gateway and the database.
+Ctrl-C stops the gateway, the database and sshd.
 MESSAGE
 wait "$gateway"

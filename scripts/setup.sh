@@ -3,8 +3,9 @@
 set -euo pipefail
 
 # Debian packages: libclang-dev and protobuf-compiler to build pg_query; PostgreSQL 15 and pgbouncer
-# for the tests and the benchmark; curl and openssl as the tests' real clients.
-packages="libclang-dev protobuf-compiler postgresql-15 postgresql-client-15 pgbouncer curl openssl util-linux"
+# for the tests and the benchmark; curl and openssl as the tests' real clients; OpenSSH's sshd,
+# ssh, scp and sftp for the SSH gateway's tests.
+packages="libclang-dev protobuf-compiler postgresql-15 postgresql-client-15 pgbouncer curl openssl util-linux openssh-server openssh-client"
 missing=""
 for p in $packages; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

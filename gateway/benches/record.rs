@@ -103,6 +103,7 @@ fn main() {
         allow_superuser: false,
         end_as: None,
         end_credential: None,
+        host_key: None,
     };
     let broker = Arc::new(
         Broker::load(

@@ -46,6 +46,8 @@ pub struct Config {
     #[serde(default)]
     pub postgres: PostgresConfig,
     #[serde(default)]
+    pub ssh: SshConfig,
+    #[serde(default)]
     pub policy: PolicyConfig,
     /// Upstream targets; more can be added at run time with `airlock target add`.
     #[serde(default, rename = "target")]
@@ -154,6 +156,35 @@ impl Default for PostgresConfig {
             tls_cert: None,
             tls_key: None,
             require_tls: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SshConfig {
+    /// Where agents' OpenSSH clients connect (user = grant id, password = grant
+    /// secret). SSH encrypts on its own; a non-loopback address is allowed.
+    #[serde(default = "default_ssh_listen")]
+    pub listen: String,
+    /// The gateway's own SSH host key (OpenSSH format, mode 0600), relative to the data
+    /// directory; created on first start.
+    #[serde(default = "default_ssh_host_key")]
+    pub host_key: PathBuf,
+}
+
+fn default_ssh_listen() -> String {
+    "127.0.0.1:2222".into()
+}
+fn default_ssh_host_key() -> PathBuf {
+    "ssh-host-key".into()
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        SshConfig {
+            listen: default_ssh_listen(),
+            host_key: default_ssh_host_key(),
         }
     }
 }
@@ -578,6 +609,12 @@ pub fn check_target(target: &TargetRecord) -> Result<(), String> {
         || (target.end_as.is_some() && !postgres)
     {
         return Err("end-as and end-credential go together, on PostgreSQL targets".into());
+    }
+    if !postgres && (target.read_user.is_some() || target.allow_superuser) {
+        return Err("read-user and allow-superuser are for PostgreSQL targets".into());
+    }
+    if target.host_key.is_some() && target.kind != crate::policy::Kind::Ssh {
+        return Err("host-key is for SSH targets".into());
     }
     crate::proxy::Protocols::builtin().check_target(target)
 }

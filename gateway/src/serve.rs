@@ -21,6 +21,7 @@ use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
 use crate::proxy::postgres::PgServices;
 use crate::proxy::postgres::Postgres;
 use crate::proxy::postgres::classify::ClassifyCache;
+use crate::proxy::ssh::{Ssh, SshServices};
 use crate::proxy::{ProtocolGateway, Protocols, ProxyServices};
 use crate::record::{
     AuditEvent, EventKind, FileWitness, HttpWitness, Record, RecordOptions, Witness, WitnessUrl,
@@ -242,11 +243,28 @@ pub async fn run(
     let pg_listener = TcpListener::bind(&config.postgres.listen).await?;
     let pg_addr = pg_listener.local_addr()?;
     tracing::info!("PostgreSQL gateway listening on {pg_addr}");
+    let proxy = Arc::new(ProxyServices {
+        broker: broker.clone(),
+        policy: policy.clone(),
+        secrets_file: secrets_file.clone(),
+        durability: config.record.durability,
+        refusals: crate::api::RecordCap::per_minute(60),
+    });
+    let ssh_services = Arc::new(
+        SshServices::new(proxy.clone(), &data.root().join(&config.ssh.host_key))
+            .map_err(ServeError::Setup)?,
+    );
+    let ssh_listener = TcpListener::bind(&config.ssh.listen).await?;
+    let ssh_addr = ssh_listener.local_addr()?;
+    let ssh_host_key = ssh_services.host_public_key();
+    tracing::info!("SSH gateway listening on {ssh_addr}");
     // The addresses actually bound (a configured port 0 picks a free one), for
     // operators, scripts and tests.
     let endpoints = serde_json::json!({
         "agent_api": local.to_string(),
         "postgres": pg_addr.to_string(),
+        "ssh": ssh_addr.to_string(),
+        "ssh_host_key": ssh_host_key,
     });
     fsperm::write_private_atomic(
         &data.root().join("endpoints.json"),
@@ -257,18 +275,16 @@ pub async fn run(
         broker.clone(),
         config.agent_api.max_body_bytes,
         config.agent_api.requests_per_minute,
-        Protocols::builtin().with(Arc::new(Postgres {
-            listen: Some(pg_addr),
-        })),
+        Protocols::builtin()
+            .with(Arc::new(Postgres {
+                listen: Some(pg_addr),
+            }))
+            .with(Arc::new(Ssh {
+                listen: Some(ssh_addr),
+                host_key: Some(ssh_host_key),
+            })),
     ));
 
-    let proxy = Arc::new(ProxyServices {
-        broker: broker.clone(),
-        policy: policy.clone(),
-        secrets_file: secrets_file.clone(),
-        durability: config.record.durability,
-        refusals: crate::api::RecordCap::per_minute(60),
-    });
     let pg_services = Arc::new(PgServices {
         proxy,
         classify: ClassifyCache::new(10_000),
@@ -278,7 +294,8 @@ pub async fn run(
         cancels: Default::default(),
     });
     // Each protocol's gateway on its own listener.
-    let gateways: Vec<(Arc<dyn ProtocolGateway>, TcpListener)> = vec![(pg_services, pg_listener)];
+    let gateways: Vec<(Arc<dyn ProtocolGateway>, TcpListener)> =
+        vec![(pg_services, pg_listener), (ssh_services, ssh_listener)];
     let gateway_tasks: Vec<_> = gateways
         .into_iter()
         .map(|(gateway, listener)| {

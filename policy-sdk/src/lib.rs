@@ -33,6 +33,7 @@ pub mod glob;
 pub mod labels;
 pub mod mask;
 pub mod matchers;
+pub mod ssh;
 pub mod verdict;
 
 pub use glob::glob;
@@ -62,8 +63,9 @@ pub mod bindings {
 
 pub use bindings::airlock::policy::types::{
     Access, Action, Agent, Body, Column, Constraints, Denial, GrantContext, GrantRequest,
-    HttpRequest, KubeRequest, Label, Payload, Rows, SqlFunction, SqlKind, SqlStatement, Target,
-    TargetKind, Verdict, Volatility,
+    HttpRequest, KubeRequest, Label, Payload, Rows, SftpOp, SftpRequest, ShellFeature,
+    ShellOperator, SqlFunction, SqlKind, SqlStatement, SshCommand, Target, TargetKind, Verdict,
+    Volatility,
 };
 
 /// Writes a diagnostic line to the gateway's log, attributed to this module.

@@ -40,6 +40,7 @@ fn broker(dir: &std::path::Path) -> Arc<Broker> {
         allow_superuser: false,
         end_as: None,
         end_credential: None,
+        host_key: None,
     };
     Arc::new(
         Broker::load(

@@ -106,6 +106,8 @@ fn write_config(data: &Path, public_key: &Path, extra: &str) {
             r#"
 [postgres]
 listen = "127.0.0.1:0"
+[ssh]
+listen = "127.0.0.1:0"
 [agent-api]
 listen = "127.0.0.1:0"
 max-body-bytes = 4096

@@ -11,4 +11,5 @@ mod policy_host;
 mod postgres;
 mod postgres_hostile;
 mod record;
+mod ssh;
 mod support;

@@ -1,15 +1,26 @@
-//! ssh-allowlist: SSH commands must match an allowlist of argv patterns; interactive
-//! shells and file-transfer subsystems need an explicit opt-in.
+//! ssh-allowlist: every command an SSH command line runs must match an allowlist of
+//! argv patterns; interactive shells and file transfer need an explicit opt-in.
+//!
+//! The host parses a command line with a shell's grammar into the simple commands it
+//! runs and the operators between them. `ls; rm -rf /`, `ls && rm x` and `ls | sh` are
+//! three commands here, and each must be allowed on its own. A command line with
+//! anything the remote shell would decide when it runs (substitutions, redirections,
+//! variables, globs, here-documents, newlines, control flow) is denied whole, as is one
+//! that runs something in the background.
 //!
 //! A pattern is space-separated globs, one per argv word; a final `**` word matches any
 //! remaining arguments. Read grants get the built-in read-only diagnostics, plus the
 //! target's `ssh-allow` label (patterns separated by `;`). Write and admin grants also
-//! get the target's `ssh-allow-write` label. Words with shell metacharacters are
-//! refused outright: the remote shell would interpret them.
+//! get the target's `ssh-allow-write` label. An argument with a `..` path component is
+//! refused: a glob such as `/var/log/**` would match it while the server reads
+//! elsewhere.
 //!
 //! An interactive shell needs the target label `ssh-shell=allow` and a write or admin
-//! grant; `sftp` needs a write or admin grant.
+//! grant. SFTP is decided per operation: reads (open for reading, list, stat) under the
+//! target's `sftp-read` globs (default `/var/log/**`), writes only under a write or
+//! admin grant and the target's `sftp-write` globs (none by default).
 
+use airlock_policy_sdk::ssh::climbs;
 use airlock_policy_sdk::*;
 
 const READ_ONLY_DIAGNOSTICS: &[&str] = &[
@@ -24,16 +35,16 @@ const READ_ONLY_DIAGNOSTICS: &[&str] = &[
     "ps **",
     "ls **",
     "cat /var/log/**",
-    "tail **",
-    "head **",
+    "tail /var/log/**",
+    "tail -n * /var/log/**",
+    "head /var/log/**",
+    "head -n * /var/log/**",
     "journalctl **",
     "systemctl status **",
     "systemctl is-active **",
 ];
 
-const SHELL_METACHARACTERS: &[char] = &[
-    ';', '&', '|', '$', '`', '<', '>', '(', ')', '{', '}', '\\', '\n', '\r', '!',
-];
+const DEFAULT_SFTP_READ: &str = "/var/log/**";
 
 struct SshAllowlist;
 
@@ -41,7 +52,7 @@ impl Policy for SshAllowlist {
     fn check(context: GrantContext, action: Action) -> Verdict {
         let writer = context.access != Access::Read;
         match action {
-            Action::SshExec(argv) => check_exec(&context, &argv, writer),
+            Action::SshExec(command) => check_exec(&context, &command, writer),
             Action::SshShell => {
                 if context.target.has_label("ssh-shell", "allow") && writer {
                     allow()
@@ -52,54 +63,102 @@ impl Policy for SshAllowlist {
                     )
                 }
             }
-            Action::SshSubsystem(name) if name == "sftp" && writer => allow(),
-            Action::SshSubsystem(name) => deny_with_hint(
-                format!("subsystem `{name}` is not allowed under this grant"),
-                "file transfer needs a grant with access=write",
-            ),
+            Action::SshSubsystem(name) if name == "sftp" => allow_with(None, !writer),
+            Action::SshSubsystem(name) => {
+                deny(format!("subsystem `{name}` is not allowed on this target"))
+            }
+            Action::Sftp(request) => check_sftp(&context, &request, writer),
             _ => abstain(),
         }
     }
 }
 
-fn check_exec(context: &GrantContext, argv: &[String], writer: bool) -> Verdict {
-    if argv.is_empty() {
-        return deny("an empty command is not allowed");
-    }
-    if let Some(word) = argv.iter().find(|w| w.contains(SHELL_METACHARACTERS)) {
+fn check_exec(context: &GrantContext, command: &SshCommand, writer: bool) -> Verdict {
+    if !command.is_plain() {
         return deny_with_hint(
-            format!("`{word}` contains shell metacharacters"),
-            "pass plain arguments; pipes, redirects and substitutions are not allowed",
+            format!(
+                "the command line holds what the remote shell would decide ({}), not only commands",
+                command.features_text()
+            ),
+            "send plain commands and quote their arguments; no pipes into shells, redirections, substitutions or globs",
         );
     }
+    if command.commands.is_empty() {
+        return deny("an empty command is not allowed");
+    }
+    if command.operators.contains(&ShellOperator::Background) {
+        return deny("commands in the background (`&`) are not allowed");
+    }
     let mut patterns: Vec<&str> = READ_ONLY_DIAGNOSTICS.to_vec();
-    let extra = |key| {
-        context
-            .target
-            .label(key)
-            .map(|v| {
-                v.split(';')
-                    .map(str::trim)
-                    .filter(|p| !p.is_empty())
-                    .collect()
-            })
-            .unwrap_or_else(Vec::new)
-    };
-    patterns.extend(extra("ssh-allow"));
+    patterns.extend(label_list(context, "ssh-allow"));
     if writer {
-        patterns.extend(extra("ssh-allow-write"));
+        patterns.extend(label_list(context, "ssh-allow-write"));
     }
-    if patterns.iter().any(|p| argv_matches(p, argv)) {
-        allow_with(None, !writer)
+    for argv in &command.commands {
+        if let Some(word) = argv.iter().find(|w| climbs(w)) {
+            return deny(format!("`{word}` climbs out of its directory (`..`)"));
+        }
+        if !patterns.iter().any(|p| argv_matches(p, argv)) {
+            return deny_with_hint(
+                format!(
+                    "`{}` is not on this target's command allowlist",
+                    argv.join(" ")
+                ),
+                "allowed: read-only diagnostics such as uptime, df -h, systemctl status NAME, journalctl",
+            );
+        }
+    }
+    allow_with(None, !writer)
+}
+
+fn check_sftp(context: &GrantContext, request: &SftpRequest, writer: bool) -> Verdict {
+    // Resolving a path tells nothing of a file's content; clients do it first.
+    if request.op == SftpOp::Realpath {
+        return allow_with(None, !writer);
+    }
+    let paths = std::iter::once(&request.path).chain(&request.target_path);
+    let globs: Vec<&str> = if request.op.reads_only() {
+        let read = label_list(context, "sftp-read");
+        if read.is_empty() {
+            vec![DEFAULT_SFTP_READ]
+        } else {
+            read
+        }
+    } else if writer {
+        label_list(context, "sftp-write")
     } else {
-        deny_with_hint(
-            format!(
-                "`{}` is not on this target's command allowlist",
-                argv.join(" ")
-            ),
-            "allowed: read-only diagnostics such as uptime, df -h, systemctl status NAME, journalctl",
-        )
+        return deny_with_hint(
+            format!("`{}` changes files: not under a read grant", request.path),
+            "ask for access=write",
+        );
+    };
+    for path in paths {
+        if climbs(path) || !globs.iter().any(|g| glob(g, path)) {
+            return deny(format!(
+                "`{path}` is outside what this grant may {} over SFTP",
+                if request.op.reads_only() {
+                    "read"
+                } else {
+                    "change"
+                }
+            ));
+        }
     }
+    allow_with(None, !writer)
+}
+
+/// A `;`-separated list in one of the target's labels.
+fn label_list<'a>(context: &'a GrantContext, key: &str) -> Vec<&'a str> {
+    context
+        .target
+        .label(key)
+        .map(|v| {
+            v.split(';')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn argv_matches(pattern: &str, argv: &[String]) -> bool {

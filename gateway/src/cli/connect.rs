@@ -1,6 +1,6 @@
 //! `airlock connect`: the agent's side. Asks the gateway for a grant with the agent's
 //! token, waits visibly while an operator reviews it, then runs the target's ordinary
-//! client with the grant in its environment only (never on disk).
+//! client (`psql`, `ssh`) with the grant in its environment only (never on disk).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,7 +35,7 @@ pub(crate) struct ConnectArgs {
     /// A file holding the agent token (default: $AIRLOCK_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Arguments for the client (psql), after `--`.
+    /// Arguments for the client (psql; ssh: the remote command), after `--`.
     #[arg(last = true)]
     args: Vec<String>,
 }
@@ -74,6 +74,17 @@ async fn call(
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     ))
+}
+
+/// Tells the agent, on stderr, which grant it holds and until when.
+fn announce(args: &ConnectArgs, grant: &Value) {
+    eprintln!(
+        "airlock: grant {} on {} ({}), until {}",
+        grant["id"].as_str().unwrap_or("?"),
+        args.target,
+        args.access,
+        grant["expires_at"].as_str().unwrap_or("?")
+    );
 }
 
 fn explain(grant: &Value) -> String {
@@ -128,6 +139,10 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
         }
     })?;
     let connection = &grant["connection"];
+    if connection["protocol"] == "ssh" {
+        announce(&args, &grant);
+        return run_ssh(&args, &grant);
+    }
     let (Some(host), Some(port)) = (connection["host"].as_str(), connection["port"].as_u64())
     else {
         bail!(
@@ -158,13 +173,7 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
         ),
         ("PGSSLMODE", "disable".to_string()),
     ];
-    eprintln!(
-        "airlock: grant {} on {} ({}), until {}",
-        grant["id"].as_str().unwrap_or("?"),
-        args.target,
-        args.access,
-        grant["expires_at"].as_str().unwrap_or("?")
-    );
+    announce(&args, &grant);
     if args.print_env {
         for (key, value) in &env {
             println!("export {key}={value}");
@@ -178,5 +187,85 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
         .context("cannot run psql")?;
     Ok(ExitCode::from(
         status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+/// The environment variable through which `airlock connect` hands the grant secret to
+/// itself, run by `ssh` as its askpass program: the secret is never written to disk.
+pub(crate) const ASKPASS_SECRET: &str = "AIRLOCK_ASKPASS_SECRET";
+
+/// Run by `ssh` as `SSH_ASKPASS`: prints the secret `airlock connect` put in the
+/// environment, once.
+pub(crate) fn askpass(secret: String) -> ExitCode {
+    println!("{secret}");
+    ExitCode::SUCCESS
+}
+
+/// `ssh` to the gateway with the grant: the password from `airlock` itself as askpass,
+/// the gateway's host key pinned in a private known_hosts file, removed afterwards.
+fn run_ssh(args: &ConnectArgs, grant: &Value) -> anyhow::Result<ExitCode> {
+    let connection = &grant["connection"];
+    let field = |name: &str| {
+        connection[name]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| {
+                format!(
+                    "the gateway gave no SSH `{name}` for target {}",
+                    args.target
+                )
+            })
+    };
+    let (host, user, password, host_key) = (
+        field("host")?,
+        field("user")?,
+        field("password")?,
+        field("host_key")?,
+    );
+    let port = connection["port"]
+        .as_u64()
+        .with_context(|| format!("the gateway gave no SSH port for target {}", args.target))?;
+    let known_host = format!("[{host}]:{port} {host_key}");
+    if args.print_env {
+        println!("export AIRLOCK_SSH_HOST={host} AIRLOCK_SSH_PORT={port} AIRLOCK_SSH_USER={user}");
+        println!("export AIRLOCK_SSH_PASSWORD={password}");
+        println!("export AIRLOCK_SSH_KNOWN_HOST='{known_host}'");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "airlock-connect-{}",
+        airlock::fsperm::random_suffix()
+    ));
+    airlock::fsperm::create_private_dir(&dir)?;
+    let known_hosts = dir.join("known_hosts");
+    let run = || -> anyhow::Result<std::process::ExitStatus> {
+        airlock::fsperm::write_private_atomic(&known_hosts, format!("{known_host}\n").as_bytes())?;
+        std::process::Command::new("ssh")
+            .env("SSH_ASKPASS", std::env::current_exe()?)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env(ASKPASS_SECRET, &password)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+            .args([
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "PreferredAuthentications=password",
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                "NumberOfPasswordPrompts=1",
+            ])
+            .arg(format!("{user}@{host}"))
+            .args(&args.args)
+            .status()
+            .context("cannot run ssh")
+    };
+    let status = run();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::from(
+        status?.code().unwrap_or(255).clamp(0, 255) as u8
     ))
 }

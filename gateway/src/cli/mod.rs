@@ -85,6 +85,11 @@ impl Context {
 }
 
 pub fn main() -> ExitCode {
+    // Run by `ssh` as its askpass program under `airlock connect`: answer with the
+    // grant secret it was handed, and nothing else.
+    if let Some(secret) = std::env::var_os(connect::ASKPASS_SECRET) {
+        return connect::askpass(secret.to_string_lossy().into_owned());
+    }
     let cli = Cli::parse();
     // The audit commands name a damaged store themselves (by file, byte and entry),
     // on copies they cut and reopen: fjall's own complaint about each is noise, unless

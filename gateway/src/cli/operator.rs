@@ -37,7 +37,8 @@ pub(crate) enum TargetCommand {
         name: String,
         #[arg(long, value_enum)]
         kind: KindArg,
-        /// `host:port`, or a URL for HTTP and Kubernetes targets.
+        /// `host:port` (SSH: `user@host:port`), or a URL for HTTP and Kubernetes
+        /// targets.
         #[arg(long)]
         upstream: String,
         #[arg(long = "label", value_name = "K=V")]
@@ -62,6 +63,9 @@ pub(crate) enum TargetCommand {
         /// PostgreSQL: where the gateway finds the end-as role's credential.
         #[arg(long, requires = "end_as")]
         end_credential: Option<String>,
+        /// SSH: the upstream's host key, pinned (`ssh-ed25519 AAAA…`).
+        #[arg(long)]
+        host_key: Option<String>,
     },
     List,
     Remove {
@@ -94,6 +98,21 @@ pub(crate) enum SessionsCommand {
     List,
     /// One session and every audit entry of it, in order.
     Show { id: String },
+    /// Plays a recorded SSH shell or command in this terminal at the speed it ran, or
+    /// writes it as an asciicast v2 file (`asciinema play FILE`).
+    Replay {
+        id: String,
+        /// The SSH channel to play; the session's first allowed shell or command by
+        /// default.
+        #[arg(long)]
+        channel: Option<u32>,
+        /// Faster (2) or slower (0.5) than it ran.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Write the recording to FILE instead of playing it.
+        #[arg(long, value_name = "FILE")]
+        cast: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +208,7 @@ pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Resul
             allow_superuser,
             end_as,
             end_credential,
+            host_key,
         } => {
             let target = TargetRecord {
                 name: name.clone(),
@@ -201,6 +221,7 @@ pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Resul
                 allow_superuser,
                 end_as,
                 end_credential,
+                host_key,
             };
             admin(context, AdminRequest::TargetAdd { target })?;
             println!("target {name} added");
@@ -232,7 +253,71 @@ pub(crate) fn sessions(context: &Context, command: SessionsCommand) -> anyhow::R
     let result = match command {
         SessionsCommand::List => admin(context, AdminRequest::SessionsList)?,
         SessionsCommand::Show { id } => admin(context, AdminRequest::SessionsShow { id })?,
+        SessionsCommand::Replay {
+            id,
+            channel,
+            speed,
+            cast,
+        } => {
+            let shown = admin(context, AdminRequest::SessionsShow { id: id.clone() })?;
+            return replay(&shown, &id, channel, speed, cast.as_deref());
+        }
     };
     print(&result);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sessions replay`: the channel's asciicast, written to a file or played.
+fn replay(
+    shown: &serde_json::Value,
+    id: &str,
+    channel: Option<u32>,
+    speed: f64,
+    cast: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(speed > 0.0, "--speed must be above 0");
+    let entries = shown["entries"].as_array().cloned().unwrap_or_default();
+    let request = entries
+        .iter()
+        .find(|e| {
+            e["kind"] == "ssh.request"
+                && e["detail"]["verdict"] == "allow"
+                && matches!(e["detail"]["request"].as_str(), Some("shell" | "exec"))
+                && channel.is_none_or(|c| e["detail"]["channel"] == c)
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "session {id} has no recorded SSH shell or command{}",
+                channel.map_or(String::new(), |c| format!(" on channel {c}"))
+            )
+        })?;
+    let channel = &request["detail"]["channel"];
+    let chunks: Vec<serde_json::Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "ssh.cast" && &e["detail"]["channel"] == channel)
+        .map(|e| e["detail"].clone())
+        .collect();
+    let mut header = request["detail"].clone();
+    header["time_ms"] = request["time_ms"].clone();
+    let file = airlock::proxy::ssh::replay_cast(&header, &chunks, false);
+    if let Some(path) = cast {
+        airlock::fsperm::write_private_atomic(path, file.as_bytes())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let mut last = 0.0;
+    for line in file.lines().skip(1) {
+        let event: serde_json::Value = serde_json::from_str(line)?;
+        let at = event[0].as_f64().unwrap_or(last);
+        if at > last {
+            std::thread::sleep(std::time::Duration::from_secs_f64((at - last) / speed));
+            last = at;
+        }
+        if event[1] == "o" {
+            out.write_all(event[2].as_str().unwrap_or_default().as_bytes())?;
+            out.flush()?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

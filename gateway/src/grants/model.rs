@@ -92,6 +92,10 @@ pub struct TargetRecord {
     /// row security. Off by default: such a role can undo every server-side limit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_superuser: bool,
+    /// SSH: the upstream's host key, pinned (`ssh-ed25519 AAAA…`, as in a known_hosts
+    /// line after the host). Any other key is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
 }
 
 impl TargetRecord {

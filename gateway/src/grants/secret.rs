@@ -16,6 +16,15 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(bytes))
 }
 
+/// A grant id as the broker mints them (`g_` and hex): what a login's user name must
+/// look like before the record keeps it, since a client that swapped user and password
+/// would otherwise put a secret there.
+pub fn looks_like_grant_id(user: &str) -> bool {
+    user.strip_prefix("g_").is_some_and(|hex| {
+        (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit())
+    })
+}
+
 /// A fresh secret: 256 random bits, URL-safe base64.
 pub fn new_secret() -> String {
     let mut bytes = [0u8; 32];

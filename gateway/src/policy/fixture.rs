@@ -15,6 +15,10 @@
 //! check.sql = { text = "UPDATE users SET name = 'x'", kind = "update", tables-written = ["users"] }
 //! expect = { verdict = "deny", reason-contains = "read-only" }
 //! ```
+//!
+//! An SSH command line is given as the agent would send it
+//! (`check.ssh-exec = "ls -la; rm -rf /"`) and parsed by the gateway's own shell
+//! parser, so a fixture sees exactly the action the SSH gateway would ask about.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,7 +33,8 @@ use super::scope::Kind;
 use super::set::PolicySet;
 use super::types::{
     Access, Action, Agent, Body, Column, Constraints, GrantContext, GrantRequest, HttpRequest,
-    KubeRequest, Payload, Rows, SqlFunction, SqlKind, SqlStatement, Target, Verdict, Volatility,
+    KubeRequest, Payload, Rows, SftpOp, SftpRequest, SqlFunction, SqlKind, SqlStatement, Target,
+    Verdict, Volatility,
 };
 use super::verdict::Outcome;
 
@@ -104,9 +109,10 @@ struct AuthorizeSpec {
 #[serde(rename_all = "kebab-case")]
 enum ActionSpec {
     Sql(SqlSpec),
-    SshExec(Vec<String>),
+    SshExec(String),
     SshShell,
     SshSubsystem(String),
+    Sftp(SftpSpec),
     Http(HttpSpec),
     Kube(KubeSpec),
 }
@@ -124,6 +130,50 @@ struct SqlSpec {
     functions: Vec<FunctionSpec>,
     #[serde(default)]
     locks_rows: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct SftpSpec {
+    op: SftpOpName,
+    path: String,
+    target_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum SftpOpName {
+    OpenRead,
+    OpenWrite,
+    ReadDir,
+    Stat,
+    Setstat,
+    Remove,
+    Rename,
+    Mkdir,
+    Rmdir,
+    Readlink,
+    Symlink,
+    Realpath,
+}
+
+impl From<SftpOpName> for SftpOp {
+    fn from(op: SftpOpName) -> Self {
+        match op {
+            SftpOpName::OpenRead => SftpOp::OpenRead,
+            SftpOpName::OpenWrite => SftpOp::OpenWrite,
+            SftpOpName::ReadDir => SftpOp::ReadDir,
+            SftpOpName::Stat => SftpOp::Stat,
+            SftpOpName::Setstat => SftpOp::Setstat,
+            SftpOpName::Remove => SftpOp::Remove,
+            SftpOpName::Rename => SftpOp::Rename,
+            SftpOpName::Mkdir => SftpOp::Mkdir,
+            SftpOpName::Rmdir => SftpOp::Rmdir,
+            SftpOpName::Readlink => SftpOp::Readlink,
+            SftpOpName::Symlink => SftpOp::Symlink,
+            SftpOpName::Realpath => SftpOp::Realpath,
+        }
+    }
 }
 
 /// A function a fixture's statement calls: a bare name is what the host gives a
@@ -653,9 +703,16 @@ impl ActionSpec {
                     .collect(),
                 locks_rows: sql.locks_rows,
             }),
-            ActionSpec::SshExec(argv) => Action::SshExec(argv.clone()),
+            ActionSpec::SshExec(line) => {
+                Action::SshExec(crate::proxy::ssh::command::parse(line.as_bytes()))
+            }
             ActionSpec::SshShell => Action::SshShell,
             ActionSpec::SshSubsystem(name) => Action::SshSubsystem(name.clone()),
+            ActionSpec::Sftp(sftp) => Action::Sftp(SftpRequest {
+                op: sftp.op.into(),
+                path: sftp.path.clone(),
+                target_path: sftp.target_path.clone(),
+            }),
             ActionSpec::Http(http) => Action::Http(HttpRequest {
                 method: http.method.clone(),
                 path: http.path.clone(),

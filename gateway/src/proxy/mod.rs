@@ -5,6 +5,7 @@
 pub mod postgres;
 pub mod protocol;
 pub mod session;
+pub mod ssh;
 
 pub use protocol::{Protocol, ProtocolGateway, Protocols};
-pub use session::{ProxyServices, SessionCore, SessionEnd, Verdict};
+pub use session::{CutSignal, ProxyServices, SessionCore, SessionEnd, Verdict};

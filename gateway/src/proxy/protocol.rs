@@ -50,7 +50,10 @@ pub struct Protocols(Vec<Arc<dyn Protocol>>);
 impl Protocols {
     /// Every protocol the gateway implements, before any listens.
     pub fn builtin() -> Self {
-        Protocols(vec![Arc::new(super::postgres::Postgres::default())])
+        Protocols(vec![
+            Arc::new(super::postgres::Postgres::default()),
+            Arc::new(super::ssh::Ssh::default()),
+        ])
     }
 
     /// This registry with `protocol` in place of the one of its kind.

@@ -141,6 +141,24 @@ impl ProxyServices {
     }
 }
 
+/// Resolves once a session's grant ends; see [`SessionCore::cut_signal`].
+#[derive(Clone)]
+pub struct CutSignal(tokio::sync::watch::Receiver<Option<String>>);
+
+impl CutSignal {
+    /// The reason, once the grant has ended (revoked, expired, ended by its agent).
+    pub async fn ended(&mut self) -> String {
+        loop {
+            if let Some(reason) = self.0.borrow_and_update().clone() {
+                return reason;
+            }
+            if self.0.changed().await.is_err() {
+                return "the grant ended".into();
+            }
+        }
+    }
+}
+
 /// One admitted session's enforcement state.
 pub struct SessionCore {
     services: Arc<ProxyServices>,
@@ -192,6 +210,12 @@ impl SessionCore {
             .borrow()
             .clone()
             .unwrap_or_else(|| "the grant ended".into())
+    }
+
+    /// The grant's end as a value of its own, for a task that does not hold the core
+    /// (a protocol's per-connection watcher, a stream's relay).
+    pub fn cut_signal(&self) -> CutSignal {
+        CutSignal(self.live.ended.clone())
     }
 
     /// Why the grant is over, if it is past its expiry now: checked before anything of

@@ -69,6 +69,17 @@ kinds! {
     SqlMismatch = "sql.mismatch",
     /// A pinned session setting changed mid-session.
     SqlPinBroken = "sql.pin-broken",
+    /// One SSH channel request (exec, shell, subsystem, env, forwarding…) and its
+    /// verdict.
+    SshRequest = "ssh.request",
+    /// How an SSH channel's command or shell ended, and the bytes it moved.
+    SshResult = "ssh.result",
+    /// A chunk of an SSH channel's terminal stream, as asciicast v2 events.
+    SshCast = "ssh.cast",
+    /// One SFTP operation, on the path the upstream resolved, and its verdict.
+    SftpOperation = "sftp.operation",
+    /// What moved through one SFTP handle, once it closed.
+    SftpTransfer = "sftp.transfer",
 }
 
 #[cfg(test)]

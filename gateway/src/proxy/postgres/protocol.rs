@@ -42,6 +42,7 @@ impl Protocol for Postgres {
     fn connection(&self, grant: &GrantRecord) -> Option<serde_json::Value> {
         let addr = self.listen?;
         Some(serde_json::json!({
+            "protocol": "postgres",
             "host": addr.ip().to_string(),
             "port": addr.port(),
             "database": grant.target,

@@ -16,7 +16,7 @@ use super::services::{CancelKey, PgServices};
 use super::session::{Admitted, Session};
 use super::upstream::{self, Ender, Upstream, UpstreamAddr};
 use super::wire::{self, Startup, WireError, message, ready_for_query};
-use crate::grants::{Access, GrantAuthError, TargetRecord};
+use crate::grants::{Access, GrantAuthError, TargetRecord, looks_like_grant_id};
 use crate::policy::Kind;
 use crate::secrets::Secrets;
 
@@ -74,13 +74,6 @@ async fn refuse_login(
         tracing::error!(error = %e, "cannot record a refused login");
     }
     fatal(client, code, reason).await;
-}
-
-/// A grant id as the broker mints them: `g_` and hex.
-fn looks_like_grant_id(user: &str) -> bool {
-    user.strip_prefix("g_").is_some_and(|hex| {
-        (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit())
-    })
 }
 
 /// Accepts PostgreSQL clients on `listener` until the task is dropped.
