@@ -15,6 +15,7 @@
 //!   Ed25519 keys, its upstream credentials, and the refusal of any file anyone but the
 //!   gateway could write.
 
+pub mod accept;
 pub mod api;
 pub mod bundle;
 pub mod config;

@@ -359,7 +359,7 @@ pub async fn run(
             let (stream, peer) = match listener.accept().await {
                 Ok(conn) => conn,
                 Err(e) => {
-                    tracing::warn!(error = %e, "agent API accept failed");
+                    crate::accept::pause_after("agent API", &e).await;
                     continue;
                 }
             };

@@ -166,7 +166,7 @@ kind = "ssh"
 upstream = "ssh://{UPSTREAM_USER}@127.0.0.1:{port}"
 host-key = "{host_key}"
 credential = "secret:web-1-key"
-labels = {{ ssh-allow = "sleep 61.5;cat {m}/**", ssh-shell = "allow"{labels} }}
+labels = {{ ssh-allow = "sleep *;cat {m}/**", ssh-shell = "allow"{labels} }}
 {extra}
 "#,
             port = sshd.port,
@@ -501,29 +501,28 @@ fn port_forwarding_and_agent_forwarding_are_refused_and_recorded() {
     );
 }
 
-#[test]
-fn the_grants_end_cuts_a_running_command_and_the_remote_process_is_gone() {
-    let s = SshSetup::new();
-    let grant = s.grant("web-1", "read");
+/// Starts `sleep SECONDS` upstream under `grant`, ends the grant with `end`, and checks
+/// that the client was told, cut, and the remote process is gone.
+fn cut_mid_command(s: &SshSetup, grant: &(String, String), seconds: &str, end: impl FnOnce()) {
     let mut child = s
-        .ssh_command(&grant, &[])
-        .arg("sleep 61.5")
+        .ssh_command(grant, &[])
+        .arg(format!("sleep {seconds}"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let pattern = format!("^sleep {seconds}$");
     let running = || {
         Command::new("pgrep")
-            .args(["-u", UPSTREAM_USER, "-f", "^sleep 61.5$"])
+            .args(["-u", UPSTREAM_USER, "-f", &pattern])
             .output()
             .unwrap()
             .status
             .success()
     };
     wait_for("the remote sleep to start", running);
-    let out = s.gw.cli(&["grants", "revoke", &grant.0]);
-    assert!(out.status.success(), "{}", text(&out));
-    let deadline = Instant::now() + Duration::from_secs(15);
+    end();
+    let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "the ssh client was not cut");
         std::thread::sleep(Duration::from_millis(50));
@@ -534,6 +533,40 @@ fn the_grants_end_cuts_a_running_command_and_the_remote_process_is_gone() {
     wait_for("the remote sleep to be gone", || !running());
     let closed = s.gw.events("session.closed");
     assert!(!closed.is_empty(), "the session is closed in the record");
+}
+
+#[test]
+fn the_grants_revocation_cuts_a_running_command_and_the_remote_process_is_gone() {
+    let s = SshSetup::new();
+    let grant = s.grant("web-1", "read");
+    cut_mid_command(&s, &grant, "61.5", || {
+        let out = s.gw.cli(&["grants", "revoke", &grant.0]);
+        assert!(out.status.success(), "{}", text(&out));
+    });
+}
+
+#[test]
+fn the_grants_expiry_cuts_a_running_command_and_the_remote_process_is_gone() {
+    let s = SshSetup::new();
+    let (status, grant) = s.gw.ask(
+        &s.token,
+        "web-1",
+        "check the web server's health after the deploy",
+        "read",
+        "4s",
+    );
+    assert_eq!(status, 201, "{grant}");
+    let grant = (
+        grant["id"].as_str().unwrap().to_string(),
+        grant["secret"].as_str().unwrap().to_string(),
+    );
+    // The grant's window passes while the command runs.
+    cut_mid_command(&s, &grant, "62.5", || {});
+    let ended = s.gw.events("grant.expired");
+    assert!(
+        ended.iter().any(|e| e["grant"] == grant.0.as_str()),
+        "{ended:?}"
+    );
 }
 
 #[test]
@@ -616,6 +649,10 @@ fn sftp_tree(s: &SshSetup) -> (PathBuf, PathBuf) {
     (logs, secret)
 }
 
+/// Labels letting grants read `logs/` over SFTP, unmasked (the example bundle's
+/// `pii-mask` applies to SSH targets: without the opt-in, SFTP reads are refused).
+const UNMASKED_SFTP: &str = "sftp-read = \"{m}/logs/**\", sftp-unmasked = \"allow\"";
+
 /// Runs `sftp -b` with `batch` (each command's failure tolerated with `-`).
 fn sftp(s: &SshSetup, grant: &(String, String), batch: &str) -> Output {
     let file = s.client_dir.path().join("batch");
@@ -630,7 +667,7 @@ fn sftp(s: &SshSetup, grant: &(String, String), batch: &str) -> Output {
 
 #[test]
 fn sftp_reads_what_policy_allows_and_writes_nothing_under_a_read_grant() {
-    let s = SshSetup::with_labels("sftp-read = \"{m}/logs/**\"");
+    let s = SshSetup::with_labels(UNMASKED_SFTP);
     let (logs, secret) = sftp_tree(&s);
     let grant = s.grant("web-1", "read");
     let local = s.client_dir.path();
@@ -713,7 +750,7 @@ fn sftp_reads_what_policy_allows_and_writes_nothing_under_a_read_grant() {
 
 #[test]
 fn scp_downloads_an_allowed_file_and_cannot_upload() {
-    let s = SshSetup::with_labels("sftp-read = \"{m}/logs/**\"");
+    let s = SshSetup::with_labels(UNMASKED_SFTP);
     let (logs, _) = sftp_tree(&s);
     let grant = s.grant("web-1", "read");
     let local = s.client_dir.path().join("copy.log");
@@ -794,7 +831,7 @@ fn exec_output_is_masked_line_by_line_where_a_masking_module_applies() {
 
 #[test]
 fn an_ssh_run_exports_every_ssh_kind_following_the_schema() {
-    let s = SshSetup::with_labels("sftp-read = \"{m}/logs/**\"");
+    let s = SshSetup::with_labels(UNMASKED_SFTP);
     let (logs, _) = sftp_tree(&s);
     let grant = s.grant("web-1", "read");
     let out = s.ssh(&grant, "whoami");
@@ -880,4 +917,29 @@ fn airlock_connect_runs_ssh_with_the_grant_and_no_prompt() {
         !home.path().join(".ssh/known_hosts").exists(),
         "no known_hosts written in HOME"
     );
+}
+
+#[test]
+fn sftp_reads_are_refused_where_masking_applies_unless_the_target_opts_in() {
+    let s = SshSetup::with_labels("sftp-read = \"{m}/logs/**\"");
+    let (logs, _) = sftp_tree(&s);
+    let grant = s.grant("web-1", "read");
+    let local = s.client_dir.path().join("got.log");
+    let out = sftp(
+        &s,
+        &grant,
+        &format!("-get {}/app.log {}\n", logs.display(), local.display()),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!local.exists(), "the file was read past the masking module");
+    let ops = s.gw.events("sftp.operation");
+    assert!(
+        ops.iter().any(|e| e["detail"]["op"] == "open-read"
+            && e["detail"]["verdict"] == "deny"
+            && e["detail"]["decided_by"] == "gateway"),
+        "{ops:?}"
+    );
+    // The same file through a command comes out masked.
+    let out = s.ssh(&grant, &format!("cat {}/app.log", logs.display()));
+    assert!(out.status.success(), "{}", text(&out));
 }

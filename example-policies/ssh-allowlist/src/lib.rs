@@ -9,11 +9,14 @@
 //! that runs something in the background.
 //!
 //! A pattern is space-separated globs, one per argv word; a final `**` word matches any
-//! remaining arguments. Read grants get the built-in read-only diagnostics, plus the
-//! target's `ssh-allow` label (patterns separated by `;`). Write and admin grants also
+//! remaining arguments. Read grants get the built-in read-only diagnostics, each with the
+//! few options it may carry, plus the target's `ssh-allow` label (patterns separated by
+//! `;`, whose options are the operator's to choose). Write and admin grants also
 //! get the target's `ssh-allow-write` label. An argument with a `..` path component is
 //! refused: a glob such as `/var/log/**` would match it while the server reads
-//! elsewhere.
+//! elsewhere. Paths in commands are decided as text: a symbolic link under an allowed
+//! directory is followed by the command (SFTP, by contrast, is decided on the path the
+//! server resolves).
 //!
 //! An interactive shell needs the target label `ssh-shell=allow` and a write or admin
 //! grant. SFTP is decided per operation: reads (open for reading, list, stat) under the
@@ -23,25 +26,67 @@
 use airlock_policy_sdk::ssh::climbs;
 use airlock_policy_sdk::*;
 
-const READ_ONLY_DIAGNOSTICS: &[&str] = &[
-    "uptime",
-    "hostname",
-    "whoami",
-    "id",
-    "uname **",
-    "date",
-    "df **",
-    "free **",
-    "ps **",
-    "ls **",
-    "cat /var/log/**",
-    "tail /var/log/**",
-    "tail -n * /var/log/**",
-    "head /var/log/**",
-    "head -n * /var/log/**",
-    "journalctl **",
-    "systemctl status **",
-    "systemctl is-active **",
+/// The built-in read-only diagnostics: an argv pattern, and the options (words that
+/// start with `-`, compared up to any `=`) it may carry. Any other option is refused:
+/// options are where commands hide network reach, writes and pagers
+/// (`systemctl -H host`, `journalctl --vacuum-size=1`, `ps e`'s environments).
+const READ_ONLY_DIAGNOSTICS: &[(&str, &[&str])] = &[
+    ("uptime", &[]),
+    ("hostname", &[]),
+    ("whoami", &[]),
+    ("id", &[]),
+    ("date", &[]),
+    ("uname **", &["-a", "-r", "-s", "-m", "-n", "-v", "-o"]),
+    ("df **", &["-h", "-H", "-T", "-i", "-l", "-P"]),
+    ("free **", &["-h", "-m", "-g", "-k", "-b", "-t", "-w"]),
+    ("ps", &[]),
+    ("ps aux", &[]),
+    ("ps -ef", &["-ef"]),
+    (
+        "ls **",
+        &[
+            "-l", "-a", "-la", "-al", "-lh", "-lah", "-h", "-t", "-r", "-S", "-1", "-d", "-ld",
+            "-ltr",
+        ],
+    ),
+    ("cat /var/log/**", &[]),
+    ("tail /var/log/**", &[]),
+    ("tail -n * /var/log/**", &["-n"]),
+    ("head /var/log/**", &[]),
+    ("head -n * /var/log/**", &["-n"]),
+    (
+        "journalctl **",
+        &[
+            "-u",
+            "--unit",
+            "-n",
+            "--lines",
+            "--since",
+            "--until",
+            "-p",
+            "--priority",
+            "-b",
+            "--boot",
+            "-k",
+            "--dmesg",
+            "--no-pager",
+            "-r",
+            "--reverse",
+            "-q",
+            "--quiet",
+            "-o",
+            "--output",
+            "-x",
+            "--catalog",
+            "-g",
+            "--grep",
+        ],
+    ),
+    (
+        "systemctl status **",
+        &["--no-pager", "-l", "--full", "-n", "--lines", "--no-legend"],
+    ),
+    ("systemctl is-active **", &["-q", "--quiet"]),
 ];
 
 const DEFAULT_SFTP_READ: &str = "/var/log/**";
@@ -89,16 +134,31 @@ fn check_exec(context: &GrantContext, command: &SshCommand, writer: bool) -> Ver
     if command.operators.contains(&ShellOperator::Background) {
         return deny("commands in the background (`&`) are not allowed");
     }
-    let mut patterns: Vec<&str> = READ_ONLY_DIAGNOSTICS.to_vec();
-    patterns.extend(label_list(context, "ssh-allow"));
+    // The target's own patterns are the operator's: any options they match are allowed.
+    let mut patterns: Vec<(&str, Option<&[&str]>)> = READ_ONLY_DIAGNOSTICS
+        .iter()
+        .map(|(pattern, options)| (*pattern, Some(*options)))
+        .collect();
+    patterns.extend(
+        label_list(context, "ssh-allow")
+            .into_iter()
+            .map(|p| (p, None)),
+    );
     if writer {
-        patterns.extend(label_list(context, "ssh-allow-write"));
+        patterns.extend(
+            label_list(context, "ssh-allow-write")
+                .into_iter()
+                .map(|p| (p, None)),
+        );
     }
     for argv in &command.commands {
         if let Some(word) = argv.iter().find(|w| climbs(w)) {
             return deny(format!("`{word}` climbs out of its directory (`..`)"));
         }
-        if !patterns.iter().any(|p| argv_matches(p, argv)) {
+        let allowed = |(pattern, options): &(&str, Option<&[&str]>)| {
+            argv_matches(pattern, argv) && options.is_none_or(|o| options_allowed(argv, o))
+        };
+        if !patterns.iter().any(allowed) {
             return deny_with_hint(
                 format!(
                     "`{}` is not on this target's command allowlist",
@@ -159,6 +219,14 @@ fn label_list<'a>(context: &'a GrantContext, key: &str) -> Vec<&'a str> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Every option in `argv` (after the command) is one of `allowed`.
+fn options_allowed(argv: &[String], allowed: &[&str]) -> bool {
+    argv.iter().skip(1).filter(|w| w.starts_with('-')).all(|w| {
+        let name = w.split_once('=').map_or(w.as_str(), |(name, _)| name);
+        allowed.contains(&name)
+    })
 }
 
 fn argv_matches(pattern: &str, argv: &[String]) -> bool {

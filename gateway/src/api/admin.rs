@@ -132,7 +132,15 @@ pub async fn serve(path: &Path, broker: Arc<Broker>, secrets_file: PathBuf) -> s
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     loop {
-        let (stream, _) = listener.accept().await?;
+        // A failed accept (no file descriptors left) must not end the operators'
+        // interface: they are who would revoke grants meanwhile.
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                crate::accept::pause_after("admin socket", &e).await;
+                continue;
+            }
+        };
         let broker = broker.clone();
         let secrets_file = secrets_file.clone();
         tokio::spawn(async move {

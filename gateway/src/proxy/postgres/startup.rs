@@ -83,7 +83,7 @@ pub(super) async fn listen(listener: tokio::net::TcpListener, services: Arc<PgSe
             Ok((stream, _)) => {
                 tokio::spawn(run(stream, services.clone()));
             }
-            Err(e) => tracing::warn!(error = %e, "PostgreSQL accept failed"),
+            Err(e) => crate::accept::pause_after("PostgreSQL gateway", &e).await,
         }
     }
 }

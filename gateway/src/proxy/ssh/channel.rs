@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use russh::client;
 use russh::server::{self, Msg};
-use russh::{Channel, ChannelMsg, Pty, Sig};
+use russh::{Channel, ChannelMsg, ChannelWriteHalf, Pty, Sig};
 
 use super::cast::Cast;
 use super::command;
 use super::connection::Admitted;
 use super::mask::OutputMask;
+use super::pump::Inbox;
 use super::sftp::{self, SftpEnd};
 use crate::policy::types::{Action, SshCommand};
 use crate::proxy::Verdict;
@@ -59,11 +60,16 @@ struct PtyRequest {
 
 pub(super) struct ChannelTask {
     conn: Arc<Admitted>,
-    client: Channel<Msg>,
+    /// What the agent sends, read ahead (see `pump`), and where it is answered.
+    client_in: Inbox,
+    client: ChannelWriteHalf<Msg>,
     handle: server::Handle,
     pty: Option<PtyRequest>,
     env: Vec<(String, String)>,
 }
+
+/// The upstream channel: what it sends, read ahead, and where to write to it.
+type Upstream = (Inbox, ChannelWriteHalf<client::Msg>);
 
 /// How a relayed channel ended.
 enum Ended {
@@ -75,8 +81,10 @@ enum Ended {
 
 impl ChannelTask {
     pub(super) fn new(conn: Arc<Admitted>, client: Channel<Msg>, handle: server::Handle) -> Self {
+        let (read, client) = client.split();
         ChannelTask {
             conn,
+            client_in: Inbox::read(read),
             client,
             handle,
             pty: None,
@@ -88,7 +96,7 @@ impl ChannelTask {
         let mut cut = self.conn.cut.clone();
         loop {
             let msg = tokio::select! {
-                msg = self.client.wait() => msg,
+                msg = self.client_in.recv() => msg,
                 reason = cut.ended() => {
                     self.say_cut(&reason).await;
                     return;
@@ -266,8 +274,8 @@ impl ChannelTask {
         }
     }
 
-    async fn relay_sftp(mut self, up: Channel<client::Msg>) {
-        if let SftpEnd::Cut(reason) = sftp::relay(&mut self, up).await {
+    async fn relay_sftp(mut self, (up_in, up): Upstream) {
+        if let SftpEnd::Cut(reason) = sftp::relay(&mut self, up_in, up).await {
             self.conn.set_cut(&reason);
             self.say_cut(&reason).await;
         }
@@ -282,8 +290,14 @@ impl ChannelTask {
         self.conn.cut.clone()
     }
 
-    pub(super) fn client_mut(&mut self) -> &mut Channel<Msg> {
-        &mut self.client
+    /// What the agent sends.
+    pub(super) fn client_in(&mut self) -> &mut Inbox {
+        &mut self.client_in
+    }
+
+    /// Where the agent is answered.
+    pub(super) fn client(&self) -> &ChannelWriteHalf<Msg> {
+        &self.client
     }
 
     pub(super) fn session_id(&self) -> &str {
@@ -292,6 +306,23 @@ impl ChannelTask {
 
     pub(super) fn channel_number(&self) -> u32 {
         self.client.id().number()
+    }
+
+    /// Why a file may not be read over SFTP here: a masking module applies to the
+    /// target, and a file's content (text or not) cannot go through it, so reading it
+    /// over SFTP would show what reading it with a command hides. The operator can
+    /// allow it with the target label `sftp-unmasked=allow`.
+    pub(super) async fn unmaskable_read(&self) -> Option<String> {
+        let guard = self.conn.core.lock().await;
+        let core = guard.as_ref()?;
+        let target = &core.context().target;
+        let opted_in = target
+            .labels
+            .iter()
+            .any(|l| l.key == "sftp-unmasked" && l.value == "allow");
+        (!opted_in && core.services().policy.current().masks(target)).then(|| {
+            "a masking module applies to this target, and a file read over SFTP cannot be masked: read it with an allowed command (its output is masked), or the operator labels the target sftp-unmasked=allow".to_string()
+        })
     }
 
     /// Keeps a result summary, recorded with the next entry.
@@ -361,8 +392,12 @@ impl ChannelTask {
         if let Some(pty) = &self.pty
             && request != "env"
         {
-            detail["pty"] =
-                serde_json::json!({ "term": pty.term, "cols": pty.cols, "rows": pty.rows });
+            detail["pty"] = serde_json::json!({
+                "term": pty.term,
+                "cols": pty.cols,
+                "rows": pty.rows,
+                "upstream": request == "shell" || !self.conn.read_only,
+            });
         }
         self.record(EventKind::SshRequest, detail).await
     }
@@ -394,11 +429,19 @@ impl ChannelTask {
         let _ = self.client.close().await;
     }
 
+    /// The terminal the upstream channel gets. A read grant's commands get none, even
+    /// when the agent asked: with a terminal, `journalctl` or `systemctl status` start a
+    /// pager whose `!` runs a shell, and no policy saw that shell.
+    fn upstream_pty(&self, request: &Request) -> Option<&PtyRequest> {
+        let shell = matches!(request, Request::Shell);
+        self.pty.as_ref().filter(|_| shell || !self.conn.read_only)
+    }
+
     async fn open_upstream(
         &self,
         request: &Request,
         sent: Option<&str>,
-    ) -> Result<Channel<client::Msg>, String> {
+    ) -> Result<Upstream, String> {
         let open = async {
             let mut up = self
                 .conn
@@ -406,7 +449,7 @@ impl ChannelTask {
                 .channel_open_session()
                 .await
                 .map_err(|e| format!("the upstream refused a channel: {e}"))?;
-            if let Some(pty) = &self.pty {
+            if let Some(pty) = self.upstream_pty(request) {
                 up.request_pty(
                     false,
                     &pty.term,
@@ -433,7 +476,10 @@ impl ChannelTask {
             .map_err(|e| e.to_string())?;
             loop {
                 match up.wait().await {
-                    Some(ChannelMsg::Success) => return Ok(up),
+                    Some(ChannelMsg::Success) => {
+                        let (read, write) = up.split();
+                        return Ok((Inbox::read(read), write));
+                    }
                     Some(ChannelMsg::Failure) => {
                         return Err(format!("the upstream refused the {}", request.name()));
                     }
@@ -450,7 +496,7 @@ impl ChannelTask {
     }
 
     /// Relays the channel until either side closes it or the grant ends.
-    async fn relay(mut self, mut up: Channel<client::Msg>, request: &str) {
+    async fn relay(mut self, (mut up_in, up): Upstream, request: &str) {
         let started = Instant::now();
         let mut cast = Cast::new();
         if let Some(pty) = &self.pty {
@@ -471,7 +517,7 @@ impl ChannelTask {
         };
         let ended = loop {
             tokio::select! {
-                msg = self.client.wait(), if client_open => match msg {
+                msg = self.client_in.recv(), if client_open => match msg {
                     Some(ChannelMsg::Data { data }) => {
                         bytes_in += data.len() as u64;
                         cast.input(&data);
@@ -499,7 +545,7 @@ impl ChannelTask {
                     }
                     Some(_) => {}
                 },
-                msg = up.wait() => match msg {
+                msg = up_in.recv() => match msg {
                     Some(ChannelMsg::Data { data }) => {
                         bytes_out += data.len() as u64;
                         if let Err(end) = self.pass_out(&mut mask, &mut cast, None, &data, client_open).await {

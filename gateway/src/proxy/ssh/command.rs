@@ -23,8 +23,16 @@ use crate::policy::types::{ShellFeature, ShellOperator, SshCommand};
 /// own client sends at most a few hundred KiB, and no allowlist needs this much).
 const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
-/// Nesting the parser is asked to follow at most: it recurses once per level.
+/// Nesting the parser is asked to follow at most: it recurses (deeply) once per level.
+/// A level opens with a bracket, a backquote or a reserved word (`if`, `while`, …), so
+/// the count of those bounds the depth, whatever the nesting is made of.
 const MAX_NESTING: usize = 256;
+
+/// Reserved words that open a level of nesting.
+const OPENING_WORDS: &[&str] = &[
+    "if", "then", "elif", "else", "while", "until", "do", "case", "for", "select", "function",
+    "coproc", "!", "[[", "time",
+];
 
 /// Stack for one parse: enough for `MAX_NESTING` levels with a wide margin.
 const PARSE_STACK: usize = 32 << 20;
@@ -42,11 +50,7 @@ pub fn parse(bytes: &[u8]) -> SshCommand {
     let parseable = std::str::from_utf8(bytes).is_ok()
         && !bytes.contains(&0)
         && bytes.len() <= MAX_COMMAND_BYTES
-        && bytes
-            .iter()
-            .filter(|b| matches!(b, b'(' | b'{' | b'`' | b'['))
-            .count()
-            <= MAX_NESTING;
+        && nesting_bound(&text) <= MAX_NESTING;
     if !parseable || !reader.read(&text) {
         reader = Reader::default();
         reader.flag(ShellFeature::Unparsable);
@@ -60,6 +64,21 @@ pub fn parse(bytes: &[u8]) -> SshCommand {
         operators: reader.operators,
         features: reader.features,
     }
+}
+
+/// An upper bound on how deep the parser would recurse for `text`: every bracket,
+/// backquote and reserved word that could open a level, wherever it stands (quoted ones
+/// too: over-counting only makes a line unparsable, never lets one through).
+fn nesting_bound(text: &str) -> usize {
+    let brackets = text
+        .bytes()
+        .filter(|b| matches!(b, b'(' | b'{' | b'`' | b'['))
+        .count();
+    let words = text
+        .split(|c: char| c.is_whitespace() || ";&|()<>`".contains(c))
+        .filter(|word| OPENING_WORDS.contains(word))
+        .count();
+    brackets + words
 }
 
 /// What the upstream is sent for a command line with no features: its commands and
@@ -121,7 +140,8 @@ impl Reader {
 
     /// False when the text is not a command line the parser accepts.
     fn read(&mut self, text: &str) -> bool {
-        stacker::maybe_grow(1 << 20, PARSE_STACK, || {
+        // Always on a stack of its own: a worker thread's (2 MiB) is far too small.
+        stacker::maybe_grow(PARSE_STACK / 2, PARSE_STACK, || {
             let options = ParserOptions::default();
             let tokenizer = TokenizerOptions {
                 enable_extended_globbing: options.enable_extended_globbing,
@@ -473,6 +493,28 @@ mod tests {
         );
         let text = format!("echo {}", "$(".repeat(200) + &")".repeat(200));
         assert!(features(&text).contains(&ShellFeature::Substitution));
+        // Nesting made of reserved words, each of which the parser recurses through.
+        let levels = MAX_NESTING / 2;
+        let text = format!(
+            "{}true{}",
+            "if true; then ".repeat(levels),
+            "; fi".repeat(levels)
+        );
+        assert!(features(&text).contains(&ShellFeature::Compound));
+        for opener in [
+            "if ",
+            "while ",
+            "until ",
+            "case a in a) ",
+            "! ",
+            "for x in y; do ",
+        ] {
+            let text = format!("{}true", opener.repeat(2000));
+            assert!(
+                features(&text).contains(&ShellFeature::Unparsable),
+                "{opener:?} x 2000"
+            );
+        }
     }
 
     #[test]

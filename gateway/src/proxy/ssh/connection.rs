@@ -3,11 +3,14 @@
 //! refusals of everything else (port forwarding, X11, agent forwarding).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::SshServices;
@@ -19,33 +22,127 @@ use crate::proxy::{CutSignal, SessionCore};
 use crate::record::{AuditEvent, EventKind, Write};
 use crate::secrets::Secrets;
 
+/// Connections served at once; past it a new one is closed at once, so a flood of idle
+/// connections uses up this listener's slots, not the process's files.
+const MAX_CONNECTIONS: usize = 512;
+
+/// Connections from one address that have not logged in yet, at most.
+const MAX_UNAUTHENTICATED_PER_ADDRESS: usize = 16;
+
+/// How long a connection has to log in.
+const LOGIN_GRACE: Duration = Duration::from_secs(30);
+
 pub(super) async fn listen(listener: TcpListener, services: Arc<SshServices>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let waiting: Waiting = Arc::default();
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(run(stream, peer.to_string(), services.clone()));
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                crate::accept::pause_after("SSH gateway", &e).await;
+                continue;
             }
-            Err(e) => tracing::warn!(error = %e, "SSH accept failed"),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "SSH connection refused: {MAX_CONNECTIONS} already served");
+            continue;
+        };
+        let Some(unauthenticated) = Unauthenticated::enter(&waiting, peer.ip()) else {
+            tracing::warn!(%peer, "SSH connection refused: too many from this address not logged in yet");
+            continue;
+        };
+        let services = services.clone();
+        tokio::spawn(async move {
+            run(stream, peer.to_string(), services, unauthenticated).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Connections not logged in yet, per client address.
+type Waiting = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
+
+/// One connection counted as not logged in until it is dropped.
+struct Unauthenticated {
+    waiting: Waiting,
+    ip: IpAddr,
+}
+
+impl Unauthenticated {
+    fn enter(waiting: &Waiting, ip: IpAddr) -> Option<Self> {
+        let mut map = waiting.lock().unwrap();
+        let count = map.entry(ip).or_default();
+        if *count >= MAX_UNAUTHENTICATED_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(Unauthenticated {
+            waiting: waiting.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        let mut map = self.waiting.lock().unwrap();
+        if let Some(count) = map.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.ip);
+            }
         }
     }
 }
 
-async fn run(stream: TcpStream, peer: String, services: Arc<SshServices>) {
+async fn run(
+    stream: TcpStream,
+    peer: String,
+    services: Arc<SshServices>,
+    unauthenticated: Unauthenticated,
+) {
+    // russh sets this only on sockets it accepts itself; without it, small messages
+    // wait for delayed acknowledgements (40 ms a command).
+    stream.set_nodelay(true).ok();
     let shared: Shared = Arc::default();
     let connection = Connection {
         services: services.clone(),
         peer,
         admitted: shared.clone(),
         refused_upstream: None,
+        unauthenticated: Some(unauthenticated),
     };
-    let session = match server::run_stream(services.config.clone(), stream, connection).await {
-        Ok(session) => session,
-        Err(e) => {
+    let started = server::run_stream(services.config.clone(), stream, connection);
+    let session = match tokio::time::timeout(LOGIN_GRACE, started).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "SSH handshake failed");
             return;
         }
+        Err(_) => {
+            tracing::debug!("SSH handshake did not finish in time");
+            return;
+        }
     };
+    // Logged in within the grace period, or let go.
+    let grace = tokio::spawn({
+        let handle = session.handle();
+        let shared = shared.clone();
+        async move {
+            tokio::time::sleep(LOGIN_GRACE).await;
+            if shared.lock().unwrap().is_none() {
+                let _ = handle
+                    .disconnect(
+                        russh::Disconnect::ByApplication,
+                        "no login within 30 seconds".into(),
+                        "en".into(),
+                    )
+                    .await;
+            }
+        }
+    });
     let result = session.await;
+    grace.abort();
     let admitted = shared.lock().unwrap().take();
     if let Some(admitted) = admitted {
         let reason = match (&result, admitted.cut_reason()) {
@@ -62,6 +159,8 @@ pub(super) struct Admitted {
     pub(super) core: tokio::sync::Mutex<Option<SessionCore>>,
     pub(super) session_id: String,
     pub(super) upstream: Upstream,
+    /// A read grant: its commands run upstream without a terminal (see `channel`).
+    pub(super) read_only: bool,
     pub(super) cut: CutSignal,
     /// Set once the grant's end (or the record's failure) cut the connection.
     cut_reason: std::sync::Mutex<Option<String>>,
@@ -101,6 +200,8 @@ struct Connection {
     admitted: Shared,
     /// Why the upstream was not logged in, said on each channel the agent opens.
     refused_upstream: Option<String>,
+    /// Counts against the client address's connections not logged in, until login.
+    unauthenticated: Option<Unauthenticated>,
 }
 
 impl Connection {
@@ -159,6 +260,7 @@ impl Connection {
         let live = broker
             .authenticate_grant(grant_id, secret, &target.name)
             .map_err(|e| e.to_string())?;
+        let read_only = live.grant.access == crate::grants::Access::Read || live.grant.read_only;
         let span = tracing::info_span!("ssh", grant = %grant_id, target = %target.name);
         let upstream = async {
             let addr = UpstreamAddr::parse(&target.upstream)?;
@@ -200,6 +302,7 @@ impl Connection {
             cut: core.cut_signal(),
             core: tokio::sync::Mutex::new(Some(core)),
             upstream,
+            read_only,
             cut_reason: std::sync::Mutex::new(None),
             channels: std::sync::Mutex::new(HashMap::new()),
         });
@@ -242,7 +345,10 @@ impl server::Handler for Connection {
             return Ok(Auth::reject());
         }
         match self.admit(user, password).await {
-            Ok(()) => Ok(Auth::Accept),
+            Ok(()) => {
+                self.unauthenticated = None;
+                Ok(Auth::Accept)
+            }
             Err(reason) => {
                 tracing::info!(error = %reason, "SSH authentication failed");
                 self.refuse(&reason, user).await;

@@ -13,6 +13,7 @@ pub(crate) mod command;
 mod connection;
 mod host_key;
 mod mask;
+mod pump;
 mod sftp;
 mod upstream;
 

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use bytes::{Buf, Bytes, BytesMut};
-use russh::{ChannelMsg, client};
+use russh::{ChannelMsg, ChannelWriteHalf, client};
 use russh_sftp::protocol::{
     Extended, File, Name, Open, OpenFlags, Packet, RealPath, Rename, Status, StatusCode,
 };
@@ -20,6 +20,7 @@ use crate::proxy::Verdict;
 use crate::record::EventKind;
 
 use super::channel::ChannelTask;
+use super::pump::Inbox;
 
 /// The largest SFTP packet either side may send (OpenSSH's own limit).
 const MAX_PACKET: usize = 256 * 1024 + 1024;
@@ -101,7 +102,8 @@ fn encode(packet: Packet) -> Option<Bytes> {
 
 /// The upstream side: its channel and the packets read from it.
 struct Upstream {
-    channel: russh::Channel<client::Msg>,
+    channel: ChannelWriteHalf<client::Msg>,
+    inbox: Inbox,
     framer: Framer,
     closed: bool,
     /// The subsystem's exit status, passed on when the channel ends (scp checks it).
@@ -110,10 +112,15 @@ struct Upstream {
 
 /// Relays an SFTP session between `task`'s client channel and `up`, deciding each
 /// operation.
-pub(super) async fn relay(task: &mut ChannelTask, up: russh::Channel<client::Msg>) -> SftpEnd {
+pub(super) async fn relay(
+    task: &mut ChannelTask,
+    inbox: Inbox,
+    up: ChannelWriteHalf<client::Msg>,
+) -> SftpEnd {
     let mut relay = Relay {
         up: Upstream {
             channel: up,
+            inbox,
             framer: Framer::default(),
             closed: false,
             exit_status: None,
@@ -128,7 +135,7 @@ pub(super) async fn relay(task: &mut ChannelTask, up: russh::Channel<client::Msg
         record_transfer(task, &handle).await;
     }
     if let Some(status) = relay.up.exit_status {
-        let _ = task.client_mut().exit_status(status).await;
+        let _ = task.client().exit_status(status).await;
     }
     let _ = relay.up.channel.close().await;
     end
@@ -147,7 +154,7 @@ impl Relay {
         let mut cut = task.cut_signal();
         loop {
             tokio::select! {
-                msg = task.client_mut().wait() => match msg {
+                msg = task.client_in().recv() => match msg {
                     Some(ChannelMsg::Data { data }) => {
                         self.from_client.push(&data);
                         loop {
@@ -196,7 +203,7 @@ impl Relay {
                     return None;
                 }
             }
-            match self.up.channel.wait().await {
+            match self.up.inbox.recv().await {
                 Some(ChannelMsg::Data { data }) => self.up.framer.push(&data),
                 Some(ChannelMsg::ExitStatus { exit_status }) => {
                     self.up.exit_status = Some(exit_status);
@@ -236,7 +243,7 @@ impl Relay {
                 _ => {}
             }
         }
-        task.client_mut().data(&packet[..]).await.map_err(drop)
+        task.client().data(&packet[..]).await.map_err(drop)
     }
 
     /// Decides one client packet: answers it (a refusal) or sends it on.
@@ -675,6 +682,18 @@ impl Relay {
                 .await?;
             return Ok(None);
         };
+        if op == SftpOp::OpenRead
+            && let Some(reason) = task.unmaskable_read().await
+        {
+            let verdict = Verdict::refused_by_gateway((reason.clone(), None));
+            if !record_operation(task, Some(op), Some(&path), None, &verdict).await {
+                return Err(SftpEnd::Cut("record unavailable".into()));
+            }
+            let message = format!("airlock: denied: {reason}");
+            self.answer(task, id, StatusCode::PermissionDenied, &message)
+                .await?;
+            return Ok(None);
+        }
         Ok(self
             .decide(task, id, op, &path, None)
             .await?
@@ -758,7 +777,7 @@ impl Relay {
             language_tag: "en".into(),
         });
         let bytes = encode(status).ok_or(SftpEnd::Done)?;
-        task.client_mut()
+        task.client()
             .data(&bytes[..])
             .await
             .map_err(|_| SftpEnd::Done)

@@ -120,6 +120,17 @@ async fn login_now(
     let config = Arc::new(client::Config {
         nodelay: true,
         inactivity_timeout: None,
+        // AES-GCM first: with `ring` it runs on the CPU's AES instructions, faster here
+        // than ChaCha20-Poly1305 in software.
+        preferred: russh::Preferred {
+            cipher: std::borrow::Cow::Borrowed(&[
+                russh::cipher::AES_256_GCM,
+                russh::cipher::AES_128_GCM,
+                russh::cipher::CHACHA20_POLY1305,
+                russh::cipher::AES_256_CTR,
+            ]),
+            ..Default::default()
+        },
         ..Default::default()
     });
     let presented = Arc::new(std::sync::Mutex::new(None));
