@@ -61,7 +61,7 @@ kind = "ssh"
 upstream = "ssh://$user@127.0.0.1:$sport"
 host-key = "$sshd_host_key"
 credential = "secret:web"
-labels = { env = "staging", ssh-allow = "true", sftp-read = "$files/**", sftp-write = "$files/**" }
+labels = { env = "staging", ssh-allow = "true", sftp-read = "$files/**", sftp-write = "$files/**", sftp-unmasked = "allow" }
 TOML
 (umask 077 && printf "web = '''\n%s\n'''\n" "$(cat "$sshd_client_key")" > "$data/secrets.toml")
 "$airlock" --data "$data" bundle install "$work/bundle" >/dev/null

@@ -943,3 +943,43 @@ fn sftp_reads_are_refused_where_masking_applies_unless_the_target_opts_in() {
     let out = s.ssh(&grant, &format!("cat {}/app.log", logs.display()));
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[test]
+fn commands_over_one_multiplexed_connection_each_return_their_status() {
+    let s = SshSetup::new();
+    let grant = s.grant("web-1", "read");
+    let control = s.client_dir.path().join("control");
+    let control_path = format!("ControlPath={}", control.display());
+    let out = s
+        .ssh_command(
+            &grant,
+            &[
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                &control_path,
+                "-o",
+                "ControlPersist=60",
+                "-fN",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // Many short commands in a row, each on a new channel of the one connection: every
+    // one must get its exit status (a relayed EOF that overtook it made ssh exit 255).
+    for i in 0..30 {
+        let out = s
+            .ssh_command(&grant, &["-o", &control_path])
+            .arg("whoami")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "command {i}: {}", text(&out));
+        assert_eq!(stdout(&out).trim(), UPSTREAM_USER);
+    }
+    let out = s
+        .ssh_command(&grant, &["-o", &control_path, "-O", "exit"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}

@@ -421,6 +421,11 @@ impl ChannelTask {
 
     /// Tells the agent why nothing ran, on stderr, and closes the channel.
     async fn refuse_open(&self, reason: &str) {
+        tracing::warn!(
+            channel = self.channel_number(),
+            reason,
+            "SSH channel request not run"
+        );
         self.reply(true, true).await;
         let text = format!("airlock: {reason}\r\n");
         let _ = self.client.extended_data(1, text.as_bytes()).await;
@@ -507,6 +512,7 @@ impl ChannelTask {
         let mut exit_signal = None;
         let mut cut = self.conn.cut.clone();
         let mut client_open = true;
+        let mut upstream_eof = false;
         // A command's output is masked where a module masks the target; a terminal's
         // stream is not (escape sequences, not lines).
         let mut mask = match (request, self.conn.core.lock().await.as_ref()) {
@@ -561,6 +567,9 @@ impl ChannelTask {
                     Some(ChannelMsg::ExitStatus { exit_status: status }) => {
                         exit_status = Some(status);
                         let _ = self.client.exit_status(status).await;
+                        if upstream_eof {
+                            let _ = self.client.eof().await;
+                        }
                     }
                     Some(ChannelMsg::ExitSignal { signal_name, core_dumped, error_message, lang_tag }) => {
                         exit_signal = Some(signal_name_text(&signal_name));
@@ -574,7 +583,10 @@ impl ChannelTask {
                         if let Err(end) = self.pass_rest(&mut mask, &mut cast, client_open).await {
                             break end;
                         }
-                        let _ = self.client.eof().await;
+                        // The agent hears of the end after the exit status: sshd sends
+                        // EOF first, and a client that has both EOFs may close the
+                        // channel before a status that was relayed a moment later.
+                        upstream_eof = true;
                     }
                     None | Some(ChannelMsg::Close) => {
                         if let Err(end) = self.pass_rest(&mut mask, &mut cast, client_open).await {
