@@ -217,22 +217,28 @@ impl Relay {
 
     /// Notes what an upstream answer says about handles and sizes, and passes it on.
     async fn upstream_answer(&mut self, task: &mut ChannelTask, packet: Bytes) -> Result<(), ()> {
-        if let (Some(id), Some(decoded)) = (packet_id(&packet), decode(&packet)) {
-            match (self.pending.remove(&id), decoded) {
-                (Some(Pending::Open { path, writable }), Packet::Handle(h)) => {
-                    self.handles.insert(
-                        h.handle,
-                        HandleInfo {
+        const HANDLE: u8 = 102;
+        const DATA: u8 = 103;
+        if let Some(id) = packet_id(&packet) {
+            match (self.pending.remove(&id), packet[4]) {
+                (Some(Pending::Open { path, writable }), HANDLE) => {
+                    if let Some(Packet::Handle(h)) = decode(&packet) {
+                        let info = HandleInfo {
                             path,
                             writable,
                             bytes_read: 0,
                             bytes_written: 0,
-                        },
-                    );
+                        };
+                        self.handles.insert(h.handle, info);
+                    }
                 }
-                (Some(Pending::Read { handle }), Packet::Data(data)) => {
+                // Counted from the data's length field: decoding would copy the data.
+                (Some(Pending::Read { handle }), DATA) => {
+                    let len = packet
+                        .get(9..13)
+                        .map_or(0, |n| u32::from_be_bytes(n.try_into().expect("4 bytes")));
                     if let Some(info) = self.handles.get_mut(&handle) {
-                        info.bytes_read += data.data.len() as u64;
+                        info.bytes_read += u64::from(len);
                     }
                 }
                 (Some(Pending::Close { handle }), _) => {
