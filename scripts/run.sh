@@ -121,7 +121,7 @@ Then see policy and masking at work:
   $airlock connect prod-db --task "look at the customers table" -- -c "UPDATE customers SET name = 'x'"
 
 Over SSH: a log read through the masking module, then a second command smuggled after
-a `;` (denied, and nothing runs):
+a semicolon (denied, and nothing runs):
 
   $airlock connect web-1 --task "read the app log after the deploy" -- cat $sshd_dir/logs/app.log
   $airlock connect web-1 --task "read the app log after the deploy" -- "cat $sshd_dir/logs/app.log; rm -rf /tmp"
