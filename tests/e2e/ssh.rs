@@ -437,6 +437,15 @@ credential = "secret:web-1-key"
         s.gw.events("session.opened").is_empty(),
         "no session was opened"
     );
+    let refused = s.gw.events("session.refused");
+    assert!(
+        refused.iter().any(|e| e["detail"]["code"] == "upstream"
+            && e["detail"]["target"] == "web-2"
+            && e["detail"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("host key"))),
+        "the refusal is recorded: {refused:?}"
+    );
 }
 
 #[test]

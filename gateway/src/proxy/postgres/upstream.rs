@@ -406,8 +406,10 @@ pub struct Ended {
     pub error: Option<String>,
 }
 
-/// How long the gateway waits for the server to confirm a backend has ended.
-const TERMINATE_WAIT: Duration = Duration::from_secs(5);
+/// How long the gateway waits for the server to confirm a backend has ended: a loaded
+/// server can take seconds to schedule a terminated backend's exit (4 s was once too
+/// short on a busy 2-core machine).
+const TERMINATE_WAIT: Duration = Duration::from_secs(12);
 
 impl Ender {
     /// Terminates the backend (after its connection was closed) and waits, bounded,
@@ -427,9 +429,9 @@ impl Ender {
         // Only a function call runs on this login: read-only is enough.
         let settings = super::pins::upstream_parameters(true);
         let mut side = connect(&self.addr, &self.user, self.credential.as_ref(), &settings).await?;
-        // Waits up to 4 s for the backend to exit, so the answer means it is gone.
+        // Waits up to 10 s for the backend to exit, so the answer means it is gone.
         let query = format!(
-            "SELECT pg_catalog.pg_terminate_backend({}, 4000)",
+            "SELECT pg_catalog.pg_terminate_backend({}, 10000)",
             self.backend_key.0
         );
         let results = simple_query(&mut side.conn, &query).await?;

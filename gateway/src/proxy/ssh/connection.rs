@@ -210,7 +210,7 @@ impl Connection {
     }
 
     /// Records a refused login (at most so many per client address a minute).
-    async fn refuse(&self, reason: &str, claimed: &str) {
+    async fn refuse(&self, code: &str, reason: &str, claimed: &str, target: Option<&str>) {
         let host = self
             .peer
             .rsplit_once(':')
@@ -227,10 +227,10 @@ impl Connection {
         };
         let event = AuditEvent::new(EventKind::SessionRefused).detail(serde_json::json!({
             "protocol": "ssh",
-            "code": "auth",
+            "code": code,
             "reason": reason.chars().take(128).collect::<String>(),
             "claimed_grant": grant,
-            "target": null,
+            "target": target,
             "peer": self.peer,
             "unrecorded_before": left_out,
         }));
@@ -286,7 +286,9 @@ impl Connection {
             Err(reason) => {
                 tracing::error!(parent: &span, error = %reason, "SSH upstream login refused");
                 // The agent's own credential was good: it is told why on the channel it
-                // opens, and the connection is refused nothing else.
+                // opens, and the record says why no session opened.
+                self.refuse("upstream", &reason, grant_id, Some(&target.name))
+                    .await;
                 self.refused_upstream = Some(reason);
                 return Ok(());
             }
@@ -351,7 +353,7 @@ impl server::Handler for Connection {
             }
             Err(reason) => {
                 tracing::info!(error = %reason, "SSH authentication failed");
-                self.refuse(&reason, user).await;
+                self.refuse("auth", &reason, user, None).await;
                 Ok(Auth::reject())
             }
         }
