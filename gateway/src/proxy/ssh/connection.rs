@@ -2,7 +2,7 @@
 //! login, one session core for the connection, a task per session channel, and
 //! refusals of everything else (port forwarding, X11, agent forwarding).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,6 +150,7 @@ async fn run(
             (Ok(()), None) => "client closed the connection".to_string(),
             (Err(e), None) => format!("client connection lost: {e}"),
         };
+        admitted.over.send_replace(true);
         admitted.close(&reason).await;
     }
 }
@@ -165,7 +166,9 @@ pub(super) struct Admitted {
     /// Set once the grant's end (or the record's failure) cut the connection.
     cut_reason: std::sync::Mutex<Option<String>>,
     /// The agent's open session channels, for the grant's end.
-    channels: std::sync::Mutex<HashMap<ChannelId, ()>>,
+    channels: std::sync::Mutex<HashSet<ChannelId>>,
+    /// Set once the connection is over: the grant's watcher for it stops.
+    over: tokio::sync::watch::Sender<bool>,
 }
 
 impl Admitted {
@@ -306,7 +309,8 @@ impl Connection {
             upstream,
             read_only,
             cut_reason: std::sync::Mutex::new(None),
-            channels: std::sync::Mutex::new(HashMap::new()),
+            channels: std::sync::Mutex::new(HashSet::new()),
+            over: tokio::sync::watch::Sender::new(false),
         });
         *self.admitted.lock().unwrap() = Some(admitted);
         Ok(())
@@ -364,8 +368,13 @@ impl server::Handler for Connection {
         if let Some(admitted) = self.admitted() {
             let handle = session.handle();
             let mut cut = admitted.cut.clone();
+            let mut over = admitted.over.subscribe();
             tokio::spawn(async move {
-                let reason = cut.ended().await;
+                let reason = tokio::select! {
+                    reason = cut.ended() => reason,
+                    // The connection ended first: nothing is left to cut.
+                    _ = over.wait_for(|over| *over) => return,
+                };
                 admitted.set_cut(&reason);
                 // Each channel's task tells its agent why on stderr and hangs up its
                 // upstream; the agent's client then leaves on its own. Whatever is
@@ -403,7 +412,7 @@ impl server::Handler for Connection {
         };
         reply.accept().await;
         let id = channel.id();
-        admitted.channels.lock().unwrap().insert(id, ());
+        admitted.channels.lock().unwrap().insert(id);
         let task = ChannelTask::new(admitted.clone(), channel, session.handle());
         tokio::spawn(async move {
             task.run().await;
