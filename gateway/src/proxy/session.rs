@@ -95,6 +95,51 @@ impl Verdict {
 }
 
 impl ProxyServices {
+    /// Records a refused login (`session.refused`): who claimed which grant for which
+    /// target, from where, and why. At most so many per client address a minute reach
+    /// the record, so a flood of bad logins cannot fill it; the next recorded one counts
+    /// the rest. A claimed user name not shaped like a grant id is withheld, here and in
+    /// the reason: a client that swapped user and password would otherwise put a secret
+    /// in the record. Queued, not awaited: a refusal costs the refused client nothing.
+    pub fn record_refusal(
+        &self,
+        protocol: &str,
+        code: &str,
+        reason: &str,
+        (grant, target): (Option<&str>, Option<&str>),
+        peer: &str,
+    ) {
+        let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
+        let Some(left_out) = self.refusals.admit(host) else {
+            return;
+        };
+        let bounded = |s: &str| s.chars().take(128).collect::<String>();
+        let (grant, recorded_reason) = match grant {
+            Some(user) if !crate::grants::looks_like_grant_id(user) => (
+                Some("(not a grant id; withheld)".to_string()),
+                // (An empty pattern would match between every character.)
+                if user.is_empty() {
+                    reason.to_string()
+                } else {
+                    reason.replace(user, "(withheld)")
+                },
+            ),
+            grant => (grant.map(bounded), reason.to_string()),
+        };
+        let event = AuditEvent::new(EventKind::SessionRefused).detail(serde_json::json!({
+            "protocol": protocol,
+            "code": code,
+            "reason": bounded(&recorded_reason),
+            "claimed_grant": grant,
+            "target": target.map(bounded),
+            "peer": peer,
+            "unrecorded_before": left_out,
+        }));
+        if let Err(e) = self.broker.record().write_queued(Write::event(event)) {
+            tracing::error!(error = %e, "cannot record a refused login");
+        }
+    }
+
     /// The live grant behind a presented grant id, for `target`: refused when unknown,
     /// for another target, or no longer active.
     pub fn admit(&self, grant_id: &str, target: &str) -> Result<LiveGrant, GrantAuthError> {

@@ -20,9 +20,8 @@ use crate::grants::{Access, GrantAuthError, TargetRecord, looks_like_grant_id};
 use crate::policy::Kind;
 use crate::secrets::Secrets;
 
-/// Refuses a login with FATAL `code` and records it (`session.refused`): who claimed
-/// which grant for which target, from where, and why; never a secret (SCRAM never
-/// sends one). Queued, not awaited: a refusal costs the refused client nothing more.
+/// Refuses a login with FATAL `code` and records it (`session.refused`; SCRAM never
+/// sends a secret, and a user name that is not a grant id is withheld).
 async fn refuse_login(
     client: &mut Conn,
     services: &PgServices,
@@ -31,48 +30,9 @@ async fn refuse_login(
     claimed: (Option<&str>, Option<&str>),
     peer: &str,
 ) {
-    // At most so many refusals per client address a minute reach the record, so a
-    // flood of bad logins cannot fill it; the next recorded one counts the rest.
-    let host = peer.rsplit_once(':').map_or(peer, |(host, _)| host);
-    let Some(left_out) = services.proxy.refusals.admit(host) else {
-        fatal(client, code, reason).await;
-        return;
-    };
-    let bounded = |s: &str| s.chars().take(128).collect::<String>();
-    let (grant, target) = claimed;
-    // The user name is recorded only if it is shaped like a grant id: a client that
-    // swapped user and password would otherwise put a secret in the record.
-    let (grant, recorded_reason) = match grant {
-        Some(user) if !looks_like_grant_id(user) => (
-            Some("(not a grant id; withheld)".to_string()),
-            // (An empty pattern would match between every character.)
-            if user.is_empty() {
-                reason.to_string()
-            } else {
-                reason.replace(user, "(withheld)")
-            },
-        ),
-        grant => (grant.map(bounded), reason.to_string()),
-    };
-    let event = crate::record::AuditEvent::new(crate::record::EventKind::SessionRefused).detail(
-        serde_json::json!({
-            "protocol": "postgres",
-            "code": code,
-            "reason": bounded(&recorded_reason),
-            "claimed_grant": grant,
-            "target": target.map(bounded),
-            "peer": peer,
-            "unrecorded_before": left_out,
-        }),
-    );
-    if let Err(e) = services
+    services
         .proxy
-        .broker
-        .record()
-        .write_queued(crate::record::Write::event(event))
-    {
-        tracing::error!(error = %e, "cannot record a refused login");
-    }
+        .record_refusal("postgres", code, reason, claimed, peer);
     fatal(client, code, reason).await;
 }
 

@@ -19,7 +19,7 @@ use super::upstream::{self, Upstream, UpstreamAddr};
 use crate::grants::GrantAuthError;
 use crate::policy::Kind;
 use crate::proxy::{CutSignal, SessionCore};
-use crate::record::{AuditEvent, EventKind, Write};
+use crate::record::{EventKind, Write};
 use crate::secrets::Secrets;
 
 /// Connections served at once; past it a new one is closed at once, so a flood of idle
@@ -212,41 +212,15 @@ impl Connection {
         self.admitted.lock().unwrap().clone()
     }
 
-    /// Records a refused login (at most so many per client address a minute).
-    async fn refuse(&self, code: &str, reason: &str, claimed: &str, target: Option<&str>) {
-        let host = self
-            .peer
-            .rsplit_once(':')
-            .map_or(self.peer.as_str(), |(host, _)| host);
-        let Some(left_out) = self.services.proxy.refusals.admit(host) else {
-            return;
-        };
-        // A user name not shaped like a grant id could be a secret typed in the wrong
-        // place: it is not recorded.
-        let grant = if crate::grants::looks_like_grant_id(claimed) {
-            claimed.chars().take(64).collect::<String>()
-        } else {
-            "(not a grant id; withheld)".into()
-        };
-        let event = AuditEvent::new(EventKind::SessionRefused).detail(serde_json::json!({
-            "protocol": "ssh",
-            "code": code,
-            "reason": reason.chars().take(128).collect::<String>(),
-            "claimed_grant": grant,
-            "target": target,
-            "peer": self.peer,
-            "unrecorded_before": left_out,
-        }));
-        if let Err(e) = self
-            .services
-            .proxy
-            .broker
-            .record()
-            .write_async(Write::event(event))
-            .await
-        {
-            tracing::error!(error = %e, "cannot record a refused SSH login");
-        }
+    /// Records a refused login (see `ProxyServices::record_refusal`).
+    fn refuse(&self, code: &str, reason: &str, claimed: &str, target: Option<&str>) {
+        self.services.proxy.record_refusal(
+            "ssh",
+            code,
+            reason,
+            (Some(claimed), target),
+            &self.peer,
+        );
     }
 
     /// Admits the grant, logs in upstream and opens the session record.
@@ -290,8 +264,7 @@ impl Connection {
                 tracing::error!(parent: &span, error = %reason, "SSH upstream login refused");
                 // The agent's own credential was good: it is told why on the channel it
                 // opens, and the record says why no session opened.
-                self.refuse("upstream", &reason, grant_id, Some(&target.name))
-                    .await;
+                self.refuse("upstream", &reason, grant_id, Some(&target.name));
                 self.refused_upstream = Some(reason);
                 return Ok(());
             }
@@ -357,7 +330,7 @@ impl server::Handler for Connection {
             }
             Err(reason) => {
                 tracing::info!(error = %reason, "SSH authentication failed");
-                self.refuse("auth", &reason, user, None).await;
+                self.refuse("auth", &reason, user, None);
                 Ok(Auth::reject())
             }
         }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use bytes::{Buf, Bytes, BytesMut};
 use russh::{ChannelMsg, ChannelWriteHalf, client};
 use russh_sftp::protocol::{
-    Extended, File, Name, Open, OpenFlags, Packet, RealPath, Rename, Status, StatusCode,
+    Extended, File, Name, OpenFlags, Packet, RealPath, Rename, Status, StatusCode,
 };
 
 use crate::policy::types::{Action, SftpOp, SftpRequest};
@@ -280,7 +280,7 @@ impl Relay {
         }
         let forward = match decoded {
             Packet::Init(init) => Packet::Init(init),
-            Packet::Open(open) => {
+            Packet::Open(mut open) => {
                 let writable = open.pflags.intersects(
                     OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::CREATE | OpenFlags::TRUNCATE,
                 );
@@ -289,114 +289,97 @@ impl Relay {
                 } else {
                     SftpOp::OpenRead
                 };
-                let Some(path) = self.gate(task, id, op, &open.filename, true).await? else {
+                if !self.gate(task, id, op, &mut open.filename, true).await? {
                     return Ok(());
-                };
-                let pending = Pending::Open {
-                    path: path.clone(),
-                    writable,
-                };
-                self.pending.insert(id, pending);
-                Packet::Open(Open {
-                    filename: path,
-                    ..open
-                })
+                }
+                let path = open.filename.clone();
+                self.pending.insert(id, Pending::Open { path, writable });
+                Packet::Open(open)
             }
             Packet::OpenDir(mut open) => {
-                let Some(path) = self
-                    .gate(task, id, SftpOp::ReadDir, &open.path, true)
-                    .await?
-                else {
-                    return Ok(());
-                };
-                let pending = Pending::Open {
-                    path: path.clone(),
-                    writable: false,
-                };
-                self.pending.insert(id, pending);
-                open.path = path;
-                Packet::OpenDir(open)
-            }
-            Packet::Stat(mut stat) => {
-                match self.gate(task, id, SftpOp::Stat, &stat.path, true).await? {
-                    Some(path) => {
-                        stat.path = path;
-                        Packet::Stat(stat)
-                    }
-                    None => return Ok(()),
-                }
-            }
-            Packet::Lstat(mut stat) => {
-                match self.gate(task, id, SftpOp::Stat, &stat.path, false).await? {
-                    Some(path) => {
-                        stat.path = path;
-                        Packet::Lstat(stat)
-                    }
-                    None => return Ok(()),
-                }
-            }
-            Packet::SetStat(mut set) => match self
-                .gate(task, id, SftpOp::Setstat, &set.path, true)
-                .await?
-            {
-                Some(path) => {
-                    set.path = path;
-                    Packet::SetStat(set)
-                }
-                None => return Ok(()),
-            },
-            Packet::Remove(mut remove) => {
-                match self
-                    .gate(task, id, SftpOp::Remove, &remove.filename, false)
+                if !self
+                    .gate(task, id, SftpOp::ReadDir, &mut open.path, true)
                     .await?
                 {
-                    Some(path) => {
-                        remove.filename = path;
-                        Packet::Remove(remove)
-                    }
-                    None => return Ok(()),
+                    return Ok(());
                 }
+                let path = open.path.clone();
+                let writable = false;
+                self.pending.insert(id, Pending::Open { path, writable });
+                Packet::OpenDir(open)
             }
-            Packet::MkDir(mut mkdir) => match self
-                .gate(task, id, SftpOp::Mkdir, &mkdir.path, false)
-                .await?
-            {
-                Some(path) => {
-                    mkdir.path = path;
-                    Packet::MkDir(mkdir)
+            // Operations that follow a final symbolic link are decided where it leads;
+            // those on a link itself, or on a name that may not exist yet, on its
+            // resolved directory and its own name.
+            Packet::Stat(mut p) => {
+                if !self.gate(task, id, SftpOp::Stat, &mut p.path, true).await? {
+                    return Ok(());
                 }
-                None => return Ok(()),
-            },
-            Packet::RmDir(mut rmdir) => match self
-                .gate(task, id, SftpOp::Rmdir, &rmdir.path, false)
-                .await?
-            {
-                Some(path) => {
-                    rmdir.path = path;
-                    Packet::RmDir(rmdir)
+                Packet::Stat(p)
+            }
+            Packet::Lstat(mut p) => {
+                if !self
+                    .gate(task, id, SftpOp::Stat, &mut p.path, false)
+                    .await?
+                {
+                    return Ok(());
                 }
-                None => return Ok(()),
-            },
-            Packet::ReadLink(mut link) => match self
-                .gate(task, id, SftpOp::Readlink, &link.path, false)
-                .await?
-            {
-                Some(path) => {
-                    link.path = path;
-                    Packet::ReadLink(link)
+                Packet::Lstat(p)
+            }
+            Packet::SetStat(mut p) => {
+                if !self
+                    .gate(task, id, SftpOp::Setstat, &mut p.path, true)
+                    .await?
+                {
+                    return Ok(());
                 }
-                None => return Ok(()),
-            },
-            Packet::RealPath(mut real) => match self
-                .gate(task, id, SftpOp::Realpath, &real.path, true)
-                .await?
-            {
-                Some(path) => {
-                    real.path = path;
-                    Packet::RealPath(real)
+                Packet::SetStat(p)
+            }
+            Packet::Remove(mut p) => {
+                if !self
+                    .gate(task, id, SftpOp::Remove, &mut p.filename, false)
+                    .await?
+                {
+                    return Ok(());
                 }
-                None => return Ok(()),
-            },
+                Packet::Remove(p)
+            }
+            Packet::MkDir(mut p) => {
+                if !self
+                    .gate(task, id, SftpOp::Mkdir, &mut p.path, false)
+                    .await?
+                {
+                    return Ok(());
+                }
+                Packet::MkDir(p)
+            }
+            Packet::RmDir(mut p) => {
+                if !self
+                    .gate(task, id, SftpOp::Rmdir, &mut p.path, false)
+                    .await?
+                {
+                    return Ok(());
+                }
+                Packet::RmDir(p)
+            }
+            Packet::ReadLink(mut p) => {
+                if !self
+                    .gate(task, id, SftpOp::Readlink, &mut p.path, false)
+                    .await?
+                {
+                    return Ok(());
+                }
+                Packet::ReadLink(p)
+            }
+            Packet::RealPath(mut p) => {
+                if !self
+                    .gate(task, id, SftpOp::Realpath, &mut p.path, true)
+                    .await?
+                {
+                    return Ok(());
+                }
+                Packet::RealPath(p)
+            }
             Packet::Rename(rename) => {
                 let (Some(old), Some(new)) = (
                     self.resolve(task, &rename.oldpath, false).await?,
@@ -673,37 +656,36 @@ impl Relay {
         }
     }
 
-    /// Resolves `raw` on the server, then decides `op` on the resolved path: the path
-    /// to send on when allowed, `None` once a refusal has been answered.
+    /// Resolves `path` on the server and decides `op` on the resolved path, which
+    /// replaces `path` (it is what is sent on). False once a refusal has been answered.
     async fn gate(
         &mut self,
         task: &mut ChannelTask,
         id: u32,
         op: SftpOp,
-        raw: &str,
+        path: &mut String,
         follow: bool,
-    ) -> Result<Option<String>, SftpEnd> {
-        let Some(path) = self.resolve(task, raw, follow).await? else {
+    ) -> Result<bool, SftpEnd> {
+        let Some(resolved) = self.resolve(task, path, follow).await? else {
             self.deny(task, id, "the server cannot resolve this path")
                 .await?;
-            return Ok(None);
+            return Ok(false);
         };
+        *path = resolved;
+        let path = path.as_str();
         if op == SftpOp::OpenRead
             && let Some(reason) = task.unmaskable_read().await
         {
             let verdict = Verdict::refused_by_gateway((reason.clone(), None));
-            if !record_operation(task, Some(op), Some(&path), None, &verdict).await {
+            if !record_operation(task, Some(op), Some(path), None, &verdict).await {
                 return Err(SftpEnd::Cut("record unavailable".into()));
             }
             let message = format!("airlock: denied: {reason}");
             self.answer(task, id, StatusCode::PermissionDenied, &message)
                 .await?;
-            return Ok(None);
+            return Ok(false);
         }
-        Ok(self
-            .decide(task, id, op, &path, None)
-            .await?
-            .then_some(path))
+        self.decide(task, id, op, path, None).await
     }
 
     /// Decides one operation and records it; a refusal is answered to the client.
