@@ -2,9 +2,10 @@
 # The main job, on a fresh machine: build the gateway and the example policies, make a
 # dev signing key, sign the example bundle, install it into a gateway data directory,
 # run the bundle's fixtures, start a throwaway PostgreSQL 15 with a small schema holding
-# PII and a throwaway OpenSSH sshd with a log holding PII, start the gateway (`airlock
-# serve`) in front of both with a demo agent, and print the exact `airlock connect`
-# lines to try. Ctrl-C stops everything.
+# PII, a throwaway OpenSSH sshd with a log holding PII and a throwaway JSON service
+# (the HTTP tests' upstream), start the gateway (`airlock serve`) in front of them with a
+# demo agent, and print the exact `airlock connect` lines to try. Ctrl-C stops
+# everything.
 #
 #   AIRLOCK_DATA   the gateway's data directory (default: ./.airlock-dev)
 set -euo pipefail
@@ -27,11 +28,17 @@ upstream_password=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
 . scripts/throwaway-sshd.sh
 cleanup() {
     [ -n "${gateway:-}" ] && kill "$gateway" 2>/dev/null || true
+    [ -n "${orders:-}" ] && kill "$orders" 2>/dev/null || true
     pg_stop
     sshd_stop
 }
 trap cleanup EXIT INT TERM
 sshd_start
+# A throwaway JSON service (records with PII), which only the gateway's token reaches.
+orders_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+python3 tests/e2e/http_upstream.py "$orders_port" "$AIRLOCK_DATA/orders-received.jsonl" &
+orders=$!
+orders_token=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
 mkdir -p "$sshd_dir/logs"
 printf 'login ok for alice@example.com from 10.0.0.7\npayment retried for bob.chen@example.org\n' > "$sshd_dir/logs/app.log"
 chown -R "$sshd_user:$sshd_user" "$sshd_dir/logs"
@@ -64,6 +71,9 @@ listen = "127.0.0.1:6432"
 [ssh]
 listen = "127.0.0.1:2222"
 
+[http]
+listen = "127.0.0.1:8443"
+
 [policy]
 trusted-keys = ["$keys/bundle-signing.key.pub"]
 
@@ -83,10 +93,18 @@ upstream = "ssh://$sshd_user@127.0.0.1:$sshd_port"
 host-key = "$sshd_host_key"
 credential = "secret:web-1"
 labels = { env = "staging", ssh-allow = "cat $sshd_dir/logs/**", sftp-read = "$sshd_dir/logs/**" }
+
+[[target]]
+name = "orders-api"
+kind = "http"
+upstream = "http://127.0.0.1:$orders_port"
+credential = "secret:orders-api"
+labels = { env = "staging", http-allow = "GET /users/*; GET /stream; POST /orders" }
 TOML
 chmod 600 "$AIRLOCK_DATA/airlock.toml"
 (umask 077 && printf 'prod-db = "%s"\nprod-db-end = "%s"\n' "$upstream_password" "$end_password" > "$AIRLOCK_DATA/secrets.toml")
 (umask 077 && printf "web-1 = '''\n%s\n'''\n" "$(cat "$sshd_client_key")" >> "$AIRLOCK_DATA/secrets.toml")
+(umask 077 && printf 'orders-api = "%s"\n' "$orders_token" >> "$AIRLOCK_DATA/secrets.toml")
 
 # Versions must only increase: seconds since the epoch do.
 version=$(date +%s)
@@ -108,8 +126,9 @@ token=$("$airlock" agent add "$agent" --label team=demo | tail -n 1)
 cat <<MESSAGE
 
 Airlock is running: agent API http://127.0.0.1:7070, PostgreSQL gateway 127.0.0.1:6432,
-SSH gateway 127.0.0.1:2222, in front of a throwaway PostgreSQL 15 (port $pgport) and a
-throwaway sshd (port $sshd_port) whose credentials only the gateway holds.
+SSH gateway 127.0.0.1:2222, HTTP gateway http://127.0.0.1:8443, in front of a throwaway
+PostgreSQL 15 (port $pgport), a throwaway sshd (port $sshd_port) and a throwaway JSON
+service (port $orders_port) whose credentials only the gateway holds.
 Agent "$agent" is enrolled. As that agent, confirm migration 42 ran:
 
   export AIRLOCK_URL=http://127.0.0.1:7070 AIRLOCK_TOKEN=$token
@@ -126,6 +145,12 @@ a semicolon (denied, and nothing runs):
   $airlock connect web-1 --task "read the app log after the deploy" -- cat $sshd_dir/logs/app.log
   $airlock connect web-1 --task "read the app log after the deploy" -- "cat $sshd_dir/logs/app.log; rm -rf /tmp"
 
+Over HTTP, with curl: a record read through the masking module, then a path outside the
+target's rules spelled to look like one inside them (denied as the path it is):
+
+  $airlock connect orders-api --task "look up customer 7 for the refund" -- -s /users/7
+  $airlock connect orders-api --task "look up customer 7 for the refund" -- -s --path-as-is /users/../admin
+
 Ask for --access write and the policy sends it to review; approve it as the operator:
 
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock grants list
@@ -133,6 +158,6 @@ Ask for --access write and the policy sends it to review; approve it as the oper
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock audit tail
   AIRLOCK_DATA=$AIRLOCK_DATA $airlock audit verify
 
-Ctrl-C stops the gateway, the database and sshd.
+Ctrl-C stops the gateway, the database, sshd and the JSON service.
 MESSAGE
 wait "$gateway"

@@ -4,8 +4,9 @@ set -euo pipefail
 
 # Debian packages: libclang-dev and protobuf-compiler to build pg_query; PostgreSQL 15 and pgbouncer
 # for the tests and the benchmark; curl and openssl as the tests' real clients; OpenSSH's sshd,
-# ssh, scp and sftp for the SSH gateway's tests.
-packages="libclang-dev protobuf-compiler postgresql-15 postgresql-client-15 pgbouncer curl openssl util-linux openssh-server openssh-client"
+# ssh, scp and sftp for the SSH gateway's tests; python3 for the HTTP tests' upstream; nginx and
+# wrk for the HTTP benchmark.
+packages="libclang-dev protobuf-compiler postgresql-15 postgresql-client-15 pgbouncer curl openssl util-linux openssh-server openssh-client python3 nginx-light wrk"
 missing=""
 for p in $packages; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -104,6 +104,9 @@ fn main() {
         end_as: None,
         end_credential: None,
         host_key: None,
+        ca: None,
+        inject: None,
+        record_body_bytes: None,
     };
     let broker = Arc::new(
         Broker::load(

@@ -48,6 +48,8 @@ pub struct Config {
     #[serde(default)]
     pub ssh: SshConfig,
     #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
     pub policy: PolicyConfig,
     /// Upstream targets; more can be added at run time with `airlock target add`.
     #[serde(default, rename = "target")]
@@ -185,6 +187,56 @@ impl Default for SshConfig {
         SshConfig {
             listen: default_ssh_listen(),
             host_key: default_ssh_host_key(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where agents' HTTP clients (curl, kubectl, …) connect, with the grant as a
+    /// bearer token; the grant names the target. Loopback only unless TLS is set.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+    /// PEM certificate chain and private key (0600): with both, the listener speaks
+    /// TLS only (HTTP/1.1 and HTTP/2 by ALPN).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// JSON and form request bodies up to this size are shown to policy; larger or
+    /// other bodies are forwarded as not inspected.
+    #[serde(default = "default_inspect_body")]
+    pub inspect_body_bytes: usize,
+    /// Where a masking module applies, a response is held whole up to this size to be
+    /// masked; a larger one is withheld.
+    #[serde(default = "default_mask_body")]
+    pub mask_body_bytes: usize,
+    /// The largest request body forwarded.
+    #[serde(default = "default_max_request_body")]
+    pub max_request_body_bytes: u64,
+}
+
+fn default_http_listen() -> String {
+    "127.0.0.1:8443".into()
+}
+fn default_inspect_body() -> usize {
+    64 * 1024
+}
+fn default_mask_body() -> usize {
+    8 << 20
+}
+fn default_max_request_body() -> u64 {
+    64 << 20
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_http_listen(),
+            tls_cert: None,
+            tls_key: None,
+            inspect_body_bytes: default_inspect_body(),
+            mask_body_bytes: default_mask_body(),
+            max_request_body_bytes: default_max_request_body(),
         }
     }
 }
@@ -454,6 +506,26 @@ impl Config {
         if self.postgres.require_tls && self.postgres.tls_cert.is_none() {
             return Err("postgres.require-tls needs postgres.tls-cert and postgres.tls-key".into());
         }
+        let http: std::net::SocketAddr = self
+            .http
+            .listen
+            .parse()
+            .map_err(|e| format!("http.listen = {:?}: {e}", self.http.listen))?;
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return Err("http.tls-cert and http.tls-key must be set together".into());
+        }
+        if !http.ip().is_loopback() && self.http.tls_cert.is_none() {
+            return Err(format!(
+                "http.listen = {:?} is not a loopback address: set http.tls-cert and http.tls-key (grant tokens must not cross a network in the clear)",
+                self.http.listen
+            ));
+        }
+        if self.http.inspect_body_bytes > 16 << 20 || self.http.mask_body_bytes > 1 << 30 {
+            return Err(
+                "http.inspect-body-bytes is at most 16 MiB and http.mask-body-bytes at most 1 GiB"
+                    .into(),
+            );
+        }
         if self.agent_api.tls_cert.is_some() != self.agent_api.tls_key.is_some() {
             return Err("agent-api.tls-cert and agent-api.tls-key must be set together".into());
         }
@@ -615,6 +687,15 @@ pub fn check_target(target: &TargetRecord) -> Result<(), String> {
     }
     if target.host_key.is_some() && target.kind != crate::policy::Kind::Ssh {
         return Err("host-key is for SSH targets".into());
+    }
+    let http = matches!(
+        target.kind,
+        crate::policy::Kind::Http | crate::policy::Kind::Kubernetes
+    );
+    if !http
+        && (target.ca.is_some() || target.inject.is_some() || target.record_body_bytes.is_some())
+    {
+        return Err("ca, inject and record-body-bytes are for HTTP and Kubernetes targets".into());
     }
     crate::proxy::Protocols::builtin().check_target(target)
 }

@@ -17,7 +17,9 @@ use crate::config::{Config, DataDir};
 use crate::fsperm;
 use crate::grants::Broker;
 use crate::keys::SecretKey;
+use crate::policy::Kind;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
+use crate::proxy::http::{Http, HttpLimits, HttpServices};
 use crate::proxy::postgres::PgServices;
 use crate::proxy::postgres::Postgres;
 use crate::proxy::postgres::classify::ClassifyCache;
@@ -258,6 +260,27 @@ pub async fn run(
     let ssh_addr = ssh_listener.local_addr()?;
     let ssh_host_key = ssh_services.host_public_key();
     tracing::info!("SSH gateway listening on {ssh_addr}");
+    let http_tls = match (&config.http.tls_cert, &config.http.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            crate::api::load_tls_alpn("http", cert, key, &[b"h2", b"http/1.1"])
+                .map_err(ServeError::Setup)?,
+        ),
+        _ => None,
+    };
+    let http_listener = TcpListener::bind(&config.http.listen).await?;
+    let http_addr = http_listener.local_addr()?;
+    match http_tls {
+        Some(_) => tracing::info!("HTTP gateway listening on https://{http_addr}"),
+        None => tracing::warn!(
+            "HTTP gateway listening on http://{http_addr}: plain HTTP on loopback, for development only; set http.tls-cert and tls-key"
+        ),
+    }
+    let http_is_tls = http_tls.is_some();
+    let http_services = Arc::new(HttpServices::new(
+        proxy.clone(),
+        HttpLimits::from(&config.http),
+        http_tls,
+    ));
     // The addresses actually bound (a configured port 0 picks a free one), for
     // operators, scripts and tests.
     let endpoints = serde_json::json!({
@@ -265,6 +288,8 @@ pub async fn run(
         "postgres": pg_addr.to_string(),
         "ssh": ssh_addr.to_string(),
         "ssh_host_key": ssh_host_key,
+        "http": http_addr.to_string(),
+        "http_tls": http_is_tls,
     });
     fsperm::write_private_atomic(
         &data.root().join("endpoints.json"),
@@ -282,7 +307,8 @@ pub async fn run(
             .with(Arc::new(Ssh {
                 listen: Some(ssh_addr),
                 host_key: Some(ssh_host_key),
-            })),
+            }))
+            .with(Arc::new(Http::new(Kind::Http).at(http_addr, http_is_tls))),
     ));
 
     let pg_services = Arc::new(PgServices {
@@ -294,8 +320,11 @@ pub async fn run(
         cancels: Default::default(),
     });
     // Each protocol's gateway on its own listener.
-    let gateways: Vec<(Arc<dyn ProtocolGateway>, TcpListener)> =
-        vec![(pg_services, pg_listener), (ssh_services, ssh_listener)];
+    let gateways: Vec<(Arc<dyn ProtocolGateway>, TcpListener)> = vec![
+        (pg_services, pg_listener),
+        (ssh_services, ssh_listener),
+        (http_services, http_listener),
+    ];
     let gateway_tasks: Vec<_> = gateways
         .into_iter()
         .map(|(gateway, listener)| {

@@ -6,11 +6,20 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::ClientConfig;
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A client configuration that trusts exactly the certificates in `roots` (PEM).
 pub(crate) fn client_config(roots: &Path) -> Result<Arc<ClientConfig>, String> {
+    client_config_with(roots, None).map(Arc::new)
+}
+
+/// A client configuration that trusts exactly the certificates in `roots` (PEM) and,
+/// given `identity` (a PEM certificate chain and its private key), presents it.
+pub(crate) fn client_config_with(
+    roots: &Path,
+    identity: Option<&str>,
+) -> Result<ClientConfig, String> {
     let unreadable = |e: &dyn std::fmt::Display| format!("{}: {e}", roots.display());
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(roots)
         .and_then(|certs| certs.collect())
@@ -22,11 +31,24 @@ pub(crate) fn client_config(roots: &Path) -> Result<Arc<ClientConfig>, String> {
     if store.is_empty() {
         return Err(unreadable(&"no certificate in the file"));
     }
-    let config =
+    let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
-            .with_root_certificates(store)
-            .with_no_client_auth();
-    Ok(Arc::new(config))
+            .with_root_certificates(store);
+    let Some(identity) = identity else {
+        return Ok(builder.with_no_client_auth());
+    };
+    // The identity's text is a secret: errors name what is wrong, never what it holds.
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(identity.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|_| "the client certificate credential holds an unreadable certificate")?;
+    if chain.is_empty() {
+        return Err("the client certificate credential holds no certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(identity.as_bytes())
+        .map_err(|_| "the client certificate credential holds no readable private key")?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| format!("the client certificate credential: {e}"))
 }

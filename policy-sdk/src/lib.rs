@@ -63,7 +63,7 @@ pub mod bindings {
 
 pub use bindings::airlock::policy::types::{
     Access, Action, Agent, Body, Column, Constraints, Denial, GrantContext, GrantRequest,
-    HttpRequest, KubeRequest, Label, Payload, Rows, SftpOp, SftpRequest, ShellFeature,
+    HttpRequest, KubeRequest, Label, Payload, RequestBody, Rows, SftpOp, SftpRequest, ShellFeature,
     ShellOperator, SqlFunction, SqlKind, SqlStatement, SshCommand, Target, TargetKind, Verdict,
     Volatility,
 };

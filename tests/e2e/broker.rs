@@ -41,6 +41,9 @@ fn broker(dir: &std::path::Path) -> Arc<Broker> {
         end_as: None,
         end_credential: None,
         host_key: None,
+        ca: None,
+        inject: None,
+        record_body_bytes: None,
     };
     Arc::new(
         Broker::load(

@@ -108,6 +108,8 @@ fn write_config(data: &Path, public_key: &Path, extra: &str) {
 listen = "127.0.0.1:0"
 [ssh]
 listen = "127.0.0.1:0"
+[http]
+listen = "127.0.0.1:0"
 [agent-api]
 listen = "127.0.0.1:0"
 max-body-bytes = 4096

@@ -6,6 +6,7 @@ mod bundles;
 mod examples;
 mod flood;
 mod gateway;
+mod http;
 mod pg;
 mod policy_host;
 mod postgres;

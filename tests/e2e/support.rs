@@ -137,8 +137,8 @@ pub fn update_users() -> Action {
     })
 }
 
-/// A throwaway certificate authority and a server certificate it signed for
-/// `127.0.0.1` and `localhost`, made with `openssl` in `dir`: (CA, certificate, key),
+/// A throwaway certificate authority and a certificate it signed for `127.0.0.1` and
+/// `localhost` (a server's, or a client's), made with `openssl` in `dir`: (CA, certificate, key),
 /// the key 0600.
 pub fn test_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let ca = dir.join(format!("{name}-ca.pem"));
@@ -149,7 +149,7 @@ pub fn test_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) 
     let ext = dir.join(format!("{name}.ext"));
     std::fs::write(
         &ext,
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n",
     )
     .unwrap();
     let openssl = |build: &dyn Fn(&mut Command)| {

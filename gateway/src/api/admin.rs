@@ -36,7 +36,7 @@ pub enum AdminRequest {
         name: String,
     },
     TargetAdd {
-        target: TargetRecord,
+        target: Box<TargetRecord>,
     },
     TargetList,
     TargetRemove {
@@ -240,7 +240,7 @@ async fn dispatch(
                     .map_err(|e| AdminError::new("invalid_request", e.to_string()))?;
             }
             broker
-                .add_target(target, operator)
+                .add_target(*target, operator)
                 .await
                 .map(|()| json!({ "added": true }))
                 .map_err(Into::into)

@@ -295,7 +295,10 @@ impl AgentApi {
                     GrantStatus::Pending => StatusCode::ACCEPTED,
                     _ => StatusCode::FORBIDDEN,
                 };
-                let connection = self.connection(&issued.grant);
+                let connection = issued
+                    .secret
+                    .as_deref()
+                    .and_then(|secret| self.connection(&issued.grant, secret));
                 let mut body = grant_json(&issued.grant, issued.secret.as_deref(), connection);
                 if status == StatusCode::FORBIDDEN {
                     body["code"] = json!("denied");
@@ -308,16 +311,16 @@ impl AgentApi {
     }
 
     /// Where and how to connect under `grant`, as its target's protocol says.
-    fn connection(&self, grant: &GrantRecord) -> Option<serde_json::Value> {
+    fn connection(&self, grant: &GrantRecord, secret: &str) -> Option<serde_json::Value> {
         let kind = self.broker.target(&grant.target)?.kind;
-        self.protocols.connection(kind, grant)
+        self.protocols.connection(kind, grant, secret)
     }
 
     async fn show(&self, agent: &AgentRecord, id: &str) -> Reply {
         match self.broker.collect(&agent.name, id).await {
             Ok(Some((grant, secret))) => reply(
                 StatusCode::OK,
-                grant_json(&grant, Some(&secret), self.connection(&grant)),
+                grant_json(&grant, Some(&secret), self.connection(&grant, &secret)),
             ),
             Ok(None) => match self.broker.grant_for(&agent.name, id) {
                 Some(grant) => reply(StatusCode::OK, grant_json(&grant, None, None)),

@@ -13,7 +13,7 @@ mod ratelimit;
 mod tls;
 
 pub use ratelimit::RecordCap;
-pub use tls::load_tls;
+pub use tls::{load_tls, load_tls_alpn};
 
 /// The OpenAPI document of the agent API, kept in the repository and served at
 /// `/v1/openapi.json`.

@@ -1,6 +1,7 @@
 //! `airlock connect`: the agent's side. Asks the gateway for a grant with the agent's
 //! token, waits visibly while an operator reviews it, then runs the target's ordinary
-//! client (`psql`, `ssh`) with the grant in its environment only (never on disk).
+//! client (`psql`, `ssh`, `curl`) with the grant in its environment or a pipe only
+//! (never on disk).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,7 +36,8 @@ pub(crate) struct ConnectArgs {
     /// A file holding the agent token (default: $AIRLOCK_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Arguments for the client (psql; ssh: the remote command), after `--`.
+    /// Arguments for the client (psql; ssh: the remote command; curl: its options and
+    /// paths on the target, e.g. `-s /v1/orders/42`), after `--`.
     #[arg(last = true)]
     args: Vec<String>,
 }
@@ -142,6 +144,10 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
     if connection["protocol"] == "ssh" {
         announce(&args, &grant);
         return run_ssh(&args, &grant);
+    }
+    if connection["protocol"] == "http" {
+        announce(&args, &grant);
+        return run_curl(&args, &grant);
     }
     let (Some(host), Some(port)) = (connection["host"].as_str(), connection["port"].as_u64())
     else {
@@ -268,4 +274,120 @@ fn run_ssh(args: &ConnectArgs, grant: &Value) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(
         status?.code().unwrap_or(255).clamp(0, 255) as u8
     ))
+}
+
+/// curl options that take no value: a path after one of these is a URL's path.
+const CURL_FLAGS: &[&str] = &[
+    "--silent",
+    "--show-error",
+    "--verbose",
+    "--include",
+    "--head",
+    "--location",
+    "--fail",
+    "--fail-with-body",
+    "--no-buffer",
+    "--http1.1",
+    "--http2",
+    "--http2-prior-knowledge",
+    "--path-as-is",
+    "--globoff",
+    "--compressed",
+    "--get",
+];
+
+/// Short curl options that take no value (`-sSfL` is a cluster of them).
+const CURL_SHORT_FLAGS: &str = "sSvIiLfNgGqj";
+
+/// Whether argument `i` of curl's is a path on the target, to be made a URL: it
+/// starts with `/` and does not follow an option that takes a value (`-o /tmp/x`).
+fn is_target_path(args: &[String], i: usize) -> bool {
+    if !args[i].starts_with('/') {
+        return false;
+    }
+    let Some(previous) = i.checked_sub(1).map(|p| args[p].as_str()) else {
+        return true;
+    };
+    if let Some(long) = previous.strip_prefix("--") {
+        return long.contains('=') || CURL_FLAGS.contains(&previous);
+    }
+    match previous.strip_prefix('-') {
+        Some(short) => !short.is_empty() && short.chars().all(|c| CURL_SHORT_FLAGS.contains(c)),
+        None => true,
+    }
+}
+
+/// `curl` to the gateway with the grant: each path argument (`/v1/orders/42`) made a
+/// URL on the gateway, and the bearer token handed over on a pipe (`--config
+/// /dev/fd/N`), never on disk or on a command line others can read.
+fn run_curl(args: &ConnectArgs, grant: &Value) -> anyhow::Result<ExitCode> {
+    let connection = &grant["connection"];
+    let (Some(url), Some(token)) = (connection["url"].as_str(), connection["token"].as_str())
+    else {
+        bail!(
+            "the gateway gave no HTTP URL or token for target {}",
+            args.target
+        );
+    };
+    if args.print_env {
+        println!("export AIRLOCK_HTTP_URL={url}");
+        println!("export AIRLOCK_HTTP_TOKEN={token}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let curl_args: Vec<String> = (0..args.args.len())
+        .map(|i| {
+            if is_target_path(&args.args, i) {
+                format!("{url}{}", args.args[i])
+            } else {
+                args.args[i].clone()
+            }
+        })
+        .collect();
+    // The read end is inherited by curl (no close-on-exec); the write end is closed
+    // before curl starts, so curl reads the one line and then the end.
+    let (read, write) = rustix::pipe::pipe()?;
+    let config = format!("header = \"Authorization: Bearer {token}\"\n");
+    rustix::io::write(&write, config.as_bytes())?;
+    drop(write);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&read);
+    let status = std::process::Command::new("curl")
+        .arg("--config")
+        .arg(format!("/dev/fd/{fd}"))
+        .args(&curl_args)
+        .env("AIRLOCK_HTTP_URL", url)
+        .status()
+        .context("cannot run curl");
+    drop(read);
+    Ok(ExitCode::from(
+        status?.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_target_path;
+
+    #[test]
+    fn paths_become_urls_but_option_values_stay() {
+        let args: Vec<String> = [
+            "-sS",
+            "/v1/orders/42",
+            "-o",
+            "/tmp/out",
+            "--data=@/x",
+            "/v2",
+            "-H",
+            "/h",
+            "--fail",
+            "/v3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let paths: Vec<&str> = (0..args.len())
+            .filter(|&i| is_target_path(&args, i))
+            .map(|i| args[i].as_str())
+            .collect();
+        assert_eq!(paths, ["/v1/orders/42", "/v2", "/v3"]);
+    }
 }

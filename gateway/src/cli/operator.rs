@@ -30,6 +30,8 @@ pub(crate) enum AgentCommand {
     },
 }
 
+// Parsed once per command line: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub(crate) enum TargetCommand {
     /// Add a target at run time (kept in the gateway's store).
@@ -66,6 +68,17 @@ pub(crate) enum TargetCommand {
         /// SSH: the upstream's host key, pinned (`ssh-ed25519 AAAA…`).
         #[arg(long)]
         host_key: Option<String>,
+        /// HTTP and Kubernetes: the CA file (PEM) of an `https://` upstream.
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
+        /// HTTP and Kubernetes: `bearer` (default), `basic`, `header:NAME` or
+        /// `client-cert`: how the credential is presented upstream.
+        #[arg(long)]
+        inject: Option<String>,
+        /// HTTP and Kubernetes: record request and response bodies up to this many
+        /// bytes each.
+        #[arg(long)]
+        record_body_bytes: Option<u32>,
     },
     List,
     Remove {
@@ -209,6 +222,9 @@ pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Resul
             end_as,
             end_credential,
             host_key,
+            ca,
+            inject,
+            record_body_bytes,
         } => {
             let target = TargetRecord {
                 name: name.clone(),
@@ -222,8 +238,16 @@ pub(crate) fn target(context: &Context, command: TargetCommand) -> anyhow::Resul
                 end_as,
                 end_credential,
                 host_key,
+                ca,
+                inject,
+                record_body_bytes,
             };
-            admin(context, AdminRequest::TargetAdd { target })?;
+            admin(
+                context,
+                AdminRequest::TargetAdd {
+                    target: Box::new(target),
+                },
+            )?;
             println!("target {name} added");
         }
         TargetCommand::List => print(&admin(context, AdminRequest::TargetList)?),

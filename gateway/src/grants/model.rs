@@ -96,6 +96,19 @@ pub struct TargetRecord {
     /// line after the host). Any other key is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key: Option<String>,
+    /// HTTP and Kubernetes: the CA file (PEM) that signs an `https://` upstream's
+    /// certificate. The machine's trust store is never used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
+    /// HTTP and Kubernetes: how the credential is presented upstream: `bearer` (the
+    /// default), `basic` (the credential is `user:password`), `header:NAME`, or
+    /// `client-cert` (the credential is a PEM certificate chain and its key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject: Option<String>,
+    /// HTTP and Kubernetes: record request and response bodies, up to this many bytes
+    /// each. Off by default: bodies can hold what the record should not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_body_bytes: Option<u32>,
 }
 
 impl TargetRecord {

@@ -19,7 +19,7 @@ use crate::fsperm;
 
 /// The interfaces a policy module may import. Everything else (WASI above all) is
 /// refused at load time: a module gets no files, network, clock or randomness.
-const ALLOWED_IMPORTS: [&str; 2] = ["airlock:policy/types@0.3.0", "airlock:policy/host@0.3.0"];
+const ALLOWED_IMPORTS: [&str; 2] = ["airlock:policy/types@0.4.0", "airlock:policy/host@0.4.0"];
 
 /// How often the epoch advances; deadlines are counted in these ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(1);

@@ -33,8 +33,8 @@ use super::scope::Kind;
 use super::set::PolicySet;
 use super::types::{
     Access, Action, Agent, Body, Column, Constraints, GrantContext, GrantRequest, HttpRequest,
-    KubeRequest, Payload, Rows, SftpOp, SftpRequest, SqlFunction, SqlKind, SqlStatement, Target,
-    Verdict, Volatility,
+    KubeRequest, Payload, RequestBody, Rows, SftpOp, SftpRequest, SqlFunction, SqlKind,
+    SqlStatement, Target, Verdict, Volatility,
 };
 use super::verdict::Outcome;
 
@@ -264,6 +264,10 @@ struct HttpSpec {
     query: String,
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    /// The body as policy sees it: absent (none), a text, or `body-not-inspected = true`.
+    body: Option<String>,
+    #[serde(default)]
+    body_not_inspected: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -276,6 +280,16 @@ struct KubeSpec {
     subresource: Option<String>,
     namespace: Option<String>,
     name: Option<String>,
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    tty: bool,
+    #[serde(default)]
+    ports: Vec<u16>,
+    #[serde(default)]
+    path: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -718,6 +732,11 @@ impl ActionSpec {
                 path: http.path.clone(),
                 query: http.query.clone(),
                 headers: labels(&http.headers),
+                body: match (&http.body, http.body_not_inspected) {
+                    (_, true) => RequestBody::NotInspected,
+                    (Some(text), false) => RequestBody::Text(text.clone()),
+                    (None, false) => RequestBody::None,
+                },
             }),
             ActionSpec::Kube(kube) => Action::Kube(KubeRequest {
                 verb: kube.verb.clone(),
@@ -726,6 +745,11 @@ impl ActionSpec {
                 subresource: kube.subresource.clone(),
                 namespace: kube.namespace.clone(),
                 name: kube.name.clone(),
+                api_version: kube.api_version.clone(),
+                command: kube.command.clone(),
+                tty: kube.tty,
+                ports: kube.ports.clone(),
+                path: kube.path.clone(),
             }),
         }
     }

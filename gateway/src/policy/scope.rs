@@ -33,6 +33,18 @@ pub enum Kind {
     Kubernetes,
 }
 
+impl Kind {
+    /// The name configuration files and the record use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Postgres => "postgres",
+            Kind::Ssh => "ssh",
+            Kind::Http => "http",
+            Kind::Kubernetes => "kubernetes",
+        }
+    }
+}
+
 impl From<Kind> for TargetKind {
     fn from(kind: Kind) -> Self {
         match kind {

@@ -2,6 +2,8 @@
 //! actions and uses the shared broker, policy and record: one enforcement model for
 //! every protocol.
 
+pub mod http;
+pub(crate) mod line_mask;
 pub mod postgres;
 pub mod protocol;
 pub mod session;

@@ -28,8 +28,9 @@ pub trait Protocol: Send + Sync {
     }
 
     /// Where and how an agent connects through the gateway under `grant`: added to
-    /// the grant the agent API returns with its secret.
-    fn connection(&self, _grant: &GrantRecord) -> Option<serde_json::Value> {
+    /// the grant the agent API returns with its secret (which a protocol that takes
+    /// one token, such as HTTP's bearer token, builds it from).
+    fn connection(&self, _grant: &GrantRecord, _secret: &str) -> Option<serde_json::Value> {
         None
     }
 }
@@ -53,6 +54,7 @@ impl Protocols {
         Protocols(vec![
             Arc::new(super::postgres::Postgres::default()),
             Arc::new(super::ssh::Ssh::default()),
+            Arc::new(super::http::Http::new(Kind::Http)),
         ])
     }
 
@@ -73,8 +75,13 @@ impl Protocols {
             .map_or(Ok(()), |p| p.check_target(target))
     }
 
-    pub fn connection(&self, kind: Kind, grant: &GrantRecord) -> Option<serde_json::Value> {
-        self.get(kind).and_then(|p| p.connection(grant))
+    pub fn connection(
+        &self,
+        kind: Kind,
+        grant: &GrantRecord,
+        secret: &str,
+    ) -> Option<serde_json::Value> {
+        self.get(kind).and_then(|p| p.connection(grant, secret))
     }
 }
 

@@ -80,6 +80,10 @@ kinds! {
     SftpOperation = "sftp.operation",
     /// What moved through one SFTP handle, once it closed.
     SftpTransfer = "sftp.transfer",
+    /// One HTTP request to an HTTP or Kubernetes target and its verdict.
+    HttpRequest = "http.request",
+    /// How an allowed HTTP request ended: status, bytes, masking.
+    HttpResult = "http.result",
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ impl Protocol for Postgres {
     }
 
     /// psql's host, port, database (the target) and user (the grant id).
-    fn connection(&self, grant: &GrantRecord) -> Option<serde_json::Value> {
+    fn connection(&self, grant: &GrantRecord, _secret: &str) -> Option<serde_json::Value> {
         let addr = self.listen?;
         Some(serde_json::json!({
             "protocol": "postgres",

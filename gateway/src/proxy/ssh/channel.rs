@@ -14,11 +14,11 @@ use russh::{Channel, ChannelMsg, ChannelWriteHalf, Pty, Sig};
 use super::cast::Cast;
 use super::command;
 use super::connection::Admitted;
-use super::mask::OutputMask;
 use super::pump::Inbox;
 use super::sftp::{self, SftpEnd};
 use crate::policy::types::{Action, SshCommand};
 use crate::proxy::Verdict;
+use crate::proxy::line_mask::LineMask;
 use crate::record::{EventKind, Write};
 
 /// Environment variables an agent may set upstream: locale only. Anything else could
@@ -516,9 +516,12 @@ impl ChannelTask {
         // A command's output is masked where a module masks the target; a terminal's
         // stream is not (escape sequences, not lines).
         let mut mask = match (request, self.conn.core.lock().await.as_ref()) {
-            ("exec", Some(core)) => {
-                OutputMask::for_target(core.services().policy.clone(), core.context_now())
-            }
+            ("exec", Some(core)) => LineMask::for_target(
+                core.services().policy.clone(),
+                core.context_now(),
+                "text/plain",
+                2,
+            ),
             _ => None,
         };
         let ended = loop {
@@ -639,7 +642,7 @@ impl ChannelTask {
     /// be, and into the cast as the agent sees it.
     async fn pass_out(
         &mut self,
-        mask: &mut Option<OutputMask>,
+        mask: &mut Option<LineMask>,
         cast: &mut Cast,
         ext: Option<u32>,
         data: &[u8],
@@ -671,7 +674,7 @@ impl ChannelTask {
     /// The masked rest of both streams once the output ends.
     async fn pass_rest(
         &mut self,
-        mask: &mut Option<OutputMask>,
+        mask: &mut Option<LineMask>,
         cast: &mut Cast,
         client_open: bool,
     ) -> Result<(), Ended> {

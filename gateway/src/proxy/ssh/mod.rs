@@ -12,7 +12,6 @@ mod channel;
 pub(crate) mod command;
 mod connection;
 mod host_key;
-mod mask;
 mod pump;
 mod sftp;
 mod upstream;
@@ -64,7 +63,7 @@ impl Protocol for Ssh {
 
     /// ssh's host and port, the user (the grant id), and the gateway's host key to
     /// pin, so no client ever answers a host-key prompt.
-    fn connection(&self, grant: &GrantRecord) -> Option<serde_json::Value> {
+    fn connection(&self, grant: &GrantRecord, _secret: &str) -> Option<serde_json::Value> {
         let addr = self.listen?;
         Some(serde_json::json!({
             "protocol": "ssh",

@@ -1,6 +1,7 @@
-//! Masking of an `exec` channel's output: where a masking module applies to the
-//! target, stdout and stderr reach the agent only as masked text, whole lines at a
-//! time (a line longer than `MAX_LINE` is masked in pieces of that size).
+//! Masking of streamed text: where a masking module applies to the target, a stream
+//! reaches the agent only as masked text, whole lines at a time (a line longer than
+//! `MAX_LINE` is masked in pieces of that size). Used for an SSH command's stdout and
+//! stderr, and for streamed HTTP responses (server-sent events, chunked logs, watches).
 //!
 //! Interactive shells are not masked: a terminal's stream is escape sequences and
 //! redraws, not lines of text a module could read (the README says so).
@@ -13,30 +14,39 @@ use crate::policy::{ActivePolicy, MaskError, PolicySet};
 /// The longest line masked as one; longer ones are masked in pieces this size.
 const MAX_LINE: usize = 16 * 1024;
 
-/// One channel's masking: the set in force when the command started, and the
-/// unfinished line of each stream (stdout, stderr).
-pub(super) struct OutputMask {
+/// One exchange's masking: the set in force when it started, and the unfinished line
+/// of each of its streams (SSH: stdout and stderr).
+pub(crate) struct LineMask {
     policy: Arc<ActivePolicy>,
     set: Arc<PolicySet>,
     context: GrantContext,
-    pending: [Vec<u8>; 2],
+    /// What modules are told the text is.
+    content_type: String,
+    pending: Vec<Vec<u8>>,
 }
 
-impl OutputMask {
-    /// Masking for a channel of this session, if some module masks its target.
-    pub(super) fn for_target(policy: Arc<ActivePolicy>, context: GrantContext) -> Option<Self> {
+impl LineMask {
+    /// Masking for `streams` streams of `content_type` text under this grant, if some
+    /// module masks its target.
+    pub(crate) fn for_target(
+        policy: Arc<ActivePolicy>,
+        context: GrantContext,
+        content_type: &str,
+        streams: usize,
+    ) -> Option<Self> {
         let set = policy.current();
-        set.masks(&context.target).then(|| OutputMask {
+        set.masks(&context.target).then(|| LineMask {
             policy,
             set,
             context,
-            pending: [Vec::new(), Vec::new()],
+            content_type: content_type.to_string(),
+            pending: vec![Vec::new(); streams],
         })
     }
 
-    /// The masked text of the whole lines `data` completes on `stream` (0 stdout, 1
-    /// stderr); an unfinished line waits for the rest.
-    pub(super) async fn feed(&mut self, stream: usize, data: &[u8]) -> Result<Vec<u8>, MaskError> {
+    /// The masked text of the whole lines `data` completes on `stream`; an unfinished
+    /// line waits for the rest.
+    pub(crate) async fn feed(&mut self, stream: usize, data: &[u8]) -> Result<Vec<u8>, MaskError> {
         let pending = &mut self.pending[stream];
         pending.extend_from_slice(data);
         let complete = match pending.iter().rposition(|&b| b == b'\n') {
@@ -50,7 +60,7 @@ impl OutputMask {
     }
 
     /// The masked text of what is left on `stream` once it ends.
-    pub(super) async fn finish(&mut self, stream: usize) -> Result<Vec<u8>, MaskError> {
+    pub(crate) async fn finish(&mut self, stream: usize) -> Result<Vec<u8>, MaskError> {
         let text = std::mem::take(&mut self.pending[stream]);
         self.mask(text).await
     }
@@ -69,7 +79,7 @@ impl OutputMask {
             let set = self.set.clone();
             let context = self.context.clone();
             let body = Body {
-                content_type: "text/plain".into(),
+                content_type: self.content_type.clone(),
                 text,
             };
             let masked = self

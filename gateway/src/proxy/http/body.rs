@@ -1,0 +1,219 @@
+//! Bodies as they cross the gateway: counted (and, where a target opts in, the first
+//! bytes kept for the record), told when they end, or fed from a masking task.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::mpsc;
+
+use super::BoxError;
+
+/// What passed through a [`Counted`] body.
+#[derive(Default)]
+pub(super) struct Tally {
+    bytes: AtomicU64,
+    /// The first bytes, when the target records bodies.
+    kept: Mutex<Vec<u8>>,
+    keep: usize,
+    /// Why the body failed, if it did (e.g. the agent's chunking was bad).
+    failed: Mutex<Option<String>>,
+}
+
+impl Tally {
+    pub(super) fn keeping(keep: usize) -> Arc<Self> {
+        Arc::new(Tally {
+            keep,
+            ..Tally::default()
+        })
+    }
+
+    pub(super) fn add(&self, data: &[u8]) {
+        self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if self.keep > 0 {
+            let mut kept = self.kept.lock().unwrap();
+            let room = self.keep.saturating_sub(kept.len());
+            kept.extend_from_slice(&data[..room.min(data.len())]);
+        }
+    }
+
+    pub(super) fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Why the body failed, if it did.
+    pub(super) fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap().clone()
+    }
+
+    /// The kept bytes as text, if the target records bodies.
+    pub(super) fn kept(&self) -> Option<String> {
+        (self.keep > 0).then(|| String::from_utf8_lossy(&self.kept.lock().unwrap()).into_owned())
+    }
+}
+
+/// How a body ended.
+pub(super) enum Ending {
+    /// Its last frame was read.
+    Complete,
+    /// It failed, or was dropped unfinished (the agent went away, the grant ended).
+    Cut(String),
+}
+
+/// A body that counts what passes and calls `on_end` once, when it ends or is dropped.
+pub(super) struct Counted<B> {
+    inner: B,
+    tally: Arc<Tally>,
+    on_end: Option<Box<dyn FnOnce(Ending) + Send + Sync>>,
+}
+
+impl<B> Counted<B> {
+    pub(super) fn new(inner: B, tally: Arc<Tally>) -> Self {
+        Counted {
+            inner,
+            tally,
+            on_end: None,
+        }
+    }
+
+    pub(super) fn on_end(mut self, f: impl FnOnce(Ending) + Send + Sync + 'static) -> Self {
+        self.on_end = Some(Box::new(f));
+        self
+    }
+
+    fn end(&mut self, ending: Ending) {
+        if let Some(f) = self.on_end.take() {
+            f(ending);
+        }
+    }
+}
+
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        self.end(Ending::Cut("the response was not read to its end".into()));
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.tally.add(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                *this.tally.failed.lock().unwrap() = Some(e.to_string());
+                this.end(Ending::Cut(e.to_string()));
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.end(Ending::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body whose first chunks were already read (to show policy), then the rest.
+pub(super) struct Prefixed<B> {
+    pub(super) read: std::collections::VecDeque<Bytes>,
+    pub(super) rest: B,
+}
+
+impl<B> Body for Prefixed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.read.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        Pin::new(&mut self.rest)
+            .poll_frame(cx)
+            .map(|frame| frame.map(|r| r.map_err(Into::into)))
+    }
+}
+
+/// A body fed chunk by chunk from another task (a masking task); an `Err` ends it as
+/// failed, so the agent sees a cut transfer, never a clean end.
+pub(super) struct ChannelBody(pub(super) mpsc::Receiver<Result<Bytes, BoxError>>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|r| r.map(Frame::data)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn counted_bodies_count_keep_and_end_once() {
+        let tally = Tally::keeping(4);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let body = Counted::new(Full::new(Bytes::from_static(b"hello world")), tally.clone())
+            .on_end(move |e| tx.send(matches!(e, Ending::Complete)).unwrap());
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"hello world");
+        assert_eq!(tally.bytes(), 11);
+        assert_eq!(tally.kept().as_deref(), Some("hell"));
+        assert_eq!(
+            rx.try_iter().collect::<Vec<_>>(),
+            [true],
+            "ended once, complete"
+        );
+    }
+
+    #[test]
+    fn a_dropped_body_ends_as_cut() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let body = Counted::new(Full::new(Bytes::from_static(b"x")), Tally::keeping(0))
+            .on_end(move |e| tx.send(matches!(e, Ending::Cut(_))).unwrap());
+        drop(body);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [true]);
+        assert_eq!(Tally::keeping(0).kept(), None);
+    }
+}

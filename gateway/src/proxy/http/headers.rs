@@ -1,0 +1,173 @@
+//! Which headers cross the gateway, each way.
+//!
+//! Towards the upstream: never the agent's credential (`Authorization`, `Cookie`,
+//! `Proxy-*`), never hop-by-hop headers (they describe the agent's connection, not the
+//! request), never forwarding headers an agent could forge (`Forwarded`,
+//! `X-Forwarded-*`, `X-Real-IP`), and never `Host` (the upstream's own is set). Towards
+//! the agent: never hop-by-hop headers and never `Set-Cookie` (an upstream session
+//! would be access that outlives the grant).
+
+use hyper::header::{self, HeaderMap, HeaderName};
+
+/// Why a request's headers were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum HeaderError {
+    #[error("header `{0}` is not text (its bytes could be read two ways)")]
+    NotText(String),
+    #[error(
+        "both Content-Length and Transfer-Encoding: a request the gateway and the upstream could frame differently"
+    )]
+    Framing,
+    #[error("a protocol upgrade (`{0}`) is not served through this gateway")]
+    Upgrade(String),
+}
+
+/// Headers named by the hop-by-hop list of RFC 9110 §7.6.1, and `Proxy-Connection`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn hop_by_hop(name: &HeaderName, connection: &[String]) -> bool {
+    HOP_BY_HOP.contains(&name.as_str()) || connection.iter().any(|c| c == name.as_str())
+}
+
+/// The names the `Connection` header lists: hop-by-hop for this message.
+fn connection_names(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// Refuses what would let the gateway and the upstream read one request two ways.
+pub(super) fn check_request(headers: &HeaderMap) -> Result<(), HeaderError> {
+    if headers.contains_key(header::CONTENT_LENGTH)
+        && headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return Err(HeaderError::Framing);
+    }
+    if let Some(upgrade) = headers.get(header::UPGRADE) {
+        return Err(HeaderError::Upgrade(
+            String::from_utf8_lossy(upgrade.as_bytes()).into_owned(),
+        ));
+    }
+    for (name, value) in headers {
+        if value.to_str().is_err() {
+            return Err(HeaderError::NotText(name.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// The agent's headers the upstream may see: also what policy is shown.
+pub(super) fn to_upstream(agent: &HeaderMap) -> HeaderMap {
+    let connection = connection_names(agent);
+    let mut out = HeaderMap::with_capacity(agent.len());
+    for (name, value) in agent {
+        let n = name.as_str();
+        let dropped = hop_by_hop(name, &connection)
+            || matches!(
+                n,
+                "authorization"
+                    | "cookie"
+                    | "host"
+                    | "forwarded"
+                    | "x-real-ip"
+                    | "expect"
+                    | "content-length"
+            )
+            || n.starts_with("proxy-")
+            || n.starts_with("x-forwarded-");
+        if !dropped {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// The upstream's response headers the agent may see.
+pub(super) fn to_agent(upstream: &HeaderMap) -> HeaderMap {
+    let connection = connection_names(upstream);
+    let mut out = HeaderMap::with_capacity(upstream.len());
+    for (name, value) in upstream {
+        if !hop_by_hop(name, &connection) && name != header::SET_COOKIE {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn the_agents_credential_and_connection_never_reach_the_upstream() {
+        let agent = headers(&[
+            ("authorization", "Bearer g_1.s"),
+            ("cookie", "session=1"),
+            ("proxy-authorization", "Basic x"),
+            ("host", "evil.example"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("forwarded", "for=10.0.0.1"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("accept", "application/json"),
+            ("x-request-id", "42"),
+        ]);
+        let sent = to_upstream(&agent);
+        let names: Vec<&str> = sent.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["accept", "x-request-id"]);
+    }
+
+    #[test]
+    fn framing_conflicts_upgrades_and_binary_values_are_refused() {
+        let both = headers(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        assert_eq!(check_request(&both), Err(HeaderError::Framing));
+        let ws = headers(&[("upgrade", "websocket")]);
+        assert!(matches!(check_request(&ws), Err(HeaderError::Upgrade(_))));
+        let mut binary = HeaderMap::new();
+        binary.insert(
+            "x-name",
+            hyper::header::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        );
+        assert!(matches!(
+            check_request(&binary),
+            Err(HeaderError::NotText(_))
+        ));
+        assert_eq!(check_request(&headers(&[("accept", "*/*")])), Ok(()));
+    }
+
+    #[test]
+    fn upstream_cookies_never_reach_the_agent() {
+        let upstream = headers(&[
+            ("set-cookie", "sid=1"),
+            ("content-type", "application/json"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        let names: Vec<String> = to_agent(&upstream).keys().map(|n| n.to_string()).collect();
+        assert_eq!(names, ["content-type"]);
+    }
+}

@@ -1,0 +1,283 @@
+//! Masking of HTTP responses, where a masking module applies to the target.
+//!
+//! No unmasked byte leaves: a JSON body is held whole (up to `http.mask-body-bytes`)
+//! and masked as one text; a text stream (plain text, server-sent events, NDJSON,
+//! Kubernetes watches and logs) is masked line by line as it arrives; anything a module
+//! cannot read (another content type, a compressed body, bytes that are not UTF-8, a
+//! body over the limit) is withheld, and the agent is told why.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap};
+use hyper::{Method, StatusCode};
+use tokio::sync::mpsc;
+
+use super::BoxError;
+use super::body::ChannelBody;
+use crate::policy::types::{Body, GrantContext};
+use crate::policy::{ActivePolicy, MaskError};
+use crate::proxy::line_mask::LineMask;
+
+/// Why a response did not reach the agent.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Withheld {
+    #[error("the response is {0} and masking applies: only JSON and text can be masked")]
+    ContentType(String),
+    #[error("the upstream compressed the response ({0}) and masking applies")]
+    Encoded(String),
+    #[error("the response is over http.mask-body-bytes ({0} bytes), so it cannot be masked")]
+    TooLarge(usize),
+    #[error("the response is not UTF-8 text, so it cannot be masked")]
+    NotText,
+    #[error("masking failed: {0}")]
+    Mask(#[from] MaskError),
+    #[error("masking turned the JSON response into something that is not JSON")]
+    BrokeJson,
+    #[error("the upstream's response failed: {0}")]
+    Upstream(String),
+}
+
+/// How a response is masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Plan {
+    /// No module masks the target, or there is no body: the bytes pass as they are.
+    Pass,
+    /// Held whole and masked as one text.
+    Whole,
+    /// Masked line by line as it streams.
+    Lines,
+}
+
+impl Plan {
+    /// The record's name for it.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Plan::Pass => "none",
+            Plan::Whole => "whole",
+            Plan::Lines => "lines",
+        }
+    }
+}
+
+/// How a response to `method` with `status` and `headers` is masked, when `masks`
+/// (some module masks the target); `json_stream` says a JSON response is a stream of
+/// lines (a Kubernetes watch).
+pub(super) fn plan(
+    masks: bool,
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+    json_stream: bool,
+) -> Result<Plan, Withheld> {
+    if !masks
+        || method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Plan::Pass);
+    }
+    if let Some(encoding) = headers.get(CONTENT_ENCODING) {
+        let encoding = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
+        if !encoding.eq_ignore_ascii_case("identity") {
+            return Err(Withheld::Encoded(encoding));
+        }
+    }
+    let content_type = headers
+        .get(CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .unwrap_or_default();
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if essence == "application/x-ndjson"
+        || essence == "application/jsonl"
+        || essence.starts_with("text/")
+    {
+        Ok(Plan::Lines)
+    } else if essence == "application/json" || essence.ends_with("+json") {
+        Ok(if json_stream {
+            Plan::Lines
+        } else {
+            Plan::Whole
+        })
+    } else if headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .is_some_and(|l| l == "0")
+    {
+        Ok(Plan::Pass)
+    } else {
+        Err(Withheld::ContentType(if content_type.is_empty() {
+            "of no content type".into()
+        } else {
+            content_type
+        }))
+    }
+}
+
+/// Masks a whole body of `content_type`, read up to `limit` bytes.
+pub(super) async fn whole(
+    policy: &Arc<ActivePolicy>,
+    context: GrantContext,
+    content_type: String,
+    body: Incoming,
+    limit: usize,
+) -> Result<Bytes, Withheld> {
+    let bytes = http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Withheld::TooLarge(limit)
+            } else {
+                Withheld::Upstream(e.to_string())
+            }
+        })?
+        .to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).map_err(|_| Withheld::NotText)?;
+    let was_json = serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok();
+    let set = policy.current();
+    let agent = context.agent.id.clone();
+    let masked = policy
+        .run(&agent, move |deadline| {
+            set.mask_body(&context, Body { content_type, text }, deadline)
+        })
+        .await
+        .unwrap_or_else(|refusal| Err(MaskError::from(refusal)))?;
+    if was_json && serde_json::from_str::<serde::de::IgnoredAny>(&masked.text).is_err() {
+        return Err(Withheld::BrokeJson);
+    }
+    Ok(Bytes::from(masked.text))
+}
+
+/// Masks a streamed body line by line on a task of its own; `withheld` is told why,
+/// if the stream stops reaching the agent before its end.
+pub(super) fn lines(
+    mut mask: LineMask,
+    mut body: Incoming,
+    withheld: Arc<std::sync::Mutex<Option<String>>>,
+) -> ChannelBody {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(8);
+    tokio::spawn(async move {
+        let fail = |e: Withheld| {
+            let text = e.to_string();
+            *withheld.lock().unwrap() = Some(text.clone());
+            Err::<Bytes, BoxError>(text.into())
+        };
+        loop {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                // The agent is gone: stop reading the upstream.
+                () = tx.closed() => return,
+            };
+            let data = match frame {
+                None => break,
+                Some(Err(e)) => {
+                    let _ = tx.send(fail(Withheld::Upstream(e.to_string()))).await;
+                    return;
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+            };
+            match mask.feed(0, &data).await {
+                Ok(masked) if masked.is_empty() => {}
+                Ok(masked) => {
+                    if tx.send(Ok(Bytes::from(masked))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(fail(e.into())).await;
+                    return;
+                }
+            }
+        }
+        match mask.finish(0).await {
+            Ok(rest) if rest.is_empty() => {}
+            Ok(rest) => {
+                let _ = tx.send(Ok(Bytes::from(rest))).await;
+            }
+            Err(e) => {
+                let _ = tx.send(fail(e.into())).await;
+            }
+        }
+    });
+    ChannelBody(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.insert(
+                hyper::header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn what_a_module_cannot_read_is_withheld_never_passed() {
+        let plan =
+            |h: &[(&str, &str)]| plan(true, &Method::GET, StatusCode::OK, &headers(h), false);
+        assert_eq!(
+            plan(&[("content-type", "application/json")]).unwrap(),
+            Plan::Whole
+        );
+        assert_eq!(
+            plan(&[("content-type", "application/problem+json")]).unwrap(),
+            Plan::Whole
+        );
+        assert_eq!(
+            plan(&[("content-type", "text/plain; charset=utf-8")]).unwrap(),
+            Plan::Lines
+        );
+        assert_eq!(
+            plan(&[("content-type", "text/event-stream")]).unwrap(),
+            Plan::Lines
+        );
+        assert!(matches!(
+            plan(&[("content-type", "application/octet-stream")]),
+            Err(Withheld::ContentType(_))
+        ));
+        assert!(matches!(plan(&[]), Err(Withheld::ContentType(_))));
+        assert!(matches!(
+            plan(&[
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip")
+            ]),
+            Err(Withheld::Encoded(_))
+        ));
+        assert_eq!(plan(&[("content-length", "0")]).unwrap(), Plan::Pass);
+    }
+
+    #[test]
+    fn without_a_masking_module_or_a_body_bytes_pass() {
+        let octets = headers(&[("content-type", "application/octet-stream")]);
+        assert_eq!(
+            plan(false, &Method::GET, StatusCode::OK, &octets, false).unwrap(),
+            Plan::Pass
+        );
+        assert_eq!(
+            plan(true, &Method::HEAD, StatusCode::OK, &octets, false).unwrap(),
+            Plan::Pass
+        );
+        assert_eq!(
+            plan(true, &Method::GET, StatusCode::NOT_MODIFIED, &octets, false).unwrap(),
+            Plan::Pass
+        );
+        let json = headers(&[("content-type", "application/json")]);
+        assert_eq!(
+            plan(true, &Method::GET, StatusCode::OK, &json, true).unwrap(),
+            Plan::Lines,
+            "a watch is masked event by event"
+        );
+    }
+}
