@@ -5,7 +5,9 @@
 # percentiles. Airlock runs the example bundle (http-allowlist decides each request;
 # pii-mask applies to HTTP targets, so each JSON response is masked) and records every
 # request and result, once per durability mode (strict: fsync'd before the answer is
-# released; batched: queued before the request is sent).
+# released; batched: queued before the request is sent). The static response is the
+# same every time, so a session masks it once a second (its masked-body cache); the
+# `fresh` rows ask for a body that differs in every response, masked every time.
 #
 #   scripts/bench-http.sh [SECONDS]   (default 10)
 set -euo pipefail
@@ -49,6 +51,8 @@ http {
     server {
         listen 127.0.0.1:$origin;
         location / { default_type application/json; return 200 '$body'; }
+        # A body no two responses share: every one is masked afresh.
+        location /fresh/ { default_type application/json; return 200 '{"id":42,"request":"\$request_id"}'; }
     }
     server {
         listen 127.0.0.1:$proxy;
@@ -115,19 +119,19 @@ run() {
     [ "$c" -gt 1 ] && threads=2
     [ -n "$token" ] && header=(-H "Authorization: Bearer $token")
     wrk -t"$threads" -c"$c" -d"${seconds}s" --latency "${header[@]}" "$url" > "$work/wrk.out"
-    python3 - "$label" "$c" "$work/wrk.out" <<'PY'
+    python3 - "$label" "$c" "$work/wrk.out" <<'PY' || { cat "$work/wrk.out" >&2; exit 1; }
 import re, sys
 label, c, path = sys.argv[1], sys.argv[2], sys.argv[3]
 text = open(path).read()
 def ms(value):
-    number, unit = re.match(r"([\d.]+)(us|ms|s)", value).groups()
-    return float(number) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
-rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-p50 = ms(re.search(r"50%\s+(\S+)", text).group(1))
-p99 = ms(re.search(r"99%\s+(\S+)", text).group(1))
+    number, unit = re.match(r"([\d.]+)(us|ms|s|m)", value).groups()
+    return float(number) * {"us": 0.001, "ms": 1, "s": 1000, "m": 60000}[unit]
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 if errors:
     sys.exit(f"{label} c={c}: {errors.group(1)} failed responses")
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
+p99 = ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
 print(label, c, rps, p50, p99)
 PY
 }
@@ -139,6 +143,7 @@ for c in 1 50; do
     rows+=("$(run nginx "$c" "http://127.0.0.1:$proxy/orders/42")")
     rows+=("$(run airlock-strict "$c" "http://127.0.0.1:$strict_port/orders/42" "$strict_token")")
     rows+=("$(run airlock-batched "$c" "http://127.0.0.1:$batched_port/orders/42" "$batched_token")")
+    rows+=("$(run airlock-batched-fresh "$c" "http://127.0.0.1:$batched_port/fresh/42" "$batched_token")")
 done
 requests=$("$airlock" --data "$work/data-strict" audit tail -n 10000000 | grep -c '"kind":"http.request"' || true)
 
@@ -153,13 +158,13 @@ print("| path | conns | req/s | ratio to direct | p50 ms | p99 ms | p50 added vs
 print("| --- | --- | --- | --- | --- | --- | --- |")
 for c in ("1", "50"):
     direct = runs[("direct", c)]
-    for label in ("direct", "nginx", "airlock-strict", "airlock-batched"):
+    for label in ("direct", "nginx", "airlock-strict", "airlock-batched", "airlock-batched-fresh"):
         rps, p50, p99 = runs[(label, c)]
         added = (p50 - direct[1]) * 1000
         print(f"| {label} | {c} | {rps:,.0f} | {rps / direct[0]:.2f}x | {p50:.3f} | {p99:.3f} | {added:+.0f} µs |")
 for c in ("1", "50"):
     nginx = runs[("nginx", c)][0]
-    for label in ("airlock-strict", "airlock-batched"):
+    for label in ("airlock-strict", "airlock-batched", "airlock-batched-fresh"):
         print(f"c={c}: {label} / nginx = {runs[(label, c)][0] / nginx:.2f}x")
 print(f"http.request entries in the strict gateway's record: {requests}")
 PY

@@ -78,9 +78,13 @@ pub fn is_card_number(value: &str) -> bool {
         && is_card_digits(&digits_of(value))
 }
 
+/// The most whole-number digits [`whole_digits`] spells out: `1e38307423` (a hex id
+/// can read as one) would otherwise be 38 million zeros.
+const MAX_WHOLE_DIGITS: i64 = 1024;
+
 /// The whole-number digits of a number's text form, however PostgreSQL wrote it:
 /// `-4111111111111111.00`, `4.111111111111111e+15`, `$4,111,111,111,111,111.00`.
-/// `None` if it is not a number.
+/// `None` if it is not a number, or its whole part is over 1024 digits long.
 pub fn whole_digits(value: &str) -> Option<String> {
     let cleaned: String = value
         .trim()
@@ -103,6 +107,9 @@ pub fn whole_digits(value: &str) -> Option<String> {
     }
     let all = format!("{whole}{fraction}");
     let point = whole.len() as i64 + i64::from(exponent);
+    if point > MAX_WHOLE_DIGITS {
+        return None;
+    }
     let digits = if point <= 0 {
         String::new()
     } else if point as usize >= all.len() {
@@ -513,6 +520,13 @@ mod tests {
         assert_eq!(whole_digits("1.5e-3").as_deref(), Some(""));
         assert_eq!(whole_digits("NaN"), None);
         assert!(is_card_amount("4.111111111111111e+15"));
+        // A huge exponent is not spelled out (a hex id such as `02002349004e38307423`
+        // used to ask for 38 million zeros).
+        assert_eq!(whole_digits("02002349004e38307423"), None);
+        assert_eq!(whole_digits("1e2147483647"), None);
+        assert_eq!(whole_digits("1e1023").map(|d| d.len()), Some(1024));
+        assert!(!is_card_amount("02002349004e38307423"));
+        assert_eq!(redact_text("req 02002349004e38307423d1b51288defd"), None);
         assert!(!is_card_amount("4111111111111112"));
         assert_eq!(whole_digits("12").as_deref(), Some("12"));
         for untouched in [

@@ -310,6 +310,8 @@ fn the_upstream_sees_the_gateways_credential_and_never_the_agents() {
         .find(|e| e["detail"]["path"] == "/echo/orders/42")
         .expect("the result is recorded");
     assert_eq!(result["detail"]["status"], 200);
+    assert_eq!(result["detail"]["withheld"], Value::Null, "{result}");
+    assert_eq!(result["detail"]["masked"], "whole", "{result}");
     assert!(result["detail"]["bytes_out"].as_u64().unwrap() > 0);
     for entry in requests.iter().chain(&results) {
         assert_follows_schema(entry);
@@ -481,6 +483,11 @@ fn responses_are_masked_by_content_or_withheld() {
     assert_eq!(user["card"], "**** **** **** 1111");
     assert_eq!(user["id"], "7");
     assert!(!body.contains("alice@example.com"));
+    // The same body again comes from the session's masked-body cache: masked the same.
+    for _ in 0..3 {
+        let (_, again) = s.curl(&bearer, "/users/7", &[]);
+        assert_eq!(again, body);
+    }
 
     // Streams are masked line by line as they arrive.
     let (status, body) = s.curl(&bearer, "/stream?n=3", &[]);

@@ -64,13 +64,13 @@ pub(super) enum Ending {
 }
 
 /// A body that counts what passes and calls `on_end` once, when it ends or is dropped.
-pub(super) struct Counted<B> {
+pub(super) struct Counted<B: Body> {
     inner: B,
     tally: Arc<Tally>,
     on_end: Option<Box<dyn FnOnce(Ending) + Send + Sync>>,
 }
 
-impl<B> Counted<B> {
+impl<B: Body> Counted<B> {
     pub(super) fn new(inner: B, tally: Arc<Tally>) -> Self {
         Counted {
             inner,
@@ -91,9 +91,16 @@ impl<B> Counted<B> {
     }
 }
 
-impl<B> Drop for Counted<B> {
+impl<B: Body> Drop for Counted<B> {
     fn drop(&mut self) {
-        self.end(Ending::Cut("the response was not read to its end".into()));
+        // hyper stops polling a body that says it has ended, so its last poll may
+        // never come.
+        let ending = if self.inner.is_end_stream() {
+            Ending::Complete
+        } else {
+            Ending::Cut("the body was not read to its end".into())
+        };
+        self.end(ending);
     }
 }
 
@@ -114,6 +121,9 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.tally.add(data);
+                }
+                if this.inner.is_end_stream() {
+                    this.end(Ending::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -205,6 +215,22 @@ mod tests {
             [true],
             "ended once, complete"
         );
+    }
+
+    #[tokio::test]
+    async fn a_body_read_to_its_last_frame_ended_complete() {
+        // hyper stops at the frame after which the body says it has ended.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut body = Counted::new(Full::new(Bytes::from_static(b"x")), Tally::keeping(0))
+            .on_end(move |e| tx.send(matches!(e, Ending::Complete)).unwrap());
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [true]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let empty = Counted::new(http_body_util::Empty::<Bytes>::new(), Tally::keeping(0))
+            .on_end(move |e| tx.send(matches!(e, Ending::Complete)).unwrap());
+        drop(empty);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [true]);
     }
 
     #[test]

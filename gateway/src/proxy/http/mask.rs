@@ -6,19 +6,22 @@
 //! cannot read (another content type, a compressed body, bytes that are not UTF-8, a
 //! body over the limit) is withheld, and the agent is told why.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap};
 use hyper::{Method, StatusCode};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use super::BoxError;
 use super::body::ChannelBody;
 use crate::policy::types::{Body, GrantContext};
-use crate::policy::{ActivePolicy, MaskError};
+use crate::policy::{ActivePolicy, MaskError, PolicySet};
 use crate::proxy::line_mask::LineMask;
 
 /// Why a response did not reach the agent.
@@ -116,6 +119,20 @@ pub(super) fn plan(
     }
 }
 
+/// A session's recently masked small bodies. A module's mask is a function of the
+/// grant's context (the time included) and the body, so, as with verdicts, a body
+/// masked under the same policy set within `MASKED_TTL` is masked the same way: a
+/// polled endpoint costs one Wasm call a second, not one a response.
+#[derive(Default)]
+pub(super) struct MaskCache(HashMap<[u8; 32], (Instant, Arc<PolicySet>, Bytes)>);
+
+/// How long a masked body is reused.
+const MASKED_TTL: Duration = Duration::from_secs(1);
+/// Bodies larger than this are always masked afresh (and never held).
+const CACHED_BODY: usize = 4096;
+/// Masked bodies a session remembers before starting over.
+const CACHED_BODIES: usize = 64;
+
 /// Masks a whole body of `content_type`, read up to `limit` bytes.
 pub(super) async fn whole(
     policy: &Arc<ActivePolicy>,
@@ -123,6 +140,7 @@ pub(super) async fn whole(
     content_type: String,
     body: Incoming,
     limit: usize,
+    cache: &Mutex<MaskCache>,
 ) -> Result<Bytes, Withheld> {
     let bytes = http_body_util::Limited::new(body, limit)
         .collect()
@@ -135,20 +153,43 @@ pub(super) async fn whole(
             }
         })?
         .to_bytes();
+    let set = policy.current();
+    let key = (bytes.len() <= CACHED_BODY).then(|| {
+        let mut digest = Sha256::new();
+        digest.update(content_type.as_bytes());
+        digest.update([0]);
+        digest.update(&bytes);
+        <[u8; 32]>::from(digest.finalize())
+    });
+    if let Some(key) = &key
+        && let Some((at, cached_set, masked)) = cache.lock().unwrap().0.get(key)
+        && at.elapsed() < MASKED_TTL
+        && Arc::ptr_eq(cached_set, &set)
+    {
+        return Ok(masked.clone());
+    }
     let text = String::from_utf8(bytes.to_vec()).map_err(|_| Withheld::NotText)?;
     let was_json = serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok();
-    let set = policy.current();
     let agent = context.agent.id.clone();
+    let module_set = set.clone();
     let masked = policy
         .run(&agent, move |deadline| {
-            set.mask_body(&context, Body { content_type, text }, deadline)
+            module_set.mask_body(&context, Body { content_type, text }, deadline)
         })
         .await
         .unwrap_or_else(|refusal| Err(MaskError::from(refusal)))?;
     if was_json && serde_json::from_str::<serde::de::IgnoredAny>(&masked.text).is_err() {
         return Err(Withheld::BrokeJson);
     }
-    Ok(Bytes::from(masked.text))
+    let masked = Bytes::from(masked.text);
+    if let Some(key) = key {
+        let mut cache = cache.lock().unwrap();
+        if cache.0.len() >= CACHED_BODIES {
+            cache.0.clear();
+        }
+        cache.0.insert(key, (Instant::now(), set, masked.clone()));
+    }
+    Ok(masked)
 }
 
 /// Masks a streamed body line by line on a task of its own; `withheld` is told why,
@@ -156,7 +197,7 @@ pub(super) async fn whole(
 pub(super) fn lines(
     mut mask: LineMask,
     mut body: Incoming,
-    withheld: Arc<std::sync::Mutex<Option<String>>>,
+    withheld: Arc<Mutex<Option<String>>>,
 ) -> ChannelBody {
     let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(8);
     tokio::spawn(async move {

@@ -59,6 +59,8 @@ pub(super) struct Session {
     session_id: String,
     /// Why the connection was cut, once it was.
     ended: Mutex<Option<String>>,
+    /// Small bodies masked in the last second.
+    masked: Mutex<mask::MaskCache>,
 }
 
 impl Conn {
@@ -203,6 +205,7 @@ impl Conn {
             upstream,
             core: tokio::sync::Mutex::new(Some(core)),
             ended: Mutex::new(None),
+            masked: Mutex::default(),
         });
         *slot = Some(session.clone());
         Ok(session)
@@ -335,6 +338,7 @@ impl Session {
                     content_type,
                     body,
                     services.limits.mask_body_bytes,
+                    &self.masked,
                 )
                 .await
                 {
