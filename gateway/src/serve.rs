@@ -276,6 +276,14 @@ pub async fn run(
         ),
     }
     let http_is_tls = http_tls.is_some();
+    // The chain kubectl and other clients pin as the gateway's CA.
+    let http_chain = match &config.http.tls_cert {
+        Some(cert) if http_is_tls => Some(
+            std::fs::read_to_string(cert)
+                .map_err(|e| ServeError::Setup(format!("http.tls-cert: {e}")))?,
+        ),
+        _ => None,
+    };
     let http_services = Arc::new(HttpServices::new(
         proxy.clone(),
         HttpLimits::from(&config.http),
@@ -308,7 +316,12 @@ pub async fn run(
                 listen: Some(ssh_addr),
                 host_key: Some(ssh_host_key),
             }))
-            .with(Arc::new(Http::new(Kind::Http).at(http_addr, http_is_tls))),
+            .with(Arc::new(
+                Http::new(Kind::Http).at(http_addr, http_chain.clone()),
+            ))
+            .with(Arc::new(
+                Http::new(Kind::Kubernetes).at(http_addr, http_chain),
+            )),
     ));
 
     let pg_services = Arc::new(PgServices {

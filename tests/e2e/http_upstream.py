@@ -98,7 +98,10 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/echo"):
             self.send_json(received)
         elif path.startswith("/users/"):
-            self.send_json(dict(USER, id=path.rsplit("/", 1)[1]))
+            self.send_json(
+                dict(USER, id=path.rsplit("/", 1)[1]),
+                extra=[("X-Owner", USER["email"])],
+            )
         elif path == "/orders" and self.command == "POST":
             self.send_json({"created": True}, status=201)
         elif path in ("/stream", "/events"):

@@ -7,6 +7,7 @@ mod examples;
 mod flood;
 mod gateway;
 mod http;
+mod kube;
 mod pg;
 mod policy_host;
 mod postgres;

@@ -1,13 +1,22 @@
 //! kube-readonly: Kubernetes requests may only read (get, list, watch), only in the
 //! namespaces the target's `namespaces` label names (comma-separated).
 //!
-//! Secrets are not readable, and exec, attach, port-forward and proxy are refused:
-//! each hands over more than a read. Cluster-scoped resources are outside every
-//! namespace and so refused; API discovery (no resource) is allowed.
+//! Secrets are not readable, and attach, port-forward and proxy are refused: each
+//! hands over more than a read. `exec` runs a command in a container, so it is refused
+//! unless the target's `exec-allow` label names the command (its first word, e.g.
+//! `exec-allow = "date, env, ls"`), without a terminal, and never a shell or an
+//! interpreter: `sh -c …` executes text no policy saw. Cluster-scoped resources are
+//! outside every namespace and so refused; API discovery (no resource) is allowed.
 
 use airlock_policy_sdk::*;
 
-const ESCAPE_SUBRESOURCES: &[&str] = &["exec", "attach", "portforward", "proxy"];
+const ESCAPE_SUBRESOURCES: &[&str] = &["attach", "portforward", "proxy"];
+
+/// Programs that run text given to them: never allowed through `exec-allow`.
+const INTERPRETERS: &[&str] = &[
+    "sh", "bash", "dash", "zsh", "ash", "ksh", "busybox", "env", "python", "python3", "perl",
+    "ruby", "node", "php", "lua", "awk", "gawk", "xargs", "find", "nsenter", "chroot",
+];
 
 struct KubeReadonly;
 
@@ -16,6 +25,16 @@ impl Policy for KubeReadonly {
         let Action::Kube(request) = action else {
             return abstain();
         };
+        if request.subresource.as_deref() == Some("exec") {
+            return exec(&context, &request);
+        }
+        if let Some(sub) = request
+            .subresource
+            .as_deref()
+            .filter(|s| ESCAPE_SUBRESOURCES.contains(s))
+        {
+            return deny(format!("pods/{sub} gives more than read access"));
+        }
         if !request.is_read_only() {
             return deny_with_hint(
                 format!(
@@ -27,13 +46,6 @@ impl Policy for KubeReadonly {
         }
         if request.resource_type.is_empty() {
             return allow_with(None, true);
-        }
-        if let Some(sub) = request
-            .subresource
-            .as_deref()
-            .filter(|s| ESCAPE_SUBRESOURCES.contains(s))
-        {
-            return deny(format!("pods/{sub} gives more than read access"));
         }
         if request.resource_type == "secrets" {
             return deny_with_hint(
@@ -51,6 +63,43 @@ impl Policy for KubeReadonly {
         }
         allow_with(None, true)
     }
+}
+
+/// An `exec`: only a command the target's `exec-allow` label names, in an open
+/// namespace, without a terminal, and never one that runs text.
+fn exec(context: &GrantContext, request: &KubeRequest) -> Verdict {
+    let namespaces = context.target.label_list("namespaces");
+    if !request.in_namespaces(&namespaces) {
+        return deny("exec outside the namespaces open on this target");
+    }
+    let Some(program) = request.command.first() else {
+        return deny("exec without a command");
+    };
+    let name = program.rsplit('/').next().unwrap_or(program);
+    let allowed = context.target.label_list("exec-allow");
+    if INTERPRETERS.contains(&name) {
+        return deny_with_hint(
+            format!("`{program}` runs text no policy saw"),
+            "exec a command itself, not a shell or an interpreter",
+        );
+    }
+    if !allowed.contains(&name) {
+        return deny_with_hint(
+            format!("exec of `{program}` is not allowed on this target"),
+            if allowed.is_empty() {
+                "this target allows no exec".to_string()
+            } else {
+                format!("commands allowed: {}", allowed.join(", "))
+            },
+        );
+    }
+    if request.tty {
+        return deny_with_hint(
+            "exec with a terminal",
+            "run the command without -t: a terminal's programs start shells",
+        );
+    }
+    allow_with(None, context.access == Access::Read)
 }
 
 export_policy!(KubeReadonly);

@@ -1,13 +1,14 @@
 //! `airlock connect`: the agent's side. Asks the gateway for a grant with the agent's
 //! token, waits visibly while an operator reviews it, then runs the target's ordinary
-//! client (`psql`, `ssh`, `curl`) with the grant in its environment or a pipe only
-//! (never on disk).
+//! client (`psql`, `ssh`, `curl`, `kubectl`) with the grant in its environment or a
+//! pipe only (never on disk).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use base64::Engine as _;
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::{BodyExt, Full};
@@ -37,7 +38,8 @@ pub(crate) struct ConnectArgs {
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Arguments for the client (psql; ssh: the remote command; curl: its options and
-    /// paths on the target, e.g. `-s /v1/orders/42`), after `--`.
+    /// paths on the target, e.g. `-s /v1/orders/42`; kubectl: e.g. `get pods -n shop`),
+    /// after `--`.
     #[arg(last = true)]
     args: Vec<String>,
 }
@@ -148,6 +150,10 @@ pub(crate) fn run(args: ConnectArgs) -> anyhow::Result<ExitCode> {
     if connection["protocol"] == "http" {
         announce(&args, &grant);
         return run_curl(&args, &grant);
+    }
+    if connection["protocol"] == "kubernetes" {
+        announce(&args, &grant);
+        return run_kubectl(&args, &grant);
     }
     let (Some(host), Some(port)) = (connection["host"].as_str(), connection["port"].as_u64())
     else {
@@ -273,6 +279,82 @@ fn run_ssh(args: &ConnectArgs, grant: &Value) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ExitCode::from(
         status?.code().unwrap_or(255).clamp(0, 255) as u8
+    ))
+}
+
+/// The environment variable through which `airlock connect` hands the grant token to
+/// itself, run by `kubectl` as its exec credential plugin: never on disk.
+pub(crate) const KUBE_TOKEN: &str = "AIRLOCK_KUBE_TOKEN";
+
+/// Run by `kubectl` as an exec credential plugin: prints the token `airlock connect`
+/// put in the environment as a `client.authentication.k8s.io/v1` ExecCredential.
+pub(crate) fn exec_credential(token: &str) -> ExitCode {
+    let credential = json!({
+        "apiVersion": "client.authentication.k8s.io/v1",
+        "kind": "ExecCredential",
+        "status": { "token": token },
+    });
+    println!("{credential}");
+    ExitCode::SUCCESS
+}
+
+/// `kubectl` against the gateway with the grant: a kubeconfig in a private temporary
+/// directory naming the gateway as the cluster (its certificate as the CA) and
+/// `airlock` itself as the exec credential plugin, which answers with the token from
+/// kubectl's environment. The kubeconfig holds no secret, and is removed afterwards.
+fn run_kubectl(args: &ConnectArgs, grant: &Value) -> anyhow::Result<ExitCode> {
+    let connection = &grant["connection"];
+    let (Some(url), Some(token)) = (connection["url"].as_str(), connection["token"].as_str())
+    else {
+        bail!(
+            "the gateway gave no Kubernetes URL or token for target {}",
+            args.target
+        );
+    };
+    let mut cluster = json!({ "server": url });
+    if let Some(ca) = connection["ca"].as_str() {
+        cluster["certificate-authority-data"] =
+            base64::engine::general_purpose::STANDARD.encode(ca).into();
+    }
+    let kubeconfig = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": args.target, "cluster": cluster }],
+        "users": [{ "name": "airlock", "user": { "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": std::env::current_exe()?,
+            "interactiveMode": "Never",
+            "provideClusterInfo": false,
+        }}}],
+        "contexts": [{ "name": args.target, "context": { "cluster": args.target, "user": "airlock" } }],
+        "current-context": args.target,
+    });
+    if args.print_env {
+        println!("export AIRLOCK_KUBE_URL={url}");
+        println!("export {KUBE_TOKEN}={token}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "airlock-connect-{}",
+        airlock::fsperm::random_suffix()
+    ));
+    airlock::fsperm::create_private_dir(&dir)?;
+    let file = dir.join("kubeconfig");
+    let run = || -> anyhow::Result<std::process::ExitStatus> {
+        airlock::fsperm::write_private_atomic(&file, kubeconfig.to_string().as_bytes())?;
+        std::process::Command::new("kubectl")
+            .env_remove("KUBECONFIG")
+            .env(KUBE_TOKEN, token)
+            .arg("--kubeconfig")
+            .arg(&file)
+            .args(&args.args)
+            .status()
+            .context("cannot run kubectl")
+    };
+    let status = run();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::from(
+        status?.code().unwrap_or(1).clamp(0, 255) as u8
     ))
 }
 

@@ -90,6 +90,11 @@ pub fn main() -> ExitCode {
     if let Some(secret) = std::env::var_os(connect::ASKPASS_SECRET) {
         return connect::askpass(secret.to_string_lossy().into_owned());
     }
+    // Run by `kubectl` as its exec credential plugin under `airlock connect`: answer
+    // with the grant token it was handed, as an ExecCredential.
+    if let Some(token) = std::env::var_os(connect::KUBE_TOKEN) {
+        return connect::exec_credential(&token.to_string_lossy());
+    }
     let cli = Cli::parse();
     // The audit commands name a damaged store themselves (by file, byte and entry),
     // on copies they cut and reopen: fjall's own complaint about each is noise, unless

@@ -3,6 +3,7 @@
 //! every protocol.
 
 pub mod http;
+pub mod kube;
 pub(crate) mod line_mask;
 pub mod postgres;
 pub mod protocol;

@@ -55,6 +55,7 @@ impl Protocols {
             Arc::new(super::postgres::Postgres::default()),
             Arc::new(super::ssh::Ssh::default()),
             Arc::new(super::http::Http::new(Kind::Http)),
+            Arc::new(super::http::Http::new(Kind::Kubernetes)),
         ])
     }
 

@@ -177,6 +177,103 @@ where
     }
 }
 
+/// A body with every occurrence of the gateway's secrets (its upstream credential,
+/// as it was sent) overwritten with as many `*`: an upstream that reflects its
+/// request (an echo, a debug page, an error) must not hand the agent a credential that
+/// works without Airlock. The length stays the same, so `Content-Length` holds. A tail
+/// that could be the start of a secret is held until the next chunk shows what it is.
+pub(super) struct Scrub<B> {
+    inner: B,
+    secrets: Arc<[Vec<u8>]>,
+    held: Vec<u8>,
+    ended: bool,
+}
+
+impl<B> Scrub<B> {
+    pub(super) fn new(inner: B, secrets: Arc<[Vec<u8>]>) -> Self {
+        Scrub {
+            inner,
+            secrets,
+            held: Vec::new(),
+            ended: false,
+        }
+    }
+}
+
+/// Overwrites each secret in `bytes`; returns how many bytes at the end could begin
+/// one (to be held back).
+pub(super) fn scrub(bytes: &mut [u8], secrets: &[Vec<u8>]) -> usize {
+    for secret in secrets {
+        let finder = memchr::memmem::Finder::new(secret);
+        let mut at = 0;
+        while let Some(found) = finder.find(&bytes[at..]) {
+            let start = at + found;
+            bytes[start..start + secret.len()].fill(b'*');
+            at = start + secret.len();
+        }
+    }
+    secrets
+        .iter()
+        .map(|secret| {
+            (1..secret.len().min(bytes.len() + 1))
+                .rev()
+                .find(|&n| bytes.ends_with(&secret[..n]))
+                .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+impl<B> Body for Scrub<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    let rest = std::mem::take(&mut this.held);
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        // Trailers: dropped, as the gateway sends none.
+                        continue;
+                    };
+                    let mut bytes = std::mem::take(&mut this.held);
+                    bytes.extend_from_slice(&data);
+                    let hold = scrub(&mut bytes, &this.secrets);
+                    this.held = bytes.split_off(bytes.len() - hold);
+                    if !bytes.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A body fed chunk by chunk from another task (a masking task); an `Err` ends it as
 /// failed, so the agent sees a cut transfer, never a clean end.
 pub(super) struct ChannelBody(pub(super) mpsc::Receiver<Result<Bytes, BoxError>>);
@@ -231,6 +328,51 @@ mod tests {
             .on_end(move |e| tx.send(matches!(e, Ending::Complete)).unwrap());
         drop(empty);
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), [true]);
+    }
+
+    #[tokio::test]
+    async fn secrets_are_overwritten_even_across_chunks() {
+        let secrets: Arc<[Vec<u8>]> = vec![b"TOKEN-1234567".to_vec()].into();
+        let mut plain = b"a TOKEN-1234567 b TOKEN-1234567".to_vec();
+        assert_eq!(scrub(&mut plain, &secrets), 0);
+        assert_eq!(&plain, b"a ************* b *************");
+        let mut tail = b"x TOKEN-12".to_vec();
+        assert_eq!(scrub(&mut tail, &secrets), 8, "a possible start is held");
+        // Split anywhere, the secret never leaves, and the rest leaves whole.
+        let text = b"echo: Bearer TOKEN-1234567 done TOKEN-123 end".to_vec();
+        for cut in 1..text.len() {
+            let chunks = Chunks(
+                [&text[..cut], &text[cut..]]
+                    .map(Bytes::copy_from_slice)
+                    .into_iter()
+                    .collect(),
+            );
+            let out = Scrub::new(chunks, secrets.clone())
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
+            assert_eq!(
+                &out[..],
+                b"echo: Bearer ************* done TOKEN-123 end",
+                "cut at {cut}"
+            );
+        }
+    }
+
+    /// A body of ready chunks.
+    struct Chunks(std::collections::VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! Towards the upstream: never the agent's credential (`Authorization`, `Cookie`,
 //! `Proxy-*`), never hop-by-hop headers (they describe the agent's connection, not the
 //! request), never forwarding headers an agent could forge (`Forwarded`,
-//! `X-Forwarded-*`, `X-Real-IP`), and never `Host` (the upstream's own is set). Towards
-//! the agent: never hop-by-hop headers and never `Set-Cookie` (an upstream session
+//! `X-Forwarded-*`, `X-Real-IP`), never headers that override the path or method
+//! policy decided (`X-Original-URL`, `X-HTTP-Method-Override`, …), and never `Host`
+//! (the upstream's own is set). Towards
+//! the agent: never hop-by-hop headers and never `Set-Cookie`/`Set-Cookie2` (an upstream session
 //! would be access that outlives the grant).
 
 use hyper::header::{self, HeaderMap, HeaderName};
@@ -21,6 +23,18 @@ pub(super) enum HeaderError {
     #[error("a protocol upgrade (`{0}`) is not served through this gateway")]
     Upgrade(String),
 }
+
+/// Headers some frameworks read as the request's real path or method: policy decides
+/// the path and method on the request line, so the upstream must not see another.
+const OVERRIDES: &[&str] = &[
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-envoy-original-path",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// Headers named by the hop-by-hop list of RFC 9110 §7.6.1, and `Proxy-Connection`.
 const HOP_BY_HOP: &[&str] = &[
@@ -83,9 +97,14 @@ pub(super) fn to_upstream(agent: &HeaderMap) -> HeaderMap {
                     | "host"
                     | "forwarded"
                     | "x-real-ip"
+                    | "x-client-ip"
+                    | "true-client-ip"
                     | "expect"
                     | "content-length"
+                    // httpoxy: CGI upstreams read it as HTTP_PROXY.
+                    | "proxy"
             )
+            || OVERRIDES.contains(&n)
             || n.starts_with("proxy-")
             || n.starts_with("x-forwarded-");
         if !dropped {
@@ -100,7 +119,10 @@ pub(super) fn to_agent(upstream: &HeaderMap) -> HeaderMap {
     let connection = connection_names(upstream);
     let mut out = HeaderMap::with_capacity(upstream.len());
     for (name, value) in upstream {
-        if !hop_by_hop(name, &connection) && name != header::SET_COOKIE {
+        if !hop_by_hop(name, &connection)
+            && name != header::SET_COOKIE
+            && name.as_str() != "set-cookie2"
+        {
             out.append(name.clone(), value.clone());
         }
     }
@@ -136,6 +158,10 @@ mod tests {
             ("te", "trailers"),
             ("accept", "application/json"),
             ("x-request-id", "42"),
+            ("x-original-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("proxy", "http://evil:8080"),
+            ("true-client-ip", "10.0.0.1"),
         ]);
         let sent = to_upstream(&agent);
         let names: Vec<&str> = sent.keys().map(|n| n.as_str()).collect();
@@ -164,6 +190,7 @@ mod tests {
     fn upstream_cookies_never_reach_the_agent() {
         let upstream = headers(&[
             ("set-cookie", "sid=1"),
+            ("set-cookie2", "sid=2"),
             ("content-type", "application/json"),
             ("transfer-encoding", "chunked"),
         ]);

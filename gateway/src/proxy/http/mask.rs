@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap};
+use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
@@ -35,10 +35,16 @@ pub(super) enum Withheld {
     TooLarge(usize),
     #[error("the response is not UTF-8 text, so it cannot be masked")]
     NotText,
+    #[error("the response is in charset {0}, which masking cannot read (only UTF-8)")]
+    Charset(String),
+    #[error("the response is part of a body ({0}), which cannot be masked on its own")]
+    Partial(u16),
     #[error("masking failed: {0}")]
     Mask(#[from] MaskError),
     #[error("masking turned the JSON response into something that is not JSON")]
     BrokeJson,
+    #[error("masking changed how many header values the response has, or made one unsendable")]
+    BrokeHeaders,
     #[error("the upstream's response failed: {0}")]
     Upstream(String),
 }
@@ -89,10 +95,23 @@ pub(super) fn plan(
             return Err(Withheld::Encoded(encoding));
         }
     }
+    if status == StatusCode::PARTIAL_CONTENT {
+        return Err(Withheld::Partial(status.as_u16()));
+    }
     let content_type = headers
         .get(CONTENT_TYPE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
         .unwrap_or_default();
+    // Text in UTF-16 or UTF-32 would read as UTF-8 full of NULs, and pass unmasked.
+    if let Some(charset) = content_type
+        .split(';')
+        .skip(1)
+        .filter_map(|p| p.trim().strip_prefix("charset="))
+        .map(|c| c.trim_matches('"'))
+        .find(|c| !matches!(*c, "utf-8" | "utf8" | "us-ascii" | "ascii"))
+    {
+        return Err(Withheld::Charset(charset.to_string()));
+    }
     let essence = content_type.split(';').next().unwrap_or("").trim();
     if essence == "application/x-ndjson"
         || essence == "application/jsonl"
@@ -153,6 +172,75 @@ pub(super) async fn whole(
             }
         })?
         .to_bytes();
+    text(policy, context, content_type, bytes, cache).await
+}
+
+/// Masks the values of a response's headers that could carry data (all but the
+/// protocol's own), as one text, a line per value.
+pub(super) async fn headers(
+    policy: &Arc<ActivePolicy>,
+    context: GrantContext,
+    headers: &mut HeaderMap,
+    cache: &Mutex<MaskCache>,
+) -> Result<(), Withheld> {
+    let carried: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| !PROTOCOL_HEADERS.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    let mut values = Vec::new();
+    for name in &carried {
+        for value in headers.get_all(name) {
+            values.push(value.as_bytes().to_vec());
+        }
+    }
+    if values.is_empty() {
+        return Ok(());
+    }
+    let joined = Bytes::from(values.join(&b'\n'));
+    let masked = text(policy, context, "text/plain".into(), joined, cache).await?;
+    let lines: Vec<&[u8]> = masked.split(|&b| b == b'\n').collect();
+    if lines.len() != values.len() {
+        return Err(Withheld::BrokeHeaders);
+    }
+    let mut lines = lines.into_iter();
+    for name in &carried {
+        let count = headers.get_all(name).iter().count();
+        headers.remove(name);
+        for line in lines.by_ref().take(count) {
+            let value = HeaderValue::from_bytes(line).map_err(|_| Withheld::BrokeHeaders)?;
+            headers.append(name.clone(), value);
+        }
+    }
+    Ok(())
+}
+
+/// Headers that describe the message, never data: not masked.
+const PROTOCOL_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "date",
+    "cache-control",
+    "etag",
+    "last-modified",
+    "expires",
+    "vary",
+    "server",
+    "age",
+    "accept-ranges",
+    "x-content-type-options",
+    "strict-transport-security",
+];
+
+/// Masks `bytes` of `content_type` with the modules in force (or as this session last
+/// masked the same bytes, within `MASKED_TTL`).
+async fn text(
+    policy: &Arc<ActivePolicy>,
+    context: GrantContext,
+    content_type: String,
+    bytes: Bytes,
+    cache: &Mutex<MaskCache>,
+) -> Result<Bytes, Withheld> {
     let set = policy.current();
     let key = (bytes.len() <= CACHED_BODY).then(|| {
         let mut digest = Sha256::new();
@@ -167,6 +255,9 @@ pub(super) async fn whole(
         && Arc::ptr_eq(cached_set, &set)
     {
         return Ok(masked.clone());
+    }
+    if bytes.contains(&0) {
+        return Err(Withheld::NotText);
     }
     let text = String::from_utf8(bytes.to_vec()).map_err(|_| Withheld::NotText)?;
     let was_json = serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok();
@@ -214,6 +305,10 @@ pub(super) fn lines(
             };
             let data = match frame {
                 None => break,
+                Some(Ok(frame)) if frame.data_ref().is_some_and(|d| d.contains(&0)) => {
+                    let _ = tx.send(fail(Withheld::NotText)).await;
+                    return;
+                }
                 Some(Err(e)) => {
                     let _ = tx.send(fail(Withheld::Upstream(e.to_string()))).await;
                     return;
@@ -264,6 +359,10 @@ mod tests {
         h
     }
 
+    fn plan_status(status: StatusCode, h: &[(&str, &str)]) -> Result<Plan, Withheld> {
+        plan(true, &Method::GET, status, &headers(h), false)
+    }
+
     #[test]
     fn what_a_module_cannot_read_is_withheld_never_passed() {
         let plan =
@@ -297,6 +396,19 @@ mod tests {
             Err(Withheld::Encoded(_))
         ));
         assert_eq!(plan(&[("content-length", "0")]).unwrap(), Plan::Pass);
+        assert!(matches!(
+            plan(&[("content-type", "text/plain; charset=utf-16le")]),
+            Err(Withheld::Charset(_))
+        ));
+        assert_eq!(
+            plan(&[("content-type", "application/json; charset=UTF-8")]).unwrap(),
+            Plan::Whole
+        );
+        let partial = plan_status(
+            StatusCode::PARTIAL_CONTENT,
+            &[("content-type", "text/plain")],
+        );
+        assert!(matches!(partial, Err(Withheld::Partial(206))));
     }
 
     #[test]

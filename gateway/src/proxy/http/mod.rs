@@ -43,7 +43,9 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Http {
     kind: Kind,
     pub listen: Option<SocketAddr>,
-    pub tls: bool,
+    /// The listener's certificate chain (PEM), when it speaks TLS: clients pin it
+    /// (kubectl's kubeconfig names it as the cluster's CA).
+    pub tls: Option<String>,
 }
 
 impl Http {
@@ -51,12 +53,12 @@ impl Http {
         Http {
             kind,
             listen: None,
-            tls: false,
+            tls: None,
         }
     }
 
-    /// This protocol, served at `addr` (over TLS when `tls`).
-    pub fn at(self, addr: SocketAddr, tls: bool) -> Self {
+    /// This protocol, served at `addr` (over TLS with the chain `tls`, if given).
+    pub fn at(self, addr: SocketAddr, tls: Option<String>) -> Self {
         Http {
             listen: Some(addr),
             tls,
@@ -77,13 +79,14 @@ impl Protocol for Http {
     /// The gateway's URL and the bearer token (`GRANT_ID.SECRET`) to send it.
     fn connection(&self, grant: &GrantRecord, secret: &str) -> Option<serde_json::Value> {
         let addr = self.listen?;
-        let scheme = if self.tls { "https" } else { "http" };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let token = bearer(&grant.id, secret);
         Some(serde_json::json!({
             "protocol": self.kind.as_str(),
             "url": format!("{scheme}://{addr}"),
             "token": token,
             "header": format!("Authorization: Bearer {token}"),
+            "ca": self.tls,
         }))
     }
 }
@@ -128,7 +131,7 @@ impl HttpServices {
 
     /// The kinds of target this listener serves.
     fn serves(&self, kind: Kind) -> bool {
-        kind == Kind::Http
+        matches!(kind, Kind::Http | Kind::Kubernetes)
     }
 
     /// `target`'s upstream, with its credential as the secrets file holds it now.

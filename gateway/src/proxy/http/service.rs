@@ -14,13 +14,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, IF_RANGE, RANGE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use sha2::Digest as _;
 use tokio::sync::watch;
 
-use super::body::{Counted, Ending, Prefixed, Tally};
+use super::body::{Counted, Ending, Prefixed, Scrub, Tally, scrub};
 use super::mask::{self, Plan};
 use super::path::{self, NormalPath};
 use super::token::{Token, grant_token};
@@ -28,7 +28,9 @@ use super::upstream::Upstream;
 use super::{BoxError, HttpServices, headers};
 use crate::config::Durability;
 use crate::grants::{GrantAuthError, TargetRecord};
-use crate::policy::types::{Action, HttpRequest, Label, RequestBody};
+use crate::policy::Kind;
+use crate::policy::types::{Action, HttpRequest, KubeRequest, Label, RequestBody};
+use crate::proxy::kube;
 use crate::proxy::line_mask::LineMask;
 use crate::proxy::session::{CutSignal, Denial, SessionCore};
 use crate::record::{AuditEvent, EventKind, Record, RecordError, Write};
@@ -116,7 +118,13 @@ impl Conn {
             unauthorized(&e.to_string())
         })?;
         let session = self.session(&token).await?;
-        session.exchange(&self.services, request).await
+        match session.exchange(&self.services, request).await {
+            Err(refusal) if session.target.kind == Kind::Kubernetes => {
+                let status = kube::status(refusal).await;
+                Err(status.map(|body| body.map_err(|e| match e {}).boxed()))
+            }
+            answer => answer,
+        }
     }
 
     /// The session `token` opens or continues on this connection.
@@ -230,6 +238,8 @@ struct Described {
     query: Option<String>,
     headers: hyper::HeaderMap,
     body: RequestBody,
+    /// For a Kubernetes target: the request as the API server reads it.
+    kube: Option<KubeRequest>,
     /// What the upstream is sent as the body.
     upstream_body: super::upstream::UpBody,
     bytes_in: Arc<Tally>,
@@ -264,8 +274,11 @@ impl Session {
         let mut headers = described.headers;
         self.upstream.inject(&mut headers);
         if masks {
-            // A compressed response could not be masked.
+            // A compressed response could not be masked, and parts of one could each
+            // pass a mask that the whole would not (a card number split by a Range).
             headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+            headers.remove(RANGE);
+            headers.remove(IF_RANGE);
         }
         let mut upstream_request = Request::new(described.upstream_body);
         *upstream_request.method_mut() = described.method.clone();
@@ -279,6 +292,7 @@ impl Session {
             bytes_in: described.bytes_in.clone(),
             bytes_out: Tally::keeping(self.record_body_bytes()),
             withheld: Arc::new(Mutex::new(None)),
+            recorded: Default::default(),
         };
         let response = self.upstream.client().request(upstream_request).await;
         if let Some(recording) = recording {
@@ -322,11 +336,21 @@ impl Session {
         // The response, masked where a module masks the target.
         let (parts, body) = response.into_parts();
         let status = parts.status;
-        let plan = match mask::plan(masks, &described.method, status, &parts.headers, false) {
+        let watch = described.kube.as_ref().is_some_and(|k| k.verb == "watch");
+        let plan = match mask::plan(masks, &described.method, status, &parts.headers, watch) {
             Ok(plan) => plan,
             Err(withheld) => return Err(result.withhold(status, Plan::Pass, withheld)),
         };
         let mut agent_headers = headers::to_agent(&parts.headers);
+        if masks {
+            let context = self.context().await;
+            let policy = &services.proxy.policy;
+            if let Err(withheld) =
+                mask::headers(policy, context, &mut agent_headers, &self.masked).await
+            {
+                return Err(result.withhold(status, plan, withheld));
+            }
+        }
         let body: Out = match plan {
             Plan::Pass => result.counted(body, status, plan),
             Plan::Whole => {
@@ -368,6 +392,13 @@ impl Session {
                 result.counted(body, status, plan)
             }
         };
+        let secrets = self.upstream.secrets();
+        let body = if secrets.is_empty() {
+            body
+        } else {
+            scrub_headers(&mut agent_headers, secrets);
+            Scrub::new(body, secrets.clone()).boxed()
+        };
         let mut response = Response::new(body);
         *response.status_mut() = status;
         *response.headers_mut() = agent_headers;
@@ -389,8 +420,32 @@ impl Session {
                 "CONNECT is not served through this gateway".into(),
             ));
         }
+        // Methods are case-sensitive: `get` is not `GET` to a server, and a policy
+        // must not read it as one.
+        if !parts
+            .method
+            .as_str()
+            .bytes()
+            .all(|b| b.is_ascii_uppercase())
+        {
+            return Err(bad(format!(
+                "method `{}` is not upper case",
+                parts.method.as_str()
+            )));
+        }
         headers::check_request(&parts.headers).map_err(|e| bad(e.to_string()))?;
         let path = path::normalise(parts.uri.path()).map_err(|e| bad(format!("path: {e}")))?;
+        let kube = match self.target.kind {
+            Kind::Kubernetes => {
+                kube::check_headers(&parts.headers).map_err(|e| (StatusCode::FORBIDDEN, e))?;
+                let query = parts.uri.query().unwrap_or("");
+                Some(
+                    kube::request_info(&parts.method, &path.decoded, query)
+                        .map_err(|e| bad(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
         let inspectable = is_inspectable(&parts.headers);
         let limit = services.limits.inspect_body_bytes;
         let bytes_in = Tally::keeping(self.record_body_bytes());
@@ -457,6 +512,7 @@ impl Session {
             query: parts.uri.query().map(str::to_string),
             headers: headers::to_upstream(&parts.headers),
             body: policy_body,
+            kube,
             upstream_body,
             bytes_in,
         })
@@ -491,14 +547,15 @@ impl Session {
             ));
         }
         let set = services.proxy.policy.current();
-        let action = || {
-            Action::Http(HttpRequest {
+        let action = || match &described.kube {
+            Some(kube) => Action::Kube(kube.clone()),
+            None => Action::Http(HttpRequest {
                 method: described.method.as_str().to_string(),
                 path: described.path.decoded.clone(),
                 query: query.clone(),
                 headers: header_labels.clone(),
                 body: described.body.clone(),
-            })
+            }),
         };
         let verdict = core.check(&set, &key, action, None).await;
         core.count_actions(1);
@@ -518,6 +575,20 @@ impl Session {
             "bundle": verdict.bundle,
             "votes": verdict.votes,
         });
+        if let Some(kube) = &described.kube {
+            detail["action"] = json!({
+                "verb": kube.verb,
+                "api_group": kube.api_group,
+                "api_version": kube.api_version,
+                "resource": kube.resource_type,
+                "subresource": kube.subresource,
+                "namespace": kube.namespace,
+                "name": kube.name,
+                "command": kube.command,
+                "tty": kube.tty,
+                "ports": kube.ports,
+            });
+        }
         if let (Some(keep), RequestBody::Text(text)) =
             (self.target.record_body_bytes, &described.body)
         {
@@ -609,6 +680,18 @@ struct ResultEntry {
     bytes_in: Arc<Tally>,
     bytes_out: Arc<Tally>,
     withheld: Arc<Mutex<Option<String>>>,
+    /// Set once the entry is recorded: one dropped before (the agent went away while
+    /// the upstream answered) records itself, so no allowed request goes unaccounted.
+    recorded: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for ResultEntry {
+    fn drop(&mut self) {
+        if !self.recorded.load(std::sync::atomic::Ordering::Relaxed) {
+            let error = "the agent went away before the answer";
+            self.record(None, Plan::Pass, Some(error.to_string()));
+        }
+    }
 }
 
 impl ResultEntry {
@@ -645,6 +728,8 @@ impl ResultEntry {
     /// Keeps the result summary for the session's next entry (or writes it now, if
     /// the session has closed).
     fn record(&self, status: Option<StatusCode>, plan: Plan, error: Option<String>) {
+        self.recorded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let session = &self.session;
         let mut detail = json!({
             "session": session.session_id,
@@ -688,6 +773,19 @@ impl ResultEntry {
                     write(guard.as_mut());
                 });
             }
+        }
+    }
+}
+
+/// Overwrites the gateway's secrets in response headers (see [`Scrub`]).
+fn scrub_headers(headers: &mut hyper::HeaderMap, secrets: &[Vec<u8>]) {
+    for value in headers.values_mut() {
+        let mut bytes = value.as_bytes().to_vec();
+        scrub(&mut bytes, secrets);
+        if bytes != value.as_bytes()
+            && let Ok(scrubbed) = HeaderValue::from_bytes(&bytes)
+        {
+            *value = scrubbed;
         }
     }
 }

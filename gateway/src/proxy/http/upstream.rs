@@ -133,6 +133,8 @@ pub(super) struct Upstream {
     url: UpstreamUrl,
     /// The header the credential travels in, if not a client certificate.
     inject: Option<(HeaderName, HeaderValue)>,
+    /// Every form in which the credential was sent, for responses to be scrubbed of.
+    secrets: Arc<[Vec<u8>]>,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody>,
 }
 
@@ -171,6 +173,24 @@ impl Upstream {
                 Some((name.clone(), header(c.expose().to_string())?))
             }
         };
+        // What an upstream could reflect: the credential, and each encoding of it that
+        // was sent (too short a secret would scrub innocent text, and is left out).
+        let mut secrets: Vec<Vec<u8>> = Vec::new();
+        if let (Some(c), false) = (&credential, kind == InjectKind::ClientCert) {
+            let raw = c.expose();
+            secrets.push(raw.as_bytes().to_vec());
+            if kind == InjectKind::Basic {
+                secrets.push(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(raw)
+                        .into_bytes(),
+                );
+                if let Some((_, password)) = raw.split_once(':') {
+                    secrets.push(password.as_bytes().to_vec());
+                }
+            }
+        }
+        secrets.retain(|s| s.len() >= 8);
         let identity = match kind {
             InjectKind::ClientCert => credential.as_ref().map(|c| c.expose()),
             _ => None,
@@ -204,6 +224,7 @@ impl Upstream {
             credential,
             url,
             inject,
+            secrets: secrets.into(),
             client,
         })
     }
@@ -239,6 +260,11 @@ impl Upstream {
         if let Some((name, value)) = &self.inject {
             headers.insert(name.clone(), value.clone());
         }
+    }
+
+    /// What responses are scrubbed of.
+    pub(super) fn secrets(&self) -> &Arc<[Vec<u8>]> {
+        &self.secrets
     }
 
     pub(super) fn client(&self) -> &Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody> {
