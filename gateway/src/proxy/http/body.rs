@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
+use memchr::memmem::Finder;
 use tokio::sync::mpsc;
 
 use super::BoxError;
@@ -177,6 +178,17 @@ where
     }
 }
 
+/// The gateway's secrets as a response is searched for them.
+pub(super) type Secrets = Arc<[Finder<'static>]>;
+
+/// Searchers for `secrets`, built once per upstream.
+pub(super) fn secrets(secrets: Vec<Vec<u8>>) -> Secrets {
+    secrets
+        .iter()
+        .map(|s| Finder::new(s).into_owned())
+        .collect()
+}
+
 /// A body with every occurrence of the gateway's secrets (its upstream credential,
 /// as it was sent) overwritten with as many `*`: an upstream that reflects its
 /// request (an echo, a debug page, an error) must not hand the agent a credential that
@@ -184,13 +196,13 @@ where
 /// that could be the start of a secret is held until the next chunk shows what it is.
 pub(super) struct Scrub<B> {
     inner: B,
-    secrets: Arc<[Vec<u8>]>,
+    secrets: Secrets,
     held: Vec<u8>,
     ended: bool,
 }
 
 impl<B> Scrub<B> {
-    pub(super) fn new(inner: B, secrets: Arc<[Vec<u8>]>) -> Self {
+    pub(super) fn new(inner: B, secrets: Secrets) -> Self {
         Scrub {
             inner,
             secrets,
@@ -202,9 +214,9 @@ impl<B> Scrub<B> {
 
 /// Overwrites each secret in `bytes`; returns how many bytes at the end could begin
 /// one (to be held back).
-pub(super) fn scrub(bytes: &mut [u8], secrets: &[Vec<u8>]) -> usize {
-    for secret in secrets {
-        let finder = memchr::memmem::Finder::new(secret);
+pub(super) fn scrub(bytes: &mut [u8], secrets: &[Finder<'static>]) -> usize {
+    for finder in secrets {
+        let secret = finder.needle();
         let mut at = 0;
         while let Some(found) = finder.find(&bytes[at..]) {
             let start = at + found;
@@ -214,7 +226,8 @@ pub(super) fn scrub(bytes: &mut [u8], secrets: &[Vec<u8>]) -> usize {
     }
     secrets
         .iter()
-        .map(|secret| {
+        .map(|finder| {
+            let secret = finder.needle();
             (1..secret.len().min(bytes.len() + 1))
                 .rev()
                 .find(|&n| bytes.ends_with(&secret[..n]))
@@ -332,7 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn secrets_are_overwritten_even_across_chunks() {
-        let secrets: Arc<[Vec<u8>]> = vec![b"TOKEN-1234567".to_vec()].into();
+        let secrets = secrets(vec![b"TOKEN-1234567".to_vec()]);
         let mut plain = b"a TOKEN-1234567 b TOKEN-1234567".to_vec();
         assert_eq!(scrub(&mut plain, &secrets), 0);
         assert_eq!(&plain, b"a ************* b *************");

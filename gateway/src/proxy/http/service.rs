@@ -778,7 +778,7 @@ impl ResultEntry {
 }
 
 /// Overwrites the gateway's secrets in response headers (see [`Scrub`]).
-fn scrub_headers(headers: &mut hyper::HeaderMap, secrets: &[Vec<u8>]) {
+fn scrub_headers(headers: &mut hyper::HeaderMap, secrets: &[memchr::memmem::Finder<'static>]) {
     for value in headers.values_mut() {
         let mut bytes = value.as_bytes().to_vec();
         scrub(&mut bytes, secrets);

@@ -134,7 +134,7 @@ pub(super) struct Upstream {
     /// The header the credential travels in, if not a client certificate.
     inject: Option<(HeaderName, HeaderValue)>,
     /// Every form in which the credential was sent, for responses to be scrubbed of.
-    secrets: Arc<[Vec<u8>]>,
+    secrets: super::body::Secrets,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody>,
 }
 
@@ -224,7 +224,7 @@ impl Upstream {
             credential,
             url,
             inject,
-            secrets: secrets.into(),
+            secrets: super::body::secrets(secrets),
             client,
         })
     }
@@ -263,7 +263,7 @@ impl Upstream {
     }
 
     /// What responses are scrubbed of.
-    pub(super) fn secrets(&self) -> &Arc<[Vec<u8>]> {
+    pub(super) fn secrets(&self) -> &super::body::Secrets {
         &self.secrets
     }
 
