@@ -433,6 +433,16 @@ fn walk(
                 *s = masked;
             }
         }
+        // A number can hold a card or a phone number too: masked, it becomes a string
+        // (a masked value is no longer a number).
+        Value::Number(n) => {
+            let text = n.to_string();
+            if let Some(masked) = f(key, &text)
+                && masked != text
+            {
+                *value = Value::String(masked);
+            }
+        }
         Value::Array(items) => items.iter_mut().for_each(|v| walk(v, key, f)),
         Value::Object(map) => {
             // Keys are data too (`jsonb_object_agg(email, …)`): rewritten with no key.

@@ -407,6 +407,15 @@ fn writes_secrets_and_impersonation_are_refused_before_the_cluster() {
     assert!(text(&out).contains("impersonation"), "{}", text(&out));
     let out = s.kubectl(&["exec", "web-1", "-n", "shop", "--", "sh", "-c", "id"]);
     assert!(!out.status.success(), "{}", text(&out));
+    // The control plane's own paths are not discovery.
+    let out = s.kubectl(&["get", "--raw", "/logs/kube-apiserver.log"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("not API discovery"), "{}", text(&out));
+    // A log cut at a byte the agent picks would give a masked value away, prefix by
+    // prefix.
+    let out = s.kubectl(&["logs", "web-1", "-n", "shop", "--limit-bytes=20"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("limitBytes"), "{}", text(&out));
     // What reached the cluster: only reads of pods (kubectl exec reads the pod first).
     let reached = s.resource_requests();
     assert!(
@@ -416,11 +425,10 @@ fn writes_secrets_and_impersonation_are_refused_before_the_cluster() {
         "refused requests reached the cluster: {reached:?}"
     );
     assert!(
-        s.cluster
-            .received()
-            .iter()
-            .all(|r| r.method == "GET"
-                && r.headers.iter().all(|(k, _)| !k.starts_with("impersonate"))),
+        s.cluster.received().iter().all(|r| r.method == "GET"
+            && !r.target.starts_with("/logs")
+            && !r.target.contains("limitBytes")
+            && r.headers.iter().all(|(k, _)| !k.starts_with("impersonate"))),
         "{:?}",
         s.cluster.received()
     );

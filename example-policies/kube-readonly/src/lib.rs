@@ -6,7 +6,8 @@
 //! unless the target's `exec-allow` label names the command (its first word, e.g.
 //! `exec-allow = "date, env, ls"`), without a terminal, and never a shell or an
 //! interpreter: `sh -c …` executes text no policy saw. Cluster-scoped resources are
-//! outside every namespace and so refused; API discovery (no resource) is allowed.
+//! outside every namespace and so refused; API discovery is allowed, and no other path
+//! outside the resource API (`/logs`, `/metrics`, `/debug/pprof`).
 
 use airlock_policy_sdk::*;
 
@@ -45,7 +46,7 @@ impl Policy for KubeReadonly {
             );
         }
         if request.resource_type.is_empty() {
-            return allow_with(None, true);
+            return discovery(&request);
         }
         if request.resource_type == "secrets" {
             return deny_with_hint(
@@ -65,9 +66,40 @@ impl Policy for KubeReadonly {
     }
 }
 
+/// Paths outside the resource API: only discovery (what the API serves, its version,
+/// its OpenAPI documents). `/logs`, `/metrics`, `/debug/…` and the like are the
+/// control plane's own, outside every namespace.
+fn discovery(request: &KubeRequest) -> Verdict {
+    let parts: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+    let allowed = matches!(
+        parts.as_slice(),
+        ["api"] | ["api", _] | ["apis"] | ["apis", _] | ["apis", _, _] | ["version"]
+    ) || parts.first() == Some(&"openapi");
+    if allowed && request.verb == "get" {
+        allow_with(None, true)
+    } else {
+        deny_with_hint(
+            format!("`{}` is not API discovery", request.path),
+            "only the resource API and discovery are open through Airlock",
+        )
+    }
+}
+
 /// An `exec`: only a command the target's `exec-allow` label names, in an open
 /// namespace, without a terminal, and never one that runs text.
 fn exec(context: &GrantContext, request: &KubeRequest) -> Verdict {
+    // Exec is a pod's, opened with GET or POST; the same name on another resource, or
+    // with another verb, is not an exec this policy can vouch for.
+    if request.resource_type != "pods"
+        || !request.api_group.is_empty()
+        || !matches!(request.verb.as_str(), "create" | "get")
+    {
+        return deny(format!(
+            "`{}` on {}/exec is not a pod exec",
+            request.verb,
+            request.full_resource()
+        ));
+    }
     let namespaces = context.target.label_list("namespaces");
     if !request.in_namespaces(&namespaces) {
         return deny("exec outside the namespaces open on this target");

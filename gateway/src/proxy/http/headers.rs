@@ -106,7 +106,11 @@ pub(super) fn to_upstream(agent: &HeaderMap) -> HeaderMap {
             )
             || OVERRIDES.contains(&n)
             || n.starts_with("proxy-")
-            || n.starts_with("x-forwarded-");
+            || n.starts_with("x-forwarded-")
+            // An authenticating front proxy's identity headers, and the audit id a
+            // Kubernetes API server takes from its client: the agent forges neither.
+            || n.starts_with("x-remote-")
+            || n == "audit-id";
         if !dropped {
             out.append(name.clone(), value.clone());
         }

@@ -279,6 +279,11 @@ impl Session {
             headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
             headers.remove(RANGE);
             headers.remove(IF_RANGE);
+            if described.kube.is_some() {
+                // kubectl asks for protobuf first, which no module can read: it is
+                // asked for in JSON, which it also takes.
+                kube::json_only(&mut headers);
+            }
         }
         let mut upstream_request = Request::new(described.upstream_body);
         *upstream_request.method_mut() = described.method.clone();
@@ -439,10 +444,17 @@ impl Session {
             Kind::Kubernetes => {
                 kube::check_headers(&parts.headers).map_err(|e| (StatusCode::FORBIDDEN, e))?;
                 let query = parts.uri.query().unwrap_or("");
-                Some(
-                    kube::request_info(&parts.method, &path.decoded, query)
-                        .map_err(|e| bad(e.to_string()))?,
-                )
+                let info = kube::request_info(&parts.method, &path.decoded, query)
+                    .map_err(|e| bad(e.to_string()))?;
+                let masks = services
+                    .proxy
+                    .policy
+                    .current()
+                    .masks(&self.target.policy_target());
+                if masks {
+                    kube::check_maskable(&info, query).map_err(bad)?;
+                }
+                Some(info)
             }
             _ => None,
         };

@@ -14,17 +14,63 @@ use hyper::{HeaderMap, Response};
 
 pub use request_info::{KubeError, request_info};
 
+use crate::policy::types::KubeRequest;
+
 /// Refuses what would make the API server authorize the request as someone other
-/// than the gateway's own identity.
+/// than the gateway's own identity (`Impersonate_User` too: a proxy on the way may
+/// read `_` as `-`).
 pub fn check_headers(headers: &HeaderMap) -> Result<(), String> {
     match headers
         .keys()
-        .find(|name| name.as_str().starts_with("impersonate-"))
+        .find(|name| name.as_str().starts_with("impersonate"))
     {
         Some(name) => Err(format!(
             "`{name}`: impersonation is not allowed through Airlock (the request is authorized as the gateway's own identity, and decided by policy as this grant)"
         )),
         None => Ok(()),
+    }
+}
+
+/// Where masking applies, refuses what would let an agent rebuild a masked value: a
+/// log cut at a byte the agent chooses (`limitBytes`) shows each value's prefixes, one
+/// request at a time, and a mask that keeps a value's shape gives it away.
+pub fn check_maskable(info: &KubeRequest, query: &str) -> Result<(), String> {
+    let limited = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "limitBytes");
+    if info.subresource.as_deref() == Some("log") && limited {
+        return Err(
+            "limitBytes cuts a log line wherever the agent chooses, so a masked value could be rebuilt from its prefixes; use tailLines"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Keeps only the JSON media types of a request's `Accept` (kubectl asks for protobuf
+/// first, which no masking module can read); `application/json` if none is left.
+pub fn json_only(headers: &mut HeaderMap) {
+    let accept: Vec<String> = headers
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_string())
+        .filter(|t| {
+            let essence = t
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            essence == "application/json" || essence.ends_with("+json")
+        })
+        .collect();
+    let value = if accept.is_empty() {
+        "application/json".to_string()
+    } else {
+        accept.join(", ")
+    };
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&value) {
+        headers.insert(hyper::header::ACCEPT, value);
     }
 }
 
@@ -88,5 +134,30 @@ mod tests {
             assert!(check_headers(&headers).is_err(), "{name}");
         }
         assert!(check_headers(&HeaderMap::new()).is_ok());
+        let mut underscore = HeaderMap::new();
+        underscore.insert("impersonate_user", "admin".parse().unwrap());
+        assert!(check_headers(&underscore).is_err());
+    }
+
+    #[test]
+    fn accept_keeps_json_only() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            hyper::header::ACCEPT,
+            "application/vnd.kubernetes.protobuf, application/json;as=Table;v=v1;g=meta.k8s.io, application/json"
+                .parse()
+                .unwrap(),
+        );
+        json_only(&mut headers);
+        assert_eq!(
+            headers[hyper::header::ACCEPT],
+            "application/json;as=Table;v=v1;g=meta.k8s.io, application/json"
+        );
+        headers.insert(
+            hyper::header::ACCEPT,
+            "application/vnd.kubernetes.protobuf".parse().unwrap(),
+        );
+        json_only(&mut headers);
+        assert_eq!(headers[hyper::header::ACCEPT], "application/json");
     }
 }
