@@ -293,6 +293,7 @@ labels = {{ namespaces = "shop" }}
             .env("AIRLOCK_TOKEN", &self.token)
             .env("AIRLOCK_URL", format!("http://127.0.0.1:{}", self.gw.port))
             .env("HOME", self.gw.dir.path())
+            .env("TMPDIR", self.gw.dir.path())
             .stdin(Stdio::null())
             .args([
                 "connect",
@@ -335,6 +336,17 @@ fn kubectl_reads_through_the_gateway_with_the_gateways_identity_and_masked() {
     assert_eq!(pod["metadata"]["name"], "web-1");
     assert_eq!(pod["metadata"]["annotations"]["owner"], "***@example.com");
     assert!(!stdout(&out).contains("alice@example.com"));
+    // The kubeconfig's private directory is gone once kubectl ends.
+    let left: Vec<_> = std::fs::read_dir(s.gw.dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("airlock-connect-")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // Every request carried the gateway's token, never the grant's.
     let received = s.cluster.received();
     assert!(!received.is_empty());

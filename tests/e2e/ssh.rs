@@ -880,8 +880,11 @@ fn an_ssh_run_exports_every_ssh_kind_following_the_schema() {
 fn airlock_connect_runs_ssh_with_the_grant_and_no_prompt() {
     let s = SshSetup::new();
     let home = tempdir();
+    // A temporary directory of this test's own: other tests run `airlock connect` too.
+    let tmp = tempdir();
     let connect = |args: &[&str]| {
         crate::support::airlock()
+            .env("TMPDIR", tmp.path())
             .env("AIRLOCK_TOKEN", &s.token)
             .env("AIRLOCK_URL", format!("http://127.0.0.1:{}", s.gw.port))
             // No ~/.ssh of the tester's: the host key comes from the grant alone.
@@ -912,7 +915,7 @@ fn airlock_connect_runs_ssh_with_the_grant_and_no_prompt() {
     ]);
     assert_eq!(out.status.code(), Some(126), "{}", text(&out));
     // Nothing of the grant is left on disk: not in the temporary directory, not in HOME.
-    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(Result::ok)
         .filter(|e| {

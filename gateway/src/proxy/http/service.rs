@@ -384,8 +384,9 @@ impl Session {
                 let Some(line_mask) =
                     LineMask::for_target(services.proxy.policy.clone(), context, &content_type, 1)
                 else {
-                    // The bundle changed between the plan and now; mask with the new
-                    // one's absence is no longer asked for, but what was decided holds.
+                    // The bundle changed between the plan and now, to one with no
+                    // masking module: the answer was decided under the old one, so it
+                    // is withheld rather than passed unmasked.
                     return Err(result.withhold(
                         status,
                         plan,
