@@ -443,7 +443,8 @@ impl Session {
         let path = path::normalise(parts.uri.path()).map_err(|e| bad(format!("path: {e}")))?;
         let kube = match self.target.kind {
             Kind::Kubernetes => {
-                kube::check_headers(&parts.headers).map_err(|e| (StatusCode::FORBIDDEN, e))?;
+                kube::check_headers(&parts.headers)
+                    .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))?;
                 let query = parts.uri.query().unwrap_or("");
                 let info = kube::request_info(&parts.method, &path.decoded, query)
                     .map_err(|e| bad(e.to_string()))?;
@@ -453,7 +454,7 @@ impl Session {
                     .current()
                     .masks(&self.target.policy_target());
                 if masks {
-                    kube::check_maskable(&info, query).map_err(bad)?;
+                    kube::check_maskable(&info, query).map_err(|e| bad(e.to_string()))?;
                 }
                 Some(info)
             }

@@ -1,6 +1,7 @@
 //! Kubernetes, as a layer over the HTTP gateway: the same listener, the same grant
-//! token (kubectl presents it through an exec credential plugin, `airlock
-//! kube-credential`), the same session, record and masking; what this layer adds is
+//! token (kubectl presents it through an exec credential plugin: `airlock` itself, run
+//! by kubectl with the token in its environment), the same session, record and
+//! masking; what this layer adds is
 //! how a request becomes an action: a `kube` action read with the API server's own
 //! request-info rules, and the headers that would make the server act as someone else
 //! (`Impersonate-*`) refused.
@@ -19,14 +20,12 @@ use crate::policy::types::KubeRequest;
 /// Refuses what would make the API server authorize the request as someone other
 /// than the gateway's own identity (`Impersonate_User` too: a proxy on the way may
 /// read `_` as `-`).
-pub fn check_headers(headers: &HeaderMap) -> Result<(), String> {
+pub fn check_headers(headers: &HeaderMap) -> Result<(), KubeError> {
     match headers
         .keys()
         .find(|name| name.as_str().starts_with("impersonate"))
     {
-        Some(name) => Err(format!(
-            "`{name}`: impersonation is not allowed through Airlock (the request is authorized as the gateway's own identity, and decided by policy as this grant)"
-        )),
+        Some(name) => Err(KubeError::Impersonation(name.to_string())),
         None => Ok(()),
     }
 }
@@ -34,13 +33,10 @@ pub fn check_headers(headers: &HeaderMap) -> Result<(), String> {
 /// Where masking applies, refuses what would let an agent rebuild a masked value: a
 /// log cut at a byte the agent chooses (`limitBytes`) shows each value's prefixes, one
 /// request at a time, and a mask that keeps a value's shape gives it away.
-pub fn check_maskable(info: &KubeRequest, query: &str) -> Result<(), String> {
+pub fn check_maskable(info: &KubeRequest, query: &str) -> Result<(), KubeError> {
     let limited = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "limitBytes");
     if info.subresource.as_deref() == Some("log") && limited {
-        return Err(
-            "limitBytes cuts a log line wherever the agent chooses, so a masked value could be rebuilt from its prefixes; use tailLines"
-                .into(),
-        );
+        return Err(KubeError::LimitBytes);
     }
     Ok(())
 }

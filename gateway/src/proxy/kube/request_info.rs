@@ -13,7 +13,7 @@ use hyper::Method;
 
 use crate::policy::types::KubeRequest;
 
-/// Why a request was refused before policy.
+/// Why a Kubernetes request was refused before policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KubeError {
     #[error("query parameter `{0}` is given more than once")]
@@ -24,6 +24,14 @@ pub enum KubeError {
     BadPort(String),
     #[error("a `;` in the query, which the API server reads as a separator and Go refuses")]
     Semicolon,
+    #[error(
+        "`{0}`: impersonation is not allowed through Airlock (the request is authorized as the gateway's own identity, and decided by policy as this grant)"
+    )]
+    Impersonation(String),
+    #[error(
+        "limitBytes cuts a log line wherever the agent chooses, so a masked value could be rebuilt from its prefixes; use tailLines"
+    )]
+    LimitBytes,
 }
 
 /// The API server's verbs for each HTTP method (`GET` and `HEAD` are `get` until the
