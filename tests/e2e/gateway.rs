@@ -278,6 +278,15 @@ impl Gateway {
             .collect()
     }
 
+    /// Why each session under `grant` closed, as the record says.
+    pub fn closed_reasons(&self, grant: &str) -> Vec<String> {
+        self.events("session.closed")
+            .iter()
+            .filter(|e| e["grant"] == grant)
+            .filter_map(|e| e["detail"]["reason"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Runs `airlock serve` expecting it to refuse to start; returns what it said.
     pub fn refused_start(&self) -> String {
         let mut child = airlock()

@@ -915,15 +915,7 @@ fn airlock_connect_runs_ssh_with_the_grant_and_no_prompt() {
     ]);
     assert_eq!(out.status.code(), Some(126), "{}", text(&out));
     // Nothing of the grant is left on disk: not in the temporary directory, not in HOME.
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with("airlock-connect-")
-        })
-        .collect();
+    let leftovers = crate::support::connect_leftovers(tmp.path());
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert!(
         !home.path().join(".ssh/known_hosts").exists(),

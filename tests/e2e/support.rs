@@ -196,3 +196,18 @@ pub fn test_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) 
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     (ca, cert, key)
 }
+
+/// What `airlock connect` left in `dir` (its private directories): nothing, once the
+/// client it ran has ended.
+pub fn connect_leftovers(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("airlock-connect-")
+        })
+        .map(|e| e.path())
+        .collect()
+}

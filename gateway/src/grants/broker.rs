@@ -757,11 +757,25 @@ impl Broker {
         secret: &str,
         target: &str,
     ) -> Result<LiveGrant, GrantAuthError> {
+        let grant = self.verified(id, secret)?;
+        self.admit_grant(grant, Some(target))
+    }
+
+    /// Checks a grant's credentials for the one target the grant names (a protocol
+    /// whose clients present only the grant: SSH, HTTP) and registers a live
+    /// connection under it. One lookup: HTTP calls it for every request.
+    pub fn authenticate_own(&self, id: &str, secret: &str) -> Result<LiveGrant, GrantAuthError> {
+        let grant = self.verified(id, secret)?;
+        self.admit_grant(grant, None)
+    }
+
+    /// The grant `id`, if `secret` is its own.
+    fn verified(&self, id: &str, secret: &str) -> Result<GrantRecord, GrantAuthError> {
         let grant = self.grant(id).ok_or(GrantAuthError::BadCredentials)?;
         if grant.secret_hash.is_empty() || !secret_matches(secret, &grant.secret_hash) {
             return Err(GrantAuthError::BadCredentials);
         }
-        self.admit(id, target)
+        Ok(grant)
     }
 
     /// The proof named `name` of a grant's secret, for a protocol that proves the
@@ -774,7 +788,19 @@ impl Broker {
     /// (directly, or by a SCRAM proof): the grant must be active and for `target`.
     pub fn admit(&self, id: &str, target: &str) -> Result<LiveGrant, GrantAuthError> {
         let grant = self.grant(id).ok_or(GrantAuthError::BadCredentials)?;
-        if grant.target != target {
+        self.admit_grant(grant, Some(target))
+    }
+
+    /// Admits a connection under `grant` (for `target`, when the client named one):
+    /// the grant must be active.
+    fn admit_grant(
+        &self,
+        grant: GrantRecord,
+        target: Option<&str>,
+    ) -> Result<LiveGrant, GrantAuthError> {
+        if let Some(target) = target
+            && grant.target != target
+        {
             return Err(GrantAuthError::WrongTarget {
                 expected: grant.target,
                 presented: target.to_string(),

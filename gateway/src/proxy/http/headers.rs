@@ -63,6 +63,22 @@ fn connection_names(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
+/// A media type's essence, lower-cased: `application/json` of
+/// `Application/JSON; charset=utf-8`.
+pub(crate) fn essence(media_type: &str) -> String {
+    media_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether a media type's essence is JSON (`application/json`, `…+json`).
+pub(crate) fn is_json(essence: &str) -> bool {
+    essence == "application/json" || essence.ends_with("+json")
+}
+
 /// Refuses what would let the gateway and the upstream read one request two ways.
 pub(super) fn check_request(headers: &HeaderMap) -> Result<(), HeaderError> {
     if headers.contains_key(header::CONTENT_LENGTH)

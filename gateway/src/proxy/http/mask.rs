@@ -112,13 +112,13 @@ pub(super) fn plan(
     {
         return Err(Withheld::Charset(charset.to_string()));
     }
-    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let essence = super::headers::essence(&content_type);
     if essence == "application/x-ndjson"
         || essence == "application/jsonl"
         || essence.starts_with("text/")
     {
         Ok(Plan::Lines)
-    } else if essence == "application/json" || essence.ends_with("+json") {
+    } else if super::headers::is_json(&essence) {
         Ok(if json_stream {
             Plan::Lines
         } else {

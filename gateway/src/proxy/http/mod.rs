@@ -9,7 +9,7 @@
 //! (`mask.rs`) → agent → result entry.
 
 mod body;
-mod headers;
+pub(crate) mod headers;
 mod listen;
 mod mask;
 pub(crate) mod path;

@@ -29,7 +29,7 @@ use super::{BoxError, HttpServices, headers};
 use crate::config::Durability;
 use crate::grants::{GrantAuthError, TargetRecord};
 use crate::policy::Kind;
-use crate::policy::types::{Action, HttpRequest, KubeRequest, Label, RequestBody};
+use crate::policy::types::{Action, GrantContext, HttpRequest, KubeRequest, Label, RequestBody};
 use crate::proxy::kube;
 use crate::proxy::line_mask::LineMask;
 use crate::proxy::session::{CutSignal, Denial, SessionCore};
@@ -132,12 +132,8 @@ impl Conn {
         let proxy = &self.services.proxy;
         let broker = &proxy.broker;
         // Every request proves its grant, and that the grant is still active.
-        let target_name = broker
-            .grant(&token.id)
-            .map(|g| g.target)
-            .unwrap_or_default();
         let live = broker
-            .authenticate_grant(&token.id, &token.secret, &target_name)
+            .authenticate_own(&token.id, &token.secret)
             .map_err(|e| {
                 self.refused("401", &e.to_string(), Some(&token.id));
                 match e {
@@ -160,6 +156,7 @@ impl Conn {
             }
             return Ok(session.clone());
         }
+        let target_name = live.grant.target.clone();
         let target = broker.target(&target_name).ok_or_else(|| {
             reply(
                 StatusCode::FORBIDDEN,
@@ -264,7 +261,8 @@ impl Session {
                 return Err(reply(status, "refused", &denial.0, None));
             }
         };
-        let (masks, recording) = self.decide(services, &described).await?;
+        let (masking, recording) = self.decide(services, &described).await?;
+        let masks = masking.is_some();
 
         // Upstream, with the gateway's credential.
         let uri = self
@@ -347,11 +345,10 @@ impl Session {
             Err(withheld) => return Err(result.withhold(status, Plan::Pass, withheld)),
         };
         let mut agent_headers = headers::to_agent(&parts.headers);
-        if masks {
-            let context = self.context().await;
+        if let Some(context) = &masking {
             let policy = &services.proxy.policy;
             if let Err(withheld) =
-                mask::headers(policy, context, &mut agent_headers, &self.masked).await
+                mask::headers(policy, context.clone(), &mut agent_headers, &self.masked).await
             {
                 return Err(result.withhold(status, plan, withheld));
             }
@@ -360,7 +357,7 @@ impl Session {
             Plan::Pass => result.counted(body, status, plan),
             Plan::Whole => {
                 let content_type = content_type(&parts.headers);
-                let context = self.context().await;
+                let context = masking.expect(MASKING_PLAN);
                 match mask::whole(
                     &services.proxy.policy,
                     context,
@@ -379,7 +376,7 @@ impl Session {
                 }
             }
             Plan::Lines => {
-                let context = self.context().await;
+                let context = masking.expect(MASKING_PLAN);
                 let content_type = content_type(&parts.headers);
                 let Some(line_mask) =
                     LineMask::for_target(services.proxy.policy.clone(), context, &content_type, 1)
@@ -533,13 +530,14 @@ impl Session {
     }
 
     /// Decides and records the request; refused, the agent gets a 403 and nothing
-    /// reaches the upstream. Allowed, says whether a module masks the target, and
-    /// hands back the entry's write when it is still becoming durable.
+    /// reaches the upstream. Allowed, hands back the grant's context as of the decision
+    /// when a module masks the target (for the mask calls), and the entry's write when
+    /// it is still becoming durable.
     async fn decide(
         &self,
         services: &HttpServices,
         described: &Described,
-    ) -> Result<(bool, Option<Recording>), Response<Out>> {
+    ) -> Result<(Option<GrantContext>, Option<Recording>), Response<Out>> {
         let header_labels: Vec<Label> = described
             .headers
             .iter()
@@ -608,6 +606,9 @@ impl Session {
         {
             detail["recorded_body"] = truncate(text, keep as usize).into();
         }
+        let masking = set
+            .masks(&self.target.policy_target())
+            .then(|| core.context_now());
         let mut write = Write::event(core.event(EventKind::HttpRequest, detail));
         let allowed = verdict.denial.is_none();
         // A safe method's entry may become durable while the upstream answers (it is
@@ -618,7 +619,7 @@ impl Session {
             core.carry_result(&mut write);
             let record = services.proxy.broker.record().clone();
             let recording = tokio::spawn(async move { record.write_async(write).await });
-            return Ok((set.masks(&self.target.policy_target()), Some(recording)));
+            return Ok((masking, Some(recording)));
         }
         core.record(write).await.map_err(|e| {
             reply(
@@ -636,7 +637,7 @@ impl Session {
                 hint.as_deref(),
             ));
         }
-        Ok((set.masks(&self.target.policy_target()), None))
+        Ok((masking, None))
     }
 
     /// Records a request the gateway refused before policy could read it.
@@ -671,13 +672,6 @@ impl Session {
                 None,
             )
         })
-    }
-
-    async fn context(&self) -> crate::policy::types::GrantContext {
-        match self.core.lock().await.as_ref() {
-            Some(core) => core.context_now(),
-            None => unreachable!("a session's core is closed only once its connection ended"),
-        }
     }
 
     fn record_body_bytes(&self) -> usize {
@@ -804,6 +798,10 @@ fn scrub_headers(headers: &mut hyper::HeaderMap, secrets: &[memchr::memmem::Find
     }
 }
 
+/// Why a masking plan always has a context: `mask::plan` makes one only where a module
+/// masks the target, and then `decide` hands the context back.
+const MASKING_PLAN: &str = "a masking plan is made only where masking applies";
+
 /// A request's record entry on its way to being durable.
 type Recording = tokio::task::JoinHandle<Result<crate::record::Receipt, RecordError>>;
 
@@ -834,11 +832,8 @@ fn verdict_key(described: &Described, query: &str, headers: &[Label]) -> String 
 
 /// JSON and form bodies are shown to policy.
 fn is_inspectable(headers: &hyper::HeaderMap) -> bool {
-    let essence = content_type(headers);
-    let essence = essence.split(';').next().unwrap_or("").trim();
-    essence == "application/json"
-        || essence.ends_with("+json")
-        || essence == "application/x-www-form-urlencoded"
+    let essence = headers::essence(&content_type(headers));
+    headers::is_json(&essence) || essence == "application/x-www-form-urlencoded"
 }
 
 fn content_type(headers: &hyper::HeaderMap) -> String {

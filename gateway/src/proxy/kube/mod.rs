@@ -16,6 +16,7 @@ use hyper::{HeaderMap, Response};
 pub use request_info::{KubeError, request_info};
 
 use crate::policy::types::KubeRequest;
+use crate::proxy::http::headers;
 
 /// Refuses what would make the API server authorize the request as someone other
 /// than the gateway's own identity (`Impersonate_User` too: a proxy on the way may
@@ -50,15 +51,7 @@ pub fn json_only(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_string())
-        .filter(|t| {
-            let essence = t
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            essence == "application/json" || essence.ends_with("+json")
-        })
+        .filter(|t| headers::is_json(&headers::essence(t)))
         .collect();
     let value = if accept.is_empty() {
         "application/json".to_string()

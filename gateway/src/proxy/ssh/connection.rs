@@ -227,16 +227,15 @@ impl Connection {
     async fn admit(&mut self, grant_id: &str, secret: &str) -> Result<(), String> {
         let broker = &self.services.proxy.broker;
         // The grant names its one target; the secret must be its own.
+        let live = broker
+            .authenticate_own(grant_id, secret)
+            .map_err(|e| e.to_string())?;
         let target = broker
-            .grant(grant_id)
-            .and_then(|g| broker.target(&g.target))
+            .target(&live.grant.target)
             .filter(|t| t.kind == Kind::Ssh);
         let Some(target) = target else {
             return Err(GrantAuthError::BadCredentials.to_string());
         };
-        let live = broker
-            .authenticate_grant(grant_id, secret, &target.name)
-            .map_err(|e| e.to_string())?;
         let read_only = live.grant.access == crate::grants::Access::Read || live.grant.read_only;
         let span = tracing::info_span!("ssh", grant = %grant_id, target = %target.name);
         let upstream = async {
