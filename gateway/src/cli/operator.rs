@@ -111,12 +111,13 @@ pub(crate) enum SessionsCommand {
     List,
     /// One session and every audit entry of it, in order.
     Show { id: String },
-    /// Plays a recorded SSH shell or command in this terminal at the speed it ran, or
-    /// writes it as an asciicast v2 file (`asciinema play FILE`).
+    /// Plays a recorded SSH shell or command, or Kubernetes exec or attach, in this
+    /// terminal at the speed it ran, or writes it as an asciicast v2 file
+    /// (`asciinema play FILE`).
     Replay {
         id: String,
-        /// The SSH channel to play; the session's first allowed shell or command by
-        /// default.
+        /// The SSH channel (or Kubernetes stream) to play; the session's first allowed
+        /// one by default.
         #[arg(long)]
         channel: Option<u32>,
         /// Faster (2) or slower (0.5) than it ran.
@@ -291,7 +292,7 @@ pub(crate) fn sessions(context: &Context, command: SessionsCommand) -> anyhow::R
     Ok(ExitCode::SUCCESS)
 }
 
-/// `sessions replay`: the channel's asciicast, written to a file or played.
+/// `sessions replay`: the stream's asciicast, written to a file or played.
 fn replay(
     shown: &serde_json::Value,
     id: &str,
@@ -301,29 +302,43 @@ fn replay(
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(speed > 0.0, "--speed must be above 0");
     let entries = shown["entries"].as_array().cloned().unwrap_or_default();
-    let request = entries
+    let (request, field, cast_kind) = entries
         .iter()
-        .find(|e| {
-            e["kind"] == "ssh.request"
-                && e["detail"]["verdict"] == "allow"
-                && matches!(e["detail"]["request"].as_str(), Some("shell" | "exec"))
-                && channel.is_none_or(|c| e["detail"]["channel"] == c)
+        .find_map(|e| {
+            let detail = &e["detail"];
+            let opened = match e["kind"].as_str()? {
+                "ssh.request" if matches!(detail["request"].as_str(), Some("shell" | "exec")) => {
+                    (e, "channel", "ssh.cast")
+                }
+                "http.request"
+                    if detail["stream"].is_u64()
+                        && matches!(
+                            detail["action"]["subresource"].as_str(),
+                            Some("exec" | "attach")
+                        ) =>
+                {
+                    (e, "stream", "kube.cast")
+                }
+                _ => return None,
+            };
+            (detail["verdict"] == "allow" && channel.is_none_or(|c| detail[opened.1] == c))
+                .then_some(opened)
         })
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "session {id} has no recorded SSH shell or command{}",
-                channel.map_or(String::new(), |c| format!(" on channel {c}"))
+                "session {id} has no recorded SSH shell or command, or Kubernetes exec{}",
+                channel.map_or(String::new(), |c| format!(" numbered {c}"))
             )
         })?;
-    let channel = &request["detail"]["channel"];
+    let number = &request["detail"][field];
     let chunks: Vec<serde_json::Value> = entries
         .iter()
-        .filter(|e| e["kind"] == "ssh.cast" && &e["detail"]["channel"] == channel)
+        .filter(|e| e["kind"] == cast_kind && &e["detail"][field] == number)
         .map(|e| e["detail"].clone())
         .collect();
     let mut header = request["detail"].clone();
     header["time_ms"] = request["time_ms"].clone();
-    let file = airlock::proxy::ssh::replay_cast(&header, &chunks, false);
+    let file = airlock::proxy::replay_cast(&header, &chunks, false);
     if let Some(path) = cast {
         airlock::fsperm::write_private_atomic(path, file.as_bytes())?;
         return Ok(ExitCode::SUCCESS);

@@ -2,6 +2,7 @@
 //! actions and uses the shared broker, policy and record: one enforcement model for
 //! every protocol.
 
+pub(crate) mod cast;
 pub mod http;
 pub mod kube;
 pub(crate) mod line_mask;
@@ -10,5 +11,6 @@ pub mod protocol;
 pub mod session;
 pub mod ssh;
 
+pub use cast::replay_cast;
 pub use protocol::{Protocol, ProtocolGateway, Protocols};
 pub use session::{CutSignal, ProxyServices, SessionCore, SessionEnd, Verdict};

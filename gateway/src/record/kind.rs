@@ -84,6 +84,8 @@ kinds! {
     HttpRequest = "http.request",
     /// How an allowed HTTP request ended: status, bytes, masking.
     HttpResult = "http.result",
+    /// A chunk of a Kubernetes exec or attach stream, as asciicast v2 events.
+    KubeCast = "kube.cast",
 }
 
 #[cfg(test)]

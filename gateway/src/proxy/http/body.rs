@@ -41,6 +41,11 @@ impl Tally {
         }
     }
 
+    /// Counts bytes that passed without being kept (a stream's).
+    pub(super) fn count(&self, bytes: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub(super) fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }

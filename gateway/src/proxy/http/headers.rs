@@ -22,6 +22,26 @@ pub(super) enum HeaderError {
     Framing,
     #[error("a protocol upgrade (`{0}`) is not served through this gateway")]
     Upgrade(String),
+    #[error("a WebSocket handshake {0}")]
+    WebSocket(&'static str),
+}
+
+/// A request to upgrade the connection, as the gateway read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Upgrade {
+    /// A WebSocket handshake (RFC 6455 §4.2.1), well formed.
+    WebSocket(WebSocketRequest),
+    /// Any other protocol (kubectl's SPDY/3.1, h2c): never served.
+    Other(String),
+}
+
+/// An agent's WebSocket handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct WebSocketRequest {
+    /// `Sec-WebSocket-Key`, which the agent's accept value is derived from.
+    pub key: String,
+    /// The subprotocols offered, in the agent's order.
+    pub protocols: Vec<String>,
 }
 
 /// Headers some frameworks read as the request's real path or method: policy decides
@@ -79,24 +99,72 @@ pub(crate) fn is_json(essence: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
-/// Refuses what would let the gateway and the upstream read one request two ways.
-pub(super) fn check_request(headers: &HeaderMap) -> Result<(), HeaderError> {
+/// Refuses what would let the gateway and the upstream read one request two ways, and
+/// reads the upgrade it asks for, if any (whether one is served is the caller's call).
+pub(super) fn check_request(headers: &HeaderMap) -> Result<Option<Upgrade>, HeaderError> {
     if headers.contains_key(header::CONTENT_LENGTH)
         && headers.contains_key(header::TRANSFER_ENCODING)
     {
         return Err(HeaderError::Framing);
-    }
-    if let Some(upgrade) = headers.get(header::UPGRADE) {
-        return Err(HeaderError::Upgrade(
-            String::from_utf8_lossy(upgrade.as_bytes()).into_owned(),
-        ));
     }
     for (name, value) in headers {
         if value.to_str().is_err() {
             return Err(HeaderError::NotText(name.to_string()));
         }
     }
-    Ok(())
+    let upgrades: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    match upgrades[..] {
+        [] => Ok(None),
+        [protocol] if protocol.eq_ignore_ascii_case("websocket") => {
+            websocket(headers).map(|ws| Some(Upgrade::WebSocket(ws)))
+        }
+        _ => Ok(Some(Upgrade::Other(upgrades.join(", ")))),
+    }
+}
+
+/// Reads a WebSocket handshake, refusing one the upstream could read another way.
+fn websocket(headers: &HeaderMap) -> Result<WebSocketRequest, HeaderError> {
+    if !connection_names(headers).iter().any(|n| n == "upgrade") {
+        return Err(HeaderError::WebSocket("without `Connection: Upgrade`"));
+    }
+    let one = |name: &str| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => value.to_str().ok(),
+            _ => None,
+        }
+    };
+    if one("sec-websocket-version") != Some("13") {
+        return Err(HeaderError::WebSocket(
+            "not of version 13 (`Sec-WebSocket-Version`)",
+        ));
+    }
+    let key = one("sec-websocket-key")
+        .filter(|k| {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .is_ok_and(|k| k.len() == 16)
+        })
+        .ok_or(HeaderError::WebSocket(
+            "without one `Sec-WebSocket-Key` of 16 bytes",
+        ))?;
+    let protocols = headers
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    Ok(WebSocketRequest {
+        key: key.to_string(),
+        protocols,
+    })
 }
 
 /// The agent's headers the upstream may see: also what policy is shown.
@@ -126,7 +194,9 @@ pub(super) fn to_upstream(agent: &HeaderMap) -> HeaderMap {
             // An authenticating front proxy's identity headers, and the audit id a
             // Kubernetes API server takes from its client: the agent forges neither.
             || n.starts_with("x-remote-")
-            || n == "audit-id";
+            || n == "audit-id"
+            // A WebSocket handshake is the gateway's own with the upstream.
+            || n.starts_with("sec-websocket-");
         if !dropped {
             out.append(name.clone(), value.clone());
         }
@@ -192,8 +262,11 @@ mod tests {
     fn framing_conflicts_upgrades_and_binary_values_are_refused() {
         let both = headers(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
         assert_eq!(check_request(&both), Err(HeaderError::Framing));
-        let ws = headers(&[("upgrade", "websocket")]);
-        assert!(matches!(check_request(&ws), Err(HeaderError::Upgrade(_))));
+        let spdy = headers(&[("connection", "Upgrade"), ("upgrade", "SPDY/3.1")]);
+        assert_eq!(
+            check_request(&spdy),
+            Ok(Some(Upgrade::Other("SPDY/3.1".into())))
+        );
         let mut binary = HeaderMap::new();
         binary.insert(
             "x-name",
@@ -203,7 +276,57 @@ mod tests {
             check_request(&binary),
             Err(HeaderError::NotText(_))
         ));
-        assert_eq!(check_request(&headers(&[("accept", "*/*")])), Ok(()));
+        assert_eq!(check_request(&headers(&[("accept", "*/*")])), Ok(None));
+    }
+
+    #[test]
+    fn websocket_handshakes_are_read_strictly() {
+        let good = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            (
+                "sec-websocket-protocol",
+                "v5.channel.k8s.io, v4.channel.k8s.io",
+            ),
+        ];
+        let Ok(Some(Upgrade::WebSocket(ws))) = check_request(&headers(&good)) else {
+            panic!("a good handshake is read");
+        };
+        assert_eq!(ws.key, "dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(ws.protocols, ["v5.channel.k8s.io", "v4.channel.k8s.io"]);
+        let without = |name: &str| {
+            let kept: Vec<(&str, &str)> =
+                good.iter().filter(|(n, _)| *n != name).copied().collect();
+            check_request(&headers(&kept))
+        };
+        for name in ["connection", "sec-websocket-version", "sec-websocket-key"] {
+            assert!(
+                matches!(without(name), Err(HeaderError::WebSocket(_))),
+                "{name}"
+            );
+        }
+        let mut twice = headers(&good);
+        twice.append(
+            "sec-websocket-key",
+            "AAAAAAAAAAAAAAAAAAAAAA==".parse().unwrap(),
+        );
+        assert!(matches!(
+            check_request(&twice),
+            Err(HeaderError::WebSocket(_))
+        ));
+        let mut short = headers(&good);
+        short.insert("sec-websocket-key", "c2hvcnQ=".parse().unwrap());
+        assert!(matches!(
+            check_request(&short),
+            Err(HeaderError::WebSocket(_))
+        ));
+        let mut two = headers(&good);
+        two.append("upgrade", "h2c".parse().unwrap());
+        assert!(matches!(check_request(&two), Ok(Some(Upgrade::Other(_)))));
+        // The agent's handshake never reaches the upstream.
+        assert!(to_upstream(&headers(&good)).is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The HTTP listener: TLS when configured, HTTP/1.1 or HTTP/2 (by ALPN, or by the
 //! HTTP/2 preface on plain loopback), bounded connections and header waits, and each
-//! connection cut the moment its grant ends.
+//! connection cut the moment its grant ends. A connection upgraded to a stream
+//! (kubectl exec) keeps its session until the stream ends.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,12 +68,12 @@ async fn serve(stream: TcpStream, peer: std::net::SocketAddr, services: Arc<Http
                     Err(_) => return Err("TLS handshake timed out".to_string()),
                 };
                 builder
-                    .serve_connection(TokioIo::new(tls), service)
+                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
                     .await
                     .map_err(|e| e.to_string())
             }
             None => builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .await
                 .map_err(|e| e.to_string()),
         }
@@ -85,8 +86,21 @@ async fn serve(stream: TcpStream, peer: std::net::SocketAddr, services: Arc<Http
                 (format!("client connection lost: {e}"), false)
             }
         },
-        // Dropping the connection drops every request and stream on it.
+        // Dropping the connection drops every request on it; its streams watch the
+        // grant themselves.
         reason = conn.cut() => (reason, true),
+    };
+    let (reason, cut) = if cut {
+        conn.streams_ended(true).await;
+        (reason, cut)
+    } else {
+        tokio::select! {
+            () = conn.streams_ended(false) => (reason, cut),
+            reason = conn.cut() => {
+                conn.streams_ended(true).await;
+                (reason, true)
+            }
+        }
     };
     conn.close(&reason, cut).await;
 }

@@ -6,7 +6,9 @@
 //!
 //! Data path, per request (`service.rs`): grant token → path read once
 //! (`path.rs`) → action → verdict → record → upstream (`upstream.rs`) → mask
-//! (`mask.rs`) → agent → result entry.
+//! (`mask.rs`) → agent → result entry; or, where the request opens a stream (kubectl
+//! exec), the upstream's WebSocket → the stream relayed message by message
+//! (`websocket.rs`, and `kube::streams` for what the messages are).
 
 mod body;
 pub(crate) mod headers;
@@ -16,6 +18,7 @@ pub(crate) mod path;
 mod service;
 mod token;
 pub(crate) mod upstream;
+mod websocket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

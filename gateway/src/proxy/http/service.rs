@@ -3,13 +3,16 @@
 //! gateway's credential → the response, masked → the agent → the result's record.
 //!
 //! A connection carries one grant: its first authenticated request opens the session
-//! (`session.opened`), and the connection is cut when the grant ends.
+//! (`session.opened`), and the connection is cut when the grant ends. A request that
+//! opens a stream (a WebSocket: kubectl exec) is decided and recorded like any other,
+//! then relayed by `websocket.rs`; the session lasts until its streams end.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -19,12 +22,15 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use sha2::Digest as _;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use super::body::{Counted, Ending, Prefixed, Scrub, Tally, scrub};
+use super::headers::Upgrade;
 use super::mask::{self, Plan};
 use super::path::{self, NormalPath};
 use super::token::{Token, grant_token};
 use super::upstream::Upstream;
+use super::websocket::{AgentStream, Handshake};
 use super::{BoxError, HttpServices, headers};
 use crate::config::Durability;
 use crate::grants::{GrantAuthError, TargetRecord};
@@ -46,6 +52,8 @@ pub(super) struct Conn {
     session: tokio::sync::Mutex<Option<Arc<Session>>>,
     /// The grant's end, once a session is open: the connection task cuts on it.
     cut: watch::Sender<Option<CutSignal>>,
+    /// The streams the connection was upgraded to, each relayed on a task.
+    streams: TaskTracker,
 }
 
 /// A session: one connection under one grant.
@@ -54,7 +62,7 @@ pub(super) struct Session {
     target: TargetRecord,
     upstream: Arc<Upstream>,
     /// `None` once closed; results that arrive later are recorded on their own.
-    core: tokio::sync::Mutex<Option<SessionCore>>,
+    pub(super) core: tokio::sync::Mutex<Option<SessionCore>>,
     /// For entries written once the core is closed.
     agent: String,
     record: Record,
@@ -63,6 +71,8 @@ pub(super) struct Session {
     ended: Mutex<Option<String>>,
     /// Small bodies masked in the last second.
     masked: Mutex<mask::MaskCache>,
+    /// Streams opened so far (their number in the record).
+    opened_streams: AtomicU32,
 }
 
 impl Conn {
@@ -72,6 +82,18 @@ impl Conn {
             peer,
             session: tokio::sync::Mutex::new(None),
             cut: watch::channel(None).0,
+            streams: TaskTracker::new(),
+        }
+    }
+
+    /// Resolves once every stream the connection was upgraded to has ended; when the
+    /// grant ended (`cut`), waits at most a few seconds for them to record their end.
+    pub(super) async fn streams_ended(&self, cut: bool) {
+        self.streams.close();
+        if cut {
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.streams.wait()).await;
+        } else {
+            self.streams.wait().await;
         }
     }
 
@@ -118,7 +140,10 @@ impl Conn {
             unauthorized(&e.to_string())
         })?;
         let session = self.session(&token).await?;
-        match session.exchange(&self.services, request).await {
+        match session
+            .exchange(&self.services, request, &self.streams)
+            .await
+        {
             Err(refusal) if session.target.kind == Kind::Kubernetes => {
                 let status = kube::status(refusal).await;
                 Err(status.map(|body| body.map_err(|e| match e {}).boxed()))
@@ -211,6 +236,7 @@ impl Conn {
             core: tokio::sync::Mutex::new(Some(core)),
             ended: Mutex::new(None),
             masked: Mutex::default(),
+            opened_streams: AtomicU32::new(0),
         });
         *slot = Some(session.clone());
         Ok(session)
@@ -240,6 +266,11 @@ struct Described {
     /// What the upstream is sent as the body.
     upstream_body: super::upstream::UpBody,
     bytes_in: Arc<Tally>,
+    /// The stream a WebSocket request opens, once allowed.
+    stream: Option<AgentStream>,
+    /// Why the gateway refuses the request even where policy allows it (a policy's
+    /// denial is the one the agent is told, when there is one).
+    refused_after_policy: Option<String>,
 }
 
 impl Session {
@@ -247,6 +278,7 @@ impl Session {
         self: &Arc<Self>,
         services: &Arc<HttpServices>,
         request: Request<Incoming>,
+        streams: &TaskTracker,
     ) -> Result<Response<Out>, Response<Out>> {
         let started = Instant::now();
         let method = request.method().clone();
@@ -271,6 +303,9 @@ impl Session {
             .map_err(|e| reply(StatusCode::BAD_REQUEST, "refused", &e.to_string(), None))?;
         let mut headers = described.headers;
         self.upstream.inject(&mut headers);
+        if let Some(stream) = &described.stream {
+            stream.offer.put_on(&mut headers);
+        }
         if masks {
             // A compressed response could not be masked, and parts of one could each
             // pass a mask that the whole would not (a card number split by a Range).
@@ -296,8 +331,15 @@ impl Session {
             bytes_out: Tally::keeping(self.record_body_bytes()),
             withheld: Arc::new(Mutex::new(None)),
             recorded: Default::default(),
+            stream: described.stream.as_ref().map(|s| s.number),
+            exit_code: None,
         };
-        let response = self.upstream.client().request(upstream_request).await;
+        let upgrade = described.stream.is_some();
+        let response = self
+            .upstream
+            .client(upgrade)
+            .request(upstream_request)
+            .await;
         if let Some(recording) = recording {
             let durable = recording
                 .await
@@ -335,6 +377,14 @@ impl Session {
                 ));
             }
         };
+
+        if let Some(stream) = described.stream
+            && response.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            return self
+                .upgraded(services, stream, response, masking, result, streams)
+                .await;
+        }
 
         // The response, masked where a module masks the target.
         let (parts, body) = response.into_parts();
@@ -413,10 +463,13 @@ impl Session {
     async fn describe(
         &self,
         services: &HttpServices,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
     ) -> Result<Described, (StatusCode, String)> {
-        let (parts, body) = request.into_parts();
         let bad = |reason: String| (StatusCode::BAD_REQUEST, reason);
+        let upgrade = headers::check_request(request.headers()).map_err(|e| bad(e.to_string()))?;
+        let on_upgrade = matches!(upgrade, Some(Upgrade::WebSocket(_)))
+            .then(|| hyper::upgrade::on(&mut request));
+        let (parts, body) = request.into_parts();
         if parts.method == Method::CONNECT {
             return Err((
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -436,9 +489,8 @@ impl Session {
                 parts.method.as_str()
             )));
         }
-        headers::check_request(&parts.headers).map_err(|e| bad(e.to_string()))?;
         let path = path::normalise(parts.uri.path()).map_err(|e| bad(format!("path: {e}")))?;
-        let kube = match self.target.kind {
+        let (kube, masks) = match self.target.kind {
             Kind::Kubernetes => {
                 kube::check_headers(&parts.headers)
                     .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))?;
@@ -453,10 +505,12 @@ impl Session {
                 if masks {
                     kube::check_maskable(&info, query).map_err(|e| bad(e.to_string()))?;
                 }
-                Some(info)
+                (Some(info), masks)
             }
-            _ => None,
+            _ => (None, false),
         };
+        let (stream, refused_after_policy) =
+            self.stream(upgrade, on_upgrade, &parts, kube.as_ref(), masks)?;
         let inspectable = is_inspectable(&parts.headers);
         let limit = services.limits.inspect_body_bytes;
         let bytes_in = Tally::keeping(self.record_body_bytes());
@@ -470,10 +524,7 @@ impl Session {
         let mut body = http_body_util::Limited::new(body, max as usize);
         let (policy_body, upstream_body): (RequestBody, super::upstream::UpBody) =
             if body.is_end_stream() {
-                (
-                    RequestBody::None,
-                    Empty::new().map_err(|e| match e {}).boxed(),
-                )
+                (RequestBody::None, empty())
             } else if inspectable {
                 // Read up to the limit; the body is shown whole or not at all.
                 let mut read = VecDeque::new();
@@ -517,6 +568,9 @@ impl Session {
                     Counted::new(body, bytes_in.clone()).boxed(),
                 )
             };
+        if stream.is_some() && !matches!(policy_body, RequestBody::None) {
+            return Err(bad("a WebSocket handshake with a body".into()));
+        }
         Ok(Described {
             method: parts.method,
             path,
@@ -526,7 +580,74 @@ impl Session {
             kube,
             upstream_body,
             bytes_in,
+            stream,
+            refused_after_policy,
         })
+    }
+
+    /// The stream an upgrade asks for: a WebSocket is served only to open a Kubernetes
+    /// exec, attach or port-forward, and only with a subprotocol the gateway reads.
+    /// Refused once policy has allowed the request (so a denial's reason is the one
+    /// kubectl shows): kubectl's SPDY (what it falls back to when the WebSocket was
+    /// refused), and streams no mask could read where a module masks the target.
+    fn stream(
+        &self,
+        upgrade: Option<Upgrade>,
+        on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        parts: &hyper::http::request::Parts,
+        kube: Option<&KubeRequest>,
+        masks: bool,
+    ) -> Result<(Option<AgentStream>, Option<String>), (StatusCode, String)> {
+        let bad = |reason: String| Err((StatusCode::BAD_REQUEST, reason));
+        let streams = kube.and_then(|k| kube::Streams::of(k.subresource.as_deref()));
+        let (upgrade, streams) = match (upgrade, streams) {
+            (None, _) => return Ok((None, None)),
+            (Some(Upgrade::Other(protocol)), None) => {
+                return bad(headers::HeaderError::Upgrade(protocol).to_string());
+            }
+            (Some(Upgrade::WebSocket(_)), None) => {
+                return bad(
+                    "a WebSocket is served only to open a Kubernetes exec, attach or port-forward"
+                        .into(),
+                );
+            }
+            (Some(upgrade), Some(streams)) => (upgrade, streams),
+        };
+        let after_policy = match (&upgrade, streams) {
+            (Upgrade::Other(protocol), _) => Some(format!(
+                "{protocol} streams are not served; kubectl 1.30 and later open exec, attach and port-forward over WebSocket, which is"
+            )),
+            (_, kube::Streams::PortForward) if masks => Some(
+                "a masking module applies to this target, and port-forwarded bytes cannot be masked"
+                    .into(),
+            ),
+            (_, kube::Streams::Channels) if masks && kube.is_some_and(|k| k.tty) => Some(
+                "a masking module applies to this target, and a terminal's output cannot be masked line by line: run the command without a TTY (no -t)"
+                    .into(),
+            ),
+            _ => None,
+        };
+        let (Upgrade::WebSocket(handshake), Some(upgrade)) = (upgrade, on_upgrade) else {
+            return Ok((None, after_policy));
+        };
+        if parts.method != Method::GET || parts.version != hyper::Version::HTTP_11 {
+            return bad("a WebSocket is opened by a GET over HTTP/1.1".into());
+        }
+        let protocols = streams.readable(&handshake.protocols);
+        if protocols.is_empty() {
+            return bad(format!(
+                "none of the WebSocket subprotocols offered ({}) is one the gateway reads",
+                handshake.protocols.join(", ")
+            ));
+        }
+        let stream = AgentStream {
+            agent_key: handshake.key,
+            offer: Handshake::new(protocols),
+            upgrade,
+            streams,
+            number: self.opened_streams.fetch_add(1, Ordering::Relaxed),
+        };
+        Ok((Some(stream), after_policy))
     }
 
     /// Decides and records the request; refused, the agent gets a 403 and nothing
@@ -569,7 +690,8 @@ impl Session {
                 body: described.body.clone(),
             }),
         };
-        let verdict = core.check(&set, &key, action, None).await;
+        let unless_allowed = described.refused_after_policy.clone().map(|r| (r, None));
+        let verdict = core.check(&set, &key, action, unless_allowed).await;
         core.count_actions(1);
         let mut detail = json!({
             "session": core.session_id(),
@@ -601,6 +723,9 @@ impl Session {
                 "ports": kube.ports,
             });
         }
+        if let Some(stream) = &described.stream {
+            detail["stream"] = stream.number.into();
+        }
         if let (Some(keep), RequestBody::Text(text)) =
             (self.target.record_body_bytes, &described.body)
         {
@@ -613,8 +738,11 @@ impl Session {
         let allowed = verdict.denial.is_none();
         // A safe method's entry may become durable while the upstream answers (it is
         // awaited before anything of the answer is released); any other request's is
-        // durable before it is sent.
-        if allowed && services.proxy.durability == Durability::Strict && is_safe(&described.method)
+        // durable before it is sent, and so is a stream's (a GET that runs a command).
+        if allowed
+            && services.proxy.durability == Durability::Strict
+            && is_safe(&described.method)
+            && described.stream.is_none()
         {
             core.carry_result(&mut write);
             let record = services.proxy.broker.record().clone();
@@ -680,7 +808,7 @@ impl Session {
 }
 
 /// What one allowed request's result entry needs.
-struct ResultEntry {
+pub(super) struct ResultEntry {
     session: Arc<Session>,
     method: Method,
     path: String,
@@ -691,6 +819,10 @@ struct ResultEntry {
     /// Set once the entry is recorded: one dropped before (the agent went away while
     /// the upstream answered) records itself, so no allowed request goes unaccounted.
     recorded: std::sync::atomic::AtomicBool,
+    /// The stream the request opened, if it did.
+    stream: Option<u32>,
+    /// How the stream's command exited, as the upstream said.
+    exit_code: Option<i64>,
 }
 
 impl Drop for ResultEntry {
@@ -725,8 +857,31 @@ impl ResultEntry {
             .boxed()
     }
 
+    /// The end of the stream the request opened.
+    pub(super) fn streamed(mut self, status: StatusCode, plan: Plan, outcome: kube::Outcome) {
+        self.bytes_in.count(outcome.bytes_in);
+        self.bytes_out.count(outcome.bytes_out);
+        self.exit_code = outcome.exit_code;
+        let (withheld, error) = match outcome.ending {
+            kube::Ending::Done => (None, None),
+            kube::Ending::Cut(reason) | kube::Ending::Withheld(reason) => (Some(reason), None),
+            kube::Ending::Refused(reason) => (
+                None,
+                Some(format!("the agent broke the stream's protocol: {reason}")),
+            ),
+            kube::Ending::Lost(reason) => (None, Some(reason)),
+        };
+        *self.withheld.lock().unwrap() = withheld;
+        self.record(Some(status), plan, error);
+    }
+
     /// The agent is told why the response was withheld; the record says so too.
-    fn withhold(self, status: StatusCode, plan: Plan, withheld: mask::Withheld) -> Response<Out> {
+    pub(super) fn withhold(
+        self,
+        status: StatusCode,
+        plan: Plan,
+        withheld: mask::Withheld,
+    ) -> Response<Out> {
         let reason = withheld.to_string();
         *self.withheld.lock().unwrap() = Some(reason.clone());
         self.record(Some(status), plan, None);
@@ -735,7 +890,7 @@ impl ResultEntry {
 
     /// Keeps the result summary for the session's next entry (or writes it now, if
     /// the session has closed).
-    fn record(&self, status: Option<StatusCode>, plan: Plan, error: Option<String>) {
+    pub(super) fn record(&self, status: Option<StatusCode>, plan: Plan, error: Option<String>) {
         self.recorded
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let session = &self.session;
@@ -752,6 +907,10 @@ impl ResultEntry {
         });
         if let Some(error) = error {
             detail["error"] = error.into();
+        }
+        if let Some(stream) = self.stream {
+            detail["stream"] = stream.into();
+            detail["exit_code"] = self.exit_code.into();
         }
         if let Some(body) = self.bytes_out.kept() {
             detail["recorded_body"] = body.into();
@@ -819,6 +978,14 @@ fn verdict_key(described: &Described, query: &str, headers: &[Label]) -> String 
         key.push_str(&label.value);
         key.push('\n');
     }
+    // The upgrade asked for is not among the headers policy is shown.
+    if described.stream.is_some() {
+        key.push_str("stream\n");
+    }
+    if let Some(refused) = &described.refused_after_policy {
+        key.push_str(refused);
+        key.push('\n');
+    }
     match &described.body {
         RequestBody::None => key.push_str("body:none"),
         RequestBody::NotInspected => key.push_str("body:not-inspected"),
@@ -863,13 +1030,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn ended() -> Response<Out> {
+pub(super) fn ended() -> Response<Out> {
     reply(
         StatusCode::UNAUTHORIZED,
         "grant-ended",
         "this connection's session has ended",
         None,
     )
+}
+
+/// An empty body.
+pub(super) fn empty() -> Out {
+    Empty::new().map_err(|e| match e {}).boxed()
 }
 
 fn unauthorized(reason: &str) -> Response<Out> {

@@ -136,6 +136,8 @@ pub(super) struct Upstream {
     /// Every form in which the credential was sent, for responses to be scrubbed of.
     secrets: super::body::Secrets,
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody>,
+    /// HTTP/1.1 only, for WebSocket upgrades.
+    upgrades: Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody>,
 }
 
 impl Upstream {
@@ -211,14 +213,25 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
+            .with_tls_config(tls.clone())
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(http);
+            .wrap_connector(http.clone());
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(connector);
+        // A WebSocket is an HTTP/1.1 upgrade: its connection offers nothing else, and
+        // leaves the pool once upgraded.
+        let upgrades = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build(
+                hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http),
+            );
         Ok(Upstream {
             target: target.clone(),
             credential,
@@ -226,6 +239,7 @@ impl Upstream {
             inject,
             secrets: super::body::secrets(secrets),
             client,
+            upgrades,
         })
     }
 
@@ -267,8 +281,16 @@ impl Upstream {
         &self.secrets
     }
 
-    pub(super) fn client(&self) -> &Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody> {
-        &self.client
+    /// The client for a request: an upgrade's speaks HTTP/1.1 only.
+    pub(super) fn client(
+        &self,
+        upgrade: bool,
+    ) -> &Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody> {
+        if upgrade {
+            &self.upgrades
+        } else {
+            &self.client
+        }
     }
 }
 

@@ -4,9 +4,11 @@
 //! masking; what this layer adds is
 //! how a request becomes an action: a `kube` action read with the API server's own
 //! request-info rules, and the headers that would make the server act as someone else
-//! (`Impersonate-*`) refused.
+//! (`Impersonate-*`) refused, and the streams kubectl opens over WebSocket (exec,
+//! attach, port-forward: `streams.rs`).
 
 mod request_info;
+mod streams;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -14,6 +16,7 @@ use hyper::body::Body;
 use hyper::{HeaderMap, Response};
 
 pub use request_info::{KubeError, request_info};
+pub(crate) use streams::{Ending, Outcome, Relay, StreamRecord, Streams};
 
 use crate::policy::types::KubeRequest;
 use crate::proxy::http::headers;

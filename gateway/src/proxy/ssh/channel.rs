@@ -11,13 +11,13 @@ use russh::client;
 use russh::server::{self, Msg};
 use russh::{Channel, ChannelMsg, ChannelWriteHalf, Pty, Sig};
 
-use super::cast::Cast;
 use super::command;
 use super::connection::Admitted;
 use super::pump::Inbox;
 use super::sftp::{self, SftpEnd};
 use crate::policy::types::{Action, SshCommand};
 use crate::proxy::Verdict;
+use crate::proxy::cast::Cast;
 use crate::proxy::line_mask::LineMask;
 use crate::record::{EventKind, Write};
 

@@ -7,7 +7,6 @@
 //! shell grammar) → policy verdict → record → upstream channel → relay (output
 //! recorded as asciicast chunks; input recorded before it is sent on).
 
-mod cast;
 mod channel;
 pub(crate) mod command;
 mod connection;
@@ -23,7 +22,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-pub use cast::replay_cast;
 use upstream::UpstreamAddr;
 
 use crate::grants::{GrantRecord, TargetRecord};

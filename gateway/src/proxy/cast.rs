@@ -1,6 +1,6 @@
-//! A channel's terminal stream as asciicast v2 events, recorded in chunks
-//! (`ssh.cast` entries, chained like every other entry), and the `.cast` file a
-//! recorded channel replays as.
+//! A terminal stream (an SSH channel's, a kubectl exec's) as asciicast v2 events,
+//! recorded in chunks (`ssh.cast` and `kube.cast` entries, chained like every other
+//! entry), and the `.cast` file a recorded stream replays as.
 //!
 //! Memory is bounded: a chunk is recorded once it holds `CHUNK_BYTES` of data or its
 //! oldest event is `CHUNK_AGE` old, and always before input is sent on.
@@ -14,7 +14,7 @@ const CHUNK_BYTES: usize = 32 * 1024;
 const CHUNK_AGE: Duration = Duration::from_secs(1);
 
 /// The events of one channel not yet recorded.
-pub(super) struct Cast {
+pub(crate) struct Cast {
     start: Instant,
     events: Vec<serde_json::Value>,
     bytes: usize,
@@ -26,7 +26,7 @@ pub(super) struct Cast {
 }
 
 impl Cast {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Cast {
             start: Instant::now(),
             events: Vec::new(),
@@ -38,19 +38,19 @@ impl Cast {
     }
 
     /// Output from the upstream. `true` when the chunk should be recorded now.
-    pub(super) fn output(&mut self, data: &[u8]) -> bool {
+    pub(crate) fn output(&mut self, data: &[u8]) -> bool {
         let text = take_utf8(&mut self.carry_out, data);
         self.push("o", text)
     }
 
     /// Input from the agent; the caller records the chunk before sending it on.
-    pub(super) fn input(&mut self, data: &[u8]) {
+    pub(crate) fn input(&mut self, data: &[u8]) {
         let text = take_utf8(&mut self.carry_in, data);
         self.push("i", text);
     }
 
     /// The terminal was resized.
-    pub(super) fn resize(&mut self, cols: u32, rows: u32) -> bool {
+    pub(crate) fn resize(&mut self, cols: u32, rows: u32) -> bool {
         self.push("r", format!("{cols}x{rows}"))
     }
 
@@ -72,7 +72,7 @@ impl Cast {
     }
 
     /// The events not yet recorded, if any; the chunk starts over.
-    pub(super) fn take(&mut self) -> Option<Vec<serde_json::Value>> {
+    pub(crate) fn take(&mut self) -> Option<Vec<serde_json::Value>> {
         self.bytes = 0;
         self.oldest = None;
         (!self.events.is_empty()).then(|| std::mem::take(&mut self.events))
@@ -94,8 +94,8 @@ fn take_utf8(carry: &mut Vec<u8>, data: &[u8]) -> String {
     text
 }
 
-/// An asciicast v2 file of one recorded channel: the header from its request's
-/// terminal, then every event of its `ssh.cast` entries, in order. Input events are
+/// An asciicast v2 file of one recorded stream: the header from its request's
+/// terminal (`pty`, if it had one), then every event of its cast entries, in order. Input events are
 /// left out unless `with_input`: what a terminal showed is its output.
 pub fn replay_cast(
     request: &serde_json::Value,
