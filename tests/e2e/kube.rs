@@ -23,6 +23,10 @@ use serde_json::{Value, json};
 use crate::gateway::{Gateway, assert_follows_schema, wait_for};
 use crate::support::text;
 
+/// The kinds only a Kubernetes target's streams write (checked here, not in the record's
+/// run through every kind).
+pub const KUBE_KINDS: &[&str] = &["kube.cast"];
+
 /// The ServiceAccount token the gateway holds for the cluster.
 const SA_TOKEN: &str = "sa-token-only-the-gateway-holds";
 
@@ -371,10 +375,11 @@ async fn echo(mut ws: StandInSocket) {
 }
 
 /// Runs `command` as a process, its stdin, stdout and stderr on the v5 channels, and
-/// its exit status on channel 3, as a kubelet would.
+/// its exit status on channel 3, as a kubelet would. (The process's pipes are read on
+/// threads: the stand-in keeps to the gateway's own tokio features.)
 async fn exec(ws: StandInSocket, command: Vec<String>, stdin: bool, log: Arc<Log>) {
     use futures_util::{SinkExt as _, StreamExt as _};
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use std::io::{Read as _, Write as _};
     use tokio_tungstenite::tungstenite::Message;
     let index = {
         let mut execs = log.execs.lock().unwrap();
@@ -397,12 +402,11 @@ async fn exec(ws: StandInSocket, command: Vec<String>, stdin: bool, log: Arc<Log
         message.extend_from_slice(status.to_string().as_bytes());
         Message::Binary(message.into())
     };
-    let spawned = tokio::process::Command::new(&command[0])
+    let spawned = Command::new(&command[0])
         .args(&command[1..])
         .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn();
     let Ok(mut child) = spawned else {
         let _ = sink.send(status(127)).await;
@@ -410,18 +414,18 @@ async fn exec(ws: StandInSocket, command: Vec<String>, stdin: bool, log: Arc<Log
         return;
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    let pipes: [(u8, Box<dyn tokio::io::AsyncRead + Unpin + Send>); 2] = [
+    let pipes: [(u8, Box<dyn std::io::Read + Send>); 2] = [
         (1, Box::new(child.stdout.take().unwrap())),
         (2, Box::new(child.stderr.take().unwrap())),
     ];
     for (channel, mut pipe) in pipes {
         let tx = tx.clone();
-        tokio::spawn(async move {
+        std::thread::spawn(move || {
             let mut buf = vec![0u8; 32 * 1024];
-            while let Ok(n @ 1..) = pipe.read(&mut buf).await {
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
                 let mut message = vec![channel];
                 message.extend_from_slice(&buf[..n]);
-                if tx.send(message).await.is_err() {
+                if tx.blocking_send(message).is_err() {
                     return;
                 }
             }
@@ -429,6 +433,11 @@ async fn exec(ws: StandInSocket, command: Vec<String>, stdin: bool, log: Arc<Log
     }
     drop(tx);
     let mut input = child.stdin.take();
+    let kill = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+        log.execs.lock().unwrap()[index].killed = true;
+    };
     loop {
         tokio::select! {
             message = source.next() => match message {
@@ -436,33 +445,28 @@ async fn exec(ws: StandInSocket, command: Vec<String>, stdin: bool, log: Arc<Log
                     Some(0) => {
                         log.execs.lock().unwrap()[index].stdin.extend_from_slice(&data[1..]);
                         if let Some(input) = &mut input {
-                            let _ = input.write_all(&data[1..]).await;
+                            let _ = input.write_all(&data[1..]);
                         }
                     }
                     Some(255) if data.get(1) == Some(&0) => input = None,
                     Some(4) => {}
                     _ => log.execs.lock().unwrap()[index].foreign.push(data.to_vec()),
                 },
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                    let _ = child.kill().await;
-                    log.execs.lock().unwrap()[index].killed = true;
-                    return;
-                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return kill(&mut child),
                 Some(Ok(_)) => {}
             },
             output = rx.recv() => match output {
                 Some(data) => {
                     if sink.send(Message::Binary(data.into())).await.is_err() {
-                        let _ = child.kill().await;
-                        log.execs.lock().unwrap()[index].killed = true;
-                        return;
+                        return kill(&mut child);
                     }
                 }
                 None => break,
             },
         }
     }
-    let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
+    // Both pipes are closed: the process is ending.
+    let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(-1);
     log.execs.lock().unwrap()[index].exit = Some(code);
     let _ = sink.send(status(code)).await;
     let _ = sink.close().await;
