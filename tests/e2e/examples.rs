@@ -22,8 +22,13 @@ fn each_example_policy_passes_its_fixtures() {
         ]);
         let out = text(&output);
         assert!(output.status.success(), "{name}:\n{out}");
-        assert!(out.contains(" passed, 0 failed"), "{name}:\n{out}");
-        assert!(!out.contains("0 passed"), "{name} ran no case:\n{out}");
+        let passed: u32 = out
+            .split(" passed, 0 failed")
+            .next()
+            .and_then(|before| before.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no summary:\n{out}"));
+        assert!(passed > 0, "{name} ran no case:\n{out}");
     }
 }
 

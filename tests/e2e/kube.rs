@@ -927,6 +927,45 @@ fn kubectl_exec_runs_allowed_commands_masked_recorded_and_replayed() {
     assert_eq!(stdout(&out), "typed by ***@example.com\n");
     assert_eq!(s.cluster.execs()[1].stdin, b"typed by carol@example.com\n");
 
+    // A long line is masked whole, wherever the agent puts a value in it; one too long
+    // to mask whole is withheld, never cut.
+    let long = s.gw.dir.path().join("long.txt");
+    std::fs::write(&long, format!("{}4111111111111111\n", ",".repeat(16376))).unwrap();
+    let out = s.kubectl(&[
+        "exec",
+        "web-1",
+        "-n",
+        "shop",
+        "--",
+        "cat",
+        long.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).starts_with(",,,,"), "{}", text(&out));
+    assert!(!stdout(&out).contains("4111111111111111"), "{}", text(&out));
+    let huge = s.gw.dir.path().join("huge.txt");
+    std::fs::write(
+        &huge,
+        format!("{} 4111 1111 1111 1111", "x".repeat(1536 * 1024)),
+    )
+    .unwrap();
+    let out = s.kubectl(&[
+        "exec",
+        "web-1",
+        "-n",
+        "shop",
+        "--",
+        "cat",
+        huge.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out).len());
+    assert!(
+        text(&out).contains("cannot be masked without cutting it"),
+        "{}",
+        text(&out)
+    );
+
     // The command's exit code is kubectl's.
     let out = s.kubectl(&[
         "exec",
@@ -945,7 +984,7 @@ fn kubectl_exec_runs_allowed_commands_masked_recorded_and_replayed() {
             .into_iter()
             .filter(|e| e["detail"]["action"]["subresource"] == "exec")
             .collect();
-    assert_eq!(requests.len(), 3, "{requests:?}");
+    assert_eq!(requests.len(), 5, "{requests:?}");
     assert_eq!(
         requests[0]["detail"]["action"]["command"],
         json!(["cat", path])
@@ -953,12 +992,18 @@ fn kubectl_exec_runs_allowed_commands_masked_recorded_and_replayed() {
     assert_eq!(requests[0]["detail"]["verdict"], "allow");
     assert_eq!(requests[0]["detail"]["stream"], 0);
     let results = s.stream_results();
-    assert_eq!(results.len(), 3, "{results:?}");
+    assert_eq!(results.len(), 5, "{results:?}");
     assert_eq!(results[0]["detail"]["status"], 101);
     assert_eq!(results[0]["detail"]["exit_code"], 0);
     assert_eq!(results[0]["detail"]["masked"], "lines");
     assert_eq!(results[1]["detail"]["bytes_in"], 27);
-    assert_eq!(results[2]["detail"]["exit_code"], 2);
+    assert!(
+        results[3]["detail"]["withheld"]
+            .as_str()
+            .is_some_and(|w| w.contains("without cutting")),
+        "{results:?}"
+    );
+    assert_eq!(results[4]["detail"]["exit_code"], 2);
     let casts = s.gw.events("kube.cast");
     let events: Vec<&Value> = casts
         .iter()
@@ -1086,6 +1131,14 @@ fn raw_websockets_are_held_to_the_channel_protocol() {
     let grant = s.grant();
     runtime().block_on(async {
         let refused = [
+            // A pair Go would drop for its bad escape: policy would read `ls` first,
+            // and the server run `touch`.
+            (
+                "/api/v1/namespaces/shop/pods/web-1/exec?command=/%zz/ls&command=touch&command=/tmp/airlock-kube-never-touched&stdout=true".to_string(),
+                "v5.channel.k8s.io",
+                400,
+                "two hex digits",
+            ),
             // A WebSocket opens streams, and nothing else.
             (
                 "/api/v1/namespaces/shop/pods?watch=1".to_string(),
@@ -1149,6 +1202,7 @@ fn raw_websockets_are_held_to_the_channel_protocol() {
         let _ = read_to_close(&mut ws).await;
     });
     // What reached the cluster: stdin, never the forged output.
+    assert!(std::fs::metadata("/tmp/airlock-kube-never-touched").is_err());
     let execs = s.cluster.execs();
     assert_eq!(execs.len(), 3, "{execs:?}");
     assert_eq!(execs[0].stdin, b"hello dave@example.com\n");

@@ -3,8 +3,9 @@
 //!
 //! Secrets are not readable, and attach, port-forward and proxy are refused: each
 //! hands over more than a read. `exec` runs a command in a container, so it is refused
-//! unless the target's `exec-allow` label names the command (its first word, e.g.
-//! `exec-allow = "date, env, ls"`), without a terminal, and never a shell or an
+//! unless the target's `exec-allow` label names the command (its first word, as written:
+//! `exec-allow = "date, env, ls"` allows `ls` but not `/tmp/x/ls`), without a terminal,
+//! and never a shell or an
 //! interpreter: `sh -c …` executes text no policy saw. Cluster-scoped resources are
 //! outside every namespace and so refused; API discovery is allowed, and no other path
 //! outside the resource API (`/logs`, `/metrics`, `/debug/pprof`).
@@ -115,7 +116,9 @@ fn exec(context: &GrantContext, request: &KubeRequest) -> Verdict {
             "exec a command itself, not a shell or an interpreter",
         );
     }
-    if !allowed.contains(&name) {
+    // By the name the container's PATH resolves, as listed: a path names whatever
+    // binary sits there, listed name or not.
+    if !allowed.contains(&program.as_str()) {
         return deny_with_hint(
             format!("exec of `{program}` is not allowed on this target"),
             if allowed.is_empty() {

@@ -1,7 +1,9 @@
 //! Masking of streamed text: where a masking module applies to the target, a stream
-//! reaches the agent only as masked text, whole lines at a time (a line longer than
-//! `MAX_LINE` is masked in pieces of that size). Used for an SSH command's stdout and
-//! stderr, and for streamed HTTP responses (server-sent events, chunked logs, watches).
+//! reaches the agent only as masked text, whole lines at a time. A line is never cut
+//! for its module (a cut could split the value it would mask, wherever the agent chose
+//! to put it): one longer than `MAX_LINE` ends the stream, withheld. Used for an SSH
+//! command's stdout and stderr, streamed HTTP responses (server-sent events, chunked
+//! logs, watches) and a Kubernetes exec's output.
 //!
 //! Interactive shells are not masked: a terminal's stream is escape sequences and
 //! redraws, not lines of text a module could read (the README says so).
@@ -11,8 +13,19 @@ use std::sync::Arc;
 use crate::policy::types::{Body, GrantContext};
 use crate::policy::{ActivePolicy, MaskError, PolicySet};
 
-/// The longest line masked as one; longer ones are masked in pieces this size.
-const MAX_LINE: usize = 16 * 1024;
+/// The longest line masked; a longer one is withheld, with the rest of its stream.
+const MAX_LINE: usize = 1024 * 1024;
+
+/// Why a stream's text could not be masked: nothing more of it is released.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LineMaskError {
+    #[error(transparent)]
+    Mask(#[from] MaskError),
+    #[error(
+        "a line over {MAX_LINE} bytes, which cannot be masked without cutting it; the rest is withheld"
+    )]
+    TooLong,
+}
 
 /// One exchange's masking: the set in force when it started, and the unfinished line
 /// of each of its streams (SSH: stdout and stderr).
@@ -46,34 +59,42 @@ impl LineMask {
 
     /// The masked text of the whole lines `data` completes on `stream`; an unfinished
     /// line waits for the rest.
-    pub(crate) async fn feed(&mut self, stream: usize, data: &[u8]) -> Result<Vec<u8>, MaskError> {
+    pub(crate) async fn feed(
+        &mut self,
+        stream: usize,
+        data: &[u8],
+    ) -> Result<Vec<u8>, LineMaskError> {
         let pending = &mut self.pending[stream];
         pending.extend_from_slice(data);
         let complete = match pending.iter().rposition(|&b| b == b'\n') {
             Some(i) => i + 1,
-            None if pending.len() >= MAX_LINE => piece_len(pending),
+            None if pending.len() > MAX_LINE => return Err(LineMaskError::TooLong),
             None => return Ok(Vec::new()),
         };
+        if pending.len() - complete > MAX_LINE {
+            return Err(LineMaskError::TooLong);
+        }
         let rest = pending.split_off(complete);
         let text = std::mem::replace(pending, rest);
         self.mask(text).await
     }
 
     /// The masked text of what is left on `stream` once it ends.
-    pub(crate) async fn finish(&mut self, stream: usize) -> Result<Vec<u8>, MaskError> {
+    pub(crate) async fn finish(&mut self, stream: usize) -> Result<Vec<u8>, LineMaskError> {
         let text = std::mem::take(&mut self.pending[stream]);
         self.mask(text).await
     }
 
-    async fn mask(&self, bytes: Vec<u8>) -> Result<Vec<u8>, MaskError> {
+    async fn mask(&self, bytes: Vec<u8>) -> Result<Vec<u8>, LineMaskError> {
         if bytes.is_empty() {
             return Ok(bytes);
         }
         let mut out = Vec::with_capacity(bytes.len());
-        // Pieces of at most MAX_LINE, so a module is never handed an unbounded text.
+        // Whole lines, at most MAX_LINE at a time, so a module is never handed an
+        // unbounded text.
         let mut rest = &bytes[..];
         while !rest.is_empty() {
-            let (piece, after) = rest.split_at(piece_len(rest));
+            let (piece, after) = rest.split_at(piece_len(rest)?);
             rest = after;
             let text = String::from_utf8_lossy(piece).into_owned();
             let set = self.set.clone();
@@ -95,17 +116,17 @@ impl LineMask {
     }
 }
 
-/// How much of `bytes` to mask as one piece: all of it up to `MAX_LINE`, else up to
-/// the last line end or space within `MAX_LINE`, so a value (an email, a token) is cut
-/// only when it alone is longer than that.
-fn piece_len(bytes: &[u8]) -> usize {
+/// How much of `bytes` to mask as one piece: all of it up to `MAX_LINE`, else the whole
+/// lines within `MAX_LINE`; a line longer than that is refused, never cut.
+fn piece_len(bytes: &[u8]) -> Result<usize, LineMaskError> {
     if bytes.len() <= MAX_LINE {
-        return bytes.len();
+        return Ok(bytes.len());
     }
-    bytes[..MAX_LINE]
+    bytes[..=MAX_LINE]
         .iter()
-        .rposition(|b| b.is_ascii_whitespace())
-        .map_or(MAX_LINE, |i| i + 1)
+        .rposition(|&b| b == b'\n')
+        .map(|i| i + 1)
+        .ok_or(LineMaskError::TooLong)
 }
 
 #[cfg(test)]
@@ -113,16 +134,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn long_lines_are_cut_at_whitespace_within_the_bound() {
-        assert_eq!(piece_len(b"short"), 5);
-        let mut long = vec![b'a'; MAX_LINE - 10];
-        long.extend_from_slice(b" alice@example.com and more");
-        long.extend(vec![b'b'; MAX_LINE]);
+    fn lines_are_masked_whole_or_refused() {
+        assert_eq!(piece_len(b"short").unwrap(), 5);
+        let mut lines = vec![b'a'; MAX_LINE - 10];
+        lines.extend_from_slice(b"\ncard 4111 1111 1111 1111\n");
         assert_eq!(
-            piece_len(&long),
+            piece_len(&lines).unwrap(),
             MAX_LINE - 9,
-            "cut before the email, not inside it"
+            "cut at the line's end, never inside the next line"
         );
-        assert_eq!(piece_len(&vec![b'x'; MAX_LINE * 2]), MAX_LINE);
+        assert!(matches!(
+            piece_len(&vec![b'x'; MAX_LINE + 1]),
+            Err(LineMaskError::TooLong)
+        ));
+        let mut spaced = vec![b' '; MAX_LINE];
+        spaced.extend_from_slice(b"+1 555 123 4567\n");
+        assert!(
+            matches!(piece_len(&spaced), Err(LineMaskError::TooLong)),
+            "a long line is not cut at a space either"
+        );
     }
 }

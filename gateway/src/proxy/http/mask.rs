@@ -22,7 +22,7 @@ use super::BoxError;
 use super::body::ChannelBody;
 use crate::policy::types::{Body, GrantContext};
 use crate::policy::{ActivePolicy, MaskError, PolicySet};
-use crate::proxy::line_mask::LineMask;
+use crate::proxy::line_mask::{LineMask, LineMaskError};
 
 /// Why a response did not reach the agent.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,8 @@ pub(super) enum Withheld {
     Partial(u16),
     #[error("masking failed: {0}")]
     Mask(#[from] MaskError),
+    #[error("{0}")]
+    Lines(#[from] LineMaskError),
     #[error("masking turned the JSON response into something that is not JSON")]
     BrokeJson,
     #[error("masking changed how many header values the response has, or made one unsendable")]

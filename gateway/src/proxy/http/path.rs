@@ -33,6 +33,20 @@ pub enum PathError {
     NotUtf8,
 }
 
+/// Refuses a query with a `%` not followed by two hex digits: servers differ on such a
+/// pair (Go's `ParseQuery` drops it, others keep it as text), so policy and the
+/// upstream could read different parameters.
+pub fn check_query(query: &str) -> Result<(), PathError> {
+    let bytes = query.as_bytes();
+    for (i, _) in bytes.iter().enumerate().filter(|(_, b)| **b == b'%') {
+        match bytes.get(i + 1..i + 3) {
+            Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => {}
+            _ => return Err(PathError::BadEscape),
+        }
+    }
+    Ok(())
+}
+
 /// A path as policy sees it (`decoded`) and as the upstream is sent it (`encoded`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NormalPath {

@@ -490,6 +490,9 @@ impl Session {
             )));
         }
         let path = path::normalise(parts.uri.path()).map_err(|e| bad(format!("path: {e}")))?;
+        if let Some(query) = parts.uri.query() {
+            path::check_query(query).map_err(|e| bad(format!("query: {e}")))?;
+        }
         let (kube, masks) = match self.target.kind {
             Kind::Kubernetes => {
                 kube::check_headers(&parts.headers)

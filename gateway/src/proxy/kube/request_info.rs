@@ -6,12 +6,14 @@
 //! upstream. Query parameters the server reads into the request's meaning (`watch`,
 //! `fieldSelector` for a list's name, an exec's `command` and `tty`, a port-forward's
 //! `ports`) are read with the same form decoding; where the server's reading depends
-//! on how it would fail to parse (a `watch=yes`, a repeated `watch`), the request is
-//! refused instead of guessed at.
+//! on how it would fail to parse (a `watch=yes`, a repeated `watch`, a pair Go's
+//! `ParseQuery` would silently drop for a bad `%` escape), the request is refused
+//! instead of guessed at.
 
 use hyper::Method;
 
 use crate::policy::types::KubeRequest;
+use crate::proxy::http::path::check_query;
 
 /// Why a Kubernetes request was refused before policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +27,10 @@ pub enum KubeError {
     #[error("a `;` in the query, which the API server reads as a separator and Go refuses")]
     Semicolon,
     #[error(
+        "a query pair with a `%` not followed by two hex digits, or not UTF-8 once decoded: the API server would drop it unseen, or read other bytes"
+    )]
+    BadQueryEscape,
+    #[error(
         "`{0}`: impersonation is not allowed through Airlock (the request is authorized as the gateway's own identity, and decided by policy as this grant)"
     )]
     Impersonation(String),
@@ -32,6 +38,29 @@ pub enum KubeError {
         "limitBytes cuts a log line wherever the agent chooses, so a masked value could be rebuilt from its prefixes; use tailLines"
     )]
     LimitBytes,
+}
+
+/// A query's pairs, decoded as Go's `url.ParseQuery` decodes them (`+` is a space),
+/// refusing what it would skip or read as other bytes: a pair with a bad escape is
+/// dropped there (so a `command` policy saw would never run, and the next would), and
+/// bytes that are not UTF-8 would be read lossily here.
+fn query_pairs(query: &str) -> Result<Vec<(String, String)>, KubeError> {
+    let decode = |text: &str| -> Result<String, KubeError> {
+        check_query(text).map_err(|_| KubeError::BadQueryEscape)?;
+        let spaced = text.replace('+', " ");
+        percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .map(|decoded| decoded.into_owned())
+            .map_err(|_| KubeError::BadQueryEscape)
+    };
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(key)?, decode(value)?))
+        })
+        .collect()
 }
 
 /// The API server's verbs for each HTTP method (`GET` and `HEAD` are `get` until the
@@ -53,9 +82,7 @@ pub fn request_info(method: &Method, path: &str, query: &str) -> Result<KubeRequ
     if query.contains(';') {
         return Err(KubeError::Semicolon);
     }
-    let params: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
+    let params = query_pairs(query)?;
     let values = |name: &str| -> Vec<&str> {
         params
             .iter()
@@ -358,6 +385,26 @@ mod tests {
         ] {
             assert_reads(method, target, expected);
         }
+    }
+
+    #[test]
+    fn pairs_go_would_drop_or_read_as_other_bytes_are_refused() {
+        let exec = "/api/v1/namespaces/a/pods/p/exec";
+        for query in [
+            "command=/%zz/ls&command=sh",
+            "command=%/date&command=sh",
+            "command=ls%2",
+            "comm%zzand=ls",
+            "command=%ff",
+        ] {
+            assert_eq!(
+                request_info(&Method::GET, exec, query),
+                Err(KubeError::BadQueryEscape),
+                "{query}"
+            );
+        }
+        let read = request_info(&Method::GET, exec, "command=ls+-l&command=%2Fsrv%20x").unwrap();
+        assert_eq!(read.command, ["ls -l", "/srv x"]);
     }
 
     #[test]

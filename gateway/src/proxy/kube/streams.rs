@@ -299,7 +299,8 @@ where
                 self.output(STATUS, &data[1..], cast, out, record).await?;
                 self.flush(cast, out, record).await
             }
-            Some(CLOSE_STREAM) => self.send_agent(data).await,
+            // A stream's close names the stream, and carries nothing else.
+            Some(CLOSE_STREAM) if data.len() == 2 => self.send_agent(data).await,
             // Nothing else is the upstream's to send; it goes no further.
             _ => Ok(()),
         }
