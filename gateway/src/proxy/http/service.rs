@@ -271,6 +271,10 @@ struct Described {
     /// Why the gateway refuses the request even where policy allows it (a policy's
     /// denial is the one the agent is told, when there is one).
     refused_after_policy: Option<String>,
+    /// The policy set the request is read and decided under.
+    set: Arc<crate::policy::PolicySet>,
+    /// Whether a module of `set` masks the target.
+    masks: bool,
 }
 
 impl Session {
@@ -493,24 +497,23 @@ impl Session {
         if let Some(query) = parts.uri.query() {
             path::check_query(query).map_err(|e| bad(format!("query: {e}")))?;
         }
-        let (kube, masks) = match self.target.kind {
+        // One policy set reads the whole request: what masking refuses here, and the
+        // verdict and masking in `decide`.
+        let set = services.proxy.policy.current();
+        let masks = set.masks(&self.target.policy_target());
+        let kube = match self.target.kind {
             Kind::Kubernetes => {
                 kube::check_headers(&parts.headers)
                     .map_err(|e| (StatusCode::FORBIDDEN, e.to_string()))?;
                 let query = parts.uri.query().unwrap_or("");
                 let info = kube::request_info(&parts.method, &path.decoded, query)
                     .map_err(|e| bad(e.to_string()))?;
-                let masks = services
-                    .proxy
-                    .policy
-                    .current()
-                    .masks(&self.target.policy_target());
                 if masks {
                     kube::check_maskable(&info, query).map_err(|e| bad(e.to_string()))?;
                 }
-                (Some(info), masks)
+                Some(info)
             }
-            _ => (None, false),
+            _ => None,
         };
         let (stream, refused_after_policy) =
             self.stream(upgrade, on_upgrade, &parts, kube.as_ref(), masks)?;
@@ -585,6 +588,8 @@ impl Session {
             bytes_in,
             stream,
             refused_after_policy,
+            set,
+            masks,
         })
     }
 
@@ -682,7 +687,7 @@ impl Session {
                 None,
             ));
         }
-        let set = services.proxy.policy.current();
+        let set = &described.set;
         let action = || match &described.kube {
             Some(kube) => Action::Kube(kube.clone()),
             None => Action::Http(HttpRequest {
@@ -694,7 +699,7 @@ impl Session {
             }),
         };
         let unless_allowed = described.refused_after_policy.clone().map(|r| (r, None));
-        let verdict = core.check(&set, &key, action, unless_allowed).await;
+        let verdict = core.check(set, &key, action, unless_allowed).await;
         core.count_actions(1);
         let mut detail = json!({
             "session": core.session_id(),
@@ -734,9 +739,7 @@ impl Session {
         {
             detail["recorded_body"] = truncate(text, keep as usize).into();
         }
-        let masking = set
-            .masks(&self.target.policy_target())
-            .then(|| core.context_now());
+        let masking = described.masks.then(|| core.context_now());
         let mut write = Write::event(core.event(EventKind::HttpRequest, detail));
         let allowed = verdict.denial.is_none();
         // A safe method's entry may become durable while the upstream answers (it is
