@@ -14,8 +14,8 @@ use airlock::policy::ActivePolicy;
 use airlock::policy::{Outcome, PolicySet};
 
 use crate::support::{
-    component, component_unchecked, engine, grant_context, run, soon, tempdir, text, update_users,
-    workspace,
+    component, component_unchecked, engine, grant_context, refused, run, soon, tempdir, text,
+    update_users, workspace,
 };
 
 /// A bundle source with two modules, a signing key, and a gateway data directory whose
@@ -164,15 +164,6 @@ impl Setup {
 
 fn rand_suffix() -> String {
     airlock::fsperm::random_suffix()
-}
-
-fn refused(output: &Output, expected: &str) {
-    let out = text(output);
-    assert!(
-        !output.status.success(),
-        "expected a refusal, got success:\n{out}"
-    );
-    assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
 }
 
 #[test]

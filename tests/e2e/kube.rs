@@ -21,7 +21,7 @@ use hyper::{Request, Response};
 use serde_json::{Value, json};
 
 use crate::gateway::{Gateway, assert_follows_schema, wait_for};
-use crate::support::text;
+use crate::support::{refused, runtime, text};
 
 /// The kinds only a Kubernetes target's streams write (checked here, not in the record's
 /// run through every kind).
@@ -71,11 +71,7 @@ impl StandIn {
         let log = Arc::new(Log::default());
         let shared = log.clone();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
+            runtime().block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 loop {
                     let Ok((stream, _)) = listener.accept().await else {
@@ -612,8 +608,7 @@ fn kubectl_reads_through_the_gateway_with_the_gateways_identity_and_masked() {
 
     // Another namespace is refused by policy, and never reaches the cluster.
     let out = s.kubectl(&["get", "pods", "-n", "kube-system", "-o", "json"]);
-    assert!(!out.status.success());
-    assert!(text(&out).contains("kube-system"), "{}", text(&out));
+    refused(&out, "kube-system");
     assert!(
         s.resource_requests()
             .iter()
@@ -628,15 +623,9 @@ fn writes_secrets_and_impersonation_are_refused_before_the_cluster() {
     let s = KubeSetup::new();
     let before = s.resource_requests().len();
     let out = s.kubectl(&["delete", "pod", "web-1", "-n", "shop"]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("not a read"), "{}", text(&out));
+    refused(&out, "not a read");
     let out = s.kubectl(&["get", "secrets", "-n", "shop", "-o", "json"]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("secrets are not readable"),
-        "{}",
-        text(&out)
-    );
+    refused(&out, "secrets are not readable");
     let out = s.kubectl(&[
         "get",
         "pods",
@@ -647,19 +636,16 @@ fn writes_secrets_and_impersonation_are_refused_before_the_cluster() {
         "-o",
         "json",
     ]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("impersonation"), "{}", text(&out));
-    let out = s.kubectl(&["exec", "web-1", "-n", "shop", "--", "sh", "-c", "id"]);
+    refused(&out, "impersonation");
+    let out = s.exec(&["sh", "-c", "id"]);
     assert!(!out.status.success(), "{}", text(&out));
     // The control plane's own paths are not discovery.
     let out = s.kubectl(&["get", "--raw", "/logs/kube-apiserver.log"]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("not API discovery"), "{}", text(&out));
+    refused(&out, "not API discovery");
     // A log cut at a byte the agent picks would give a masked value away, prefix by
     // prefix.
     let out = s.kubectl(&["logs", "web-1", "-n", "shop", "--limit-bytes=20"]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("limitBytes"), "{}", text(&out));
+    refused(&out, "limitBytes");
     // What reached the cluster: only reads of pods (kubectl exec reads the pod first).
     let reached = s.resource_requests();
     assert!(
@@ -759,6 +745,13 @@ fn a_watch_is_cut_when_its_grant_expires() {
 }
 
 impl KubeSetup {
+    /// `kubectl exec web-1 -n shop -- COMMAND`.
+    fn exec(&self, command: &[&str]) -> std::process::Output {
+        let mut args = vec!["exec", "web-1", "-n", "shop", "--"];
+        args.extend_from_slice(command);
+        self.kubectl(&args)
+    }
+
     /// `kubectl exec -i web-1 -- cat`, sent `first` on its stdin, which stays open.
     fn exec_cat(&self, first: &[u8]) -> (std::process::Child, std::process::ChildStdin) {
         use std::io::Write as _;
@@ -878,13 +871,6 @@ async fn raw_cat(grant: &(String, String, String)) -> RawSocket {
         .unwrap()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// An exec path on `web-1` with `command`, and the query's other parameters.
 fn exec_path(command: &[&str], rest: &str) -> String {
     let mut query = form_urlencoded::Serializer::new(String::new());
@@ -907,7 +893,7 @@ fn kubectl_exec_runs_allowed_commands_masked_recorded_and_replayed() {
     )
     .unwrap();
     let path = file.to_str().unwrap();
-    let out = s.kubectl(&["exec", "web-1", "-n", "shop", "--", "cat", path]);
+    let out = s.exec(&["cat", path]);
     assert!(out.status.success(), "{}", text(&out));
     // Masked line by line; the last line, unfinished, when the command ended.
     assert_eq!(
@@ -931,15 +917,7 @@ fn kubectl_exec_runs_allowed_commands_masked_recorded_and_replayed() {
     // to mask whole is withheld, never cut.
     let long = s.gw.dir.path().join("long.txt");
     std::fs::write(&long, format!("{}4111111111111111\n", ",".repeat(16376))).unwrap();
-    let out = s.kubectl(&[
-        "exec",
-        "web-1",
-        "-n",
-        "shop",
-        "--",
-        "cat",
-        long.to_str().unwrap(),
-    ]);
+    let out = s.exec(&["cat", long.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(stdout(&out).starts_with(",,,,"), "{}", text(&out));
     assert!(!stdout(&out).contains("4111111111111111"), "{}", text(&out));
@@ -949,33 +927,12 @@ fn kubectl_exec_runs_allowed_commands_masked_recorded_and_replayed() {
         format!("{} 4111 1111 1111 1111", "x".repeat(1536 * 1024)),
     )
     .unwrap();
-    let out = s.kubectl(&[
-        "exec",
-        "web-1",
-        "-n",
-        "shop",
-        "--",
-        "cat",
-        huge.to_str().unwrap(),
-    ]);
-    assert!(!out.status.success(), "{}", text(&out));
+    let out = s.exec(&["cat", huge.to_str().unwrap()]);
+    refused(&out, "cannot be masked without cutting it");
     assert!(stdout(&out).is_empty(), "{}", stdout(&out).len());
-    assert!(
-        text(&out).contains("cannot be masked without cutting it"),
-        "{}",
-        text(&out)
-    );
 
     // The command's exit code is kubectl's.
-    let out = s.kubectl(&[
-        "exec",
-        "web-1",
-        "-n",
-        "shop",
-        "--",
-        "ls",
-        "/nonexistent-airlock",
-    ]);
+    let out = s.exec(&["ls", "/nonexistent-airlock"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
 
     // Recorded: the exec as a Kubernetes action, its result, its cast.
@@ -1051,24 +1008,13 @@ fn exec_attach_and_port_forward_are_decided_before_the_cluster() {
     let s = KubeSetup::new();
     let touched = s.gw.dir.path().join("touched");
     let touched = touched.to_str().unwrap();
-    let out = s.kubectl(&["exec", "web-1", "-n", "shop", "--", "touch", touched]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("exec of `touch` is not allowed"),
-        "{}",
-        text(&out)
-    );
+    let out = s.exec(&["touch", touched]);
+    refused(&out, "exec of `touch` is not allowed");
     let script = format!("touch {touched}");
-    let out = s.kubectl(&["exec", "web-1", "-n", "shop", "--", "sh", "-c", &script]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("not a shell"), "{}", text(&out));
+    let out = s.exec(&["sh", "-c", &script]);
+    refused(&out, "not a shell");
     let out = s.kubectl(&["attach", "web-1", "-n", "shop"]);
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("pods/attach gives more than read access"),
-        "{}",
-        text(&out)
-    );
+    refused(&out, "pods/attach gives more than read access");
     let mut forward = s
         .connect("10m", &["port-forward", "pod/web-1", "-n", "shop", "0:80"])
         .stdout(Stdio::piped())
@@ -1084,12 +1030,7 @@ fn exec_attach_and_port_forward_are_decided_before_the_cluster() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = forward.wait_with_output().unwrap();
-    assert!(!out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains("pods/portforward gives more than read access"),
-        "{}",
-        text(&out)
-    );
+    refused(&out, "pods/portforward gives more than read access");
 
     // Nothing of them reached the cluster (kubectl reads the pod first; that is all).
     assert!(

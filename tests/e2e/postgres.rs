@@ -10,16 +10,9 @@ use tokio_postgres::error::SqlState;
 
 use crate::gateway::Gateway;
 use crate::pg::Postgres;
-use crate::support::{tempdir, test_certificates, text};
+use crate::support::{runtime, tempdir, test_certificates, text};
 
 const TASK: &str = "confirm migration 42 ran";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// The `sql.statement` entries of the record, as (text, verdict, params).
 pub(crate) fn recorded_statements(gw: &Gateway) -> Vec<(String, String, Value)> {

@@ -37,6 +37,25 @@ pub fn text(output: &Output) -> String {
     )
 }
 
+/// A runtime on the calling thread, for a test's async client or a stand-in server's
+/// thread.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Asserts `output` is a failure whose text says `expected`.
+pub fn refused(output: &Output, expected: &str) {
+    let out = text(output);
+    assert!(
+        !output.status.success(),
+        "expected a refusal, got success:\n{out}"
+    );
+    assert!(out.contains(expected), "expected {expected:?} in:\n{out}");
+}
+
 /// Builds the policy crate at `crate_path` (relative to the workspace) once per test
 /// run with `airlock policy build`, and returns the component's path.
 pub fn component(crate_path: &str) -> PathBuf {

@@ -219,20 +219,23 @@ pub(super) fn to_agent(upstream: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// A header map of `pairs`, in order, for tests.
+#[cfg(test)]
+pub(super) fn from_pairs(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (n, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
+    use super::from_pairs as headers;
     use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
-    }
 
     #[test]
     fn the_agents_credential_and_connection_never_reach_the_upstream() {

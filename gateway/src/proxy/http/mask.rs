@@ -348,18 +348,8 @@ pub(super) fn lines(
 
 #[cfg(test)]
 mod tests {
+    use super::super::headers::from_pairs as headers;
     use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.insert(
-                hyper::header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
-    }
 
     fn plan_status(status: StatusCode, h: &[(&str, &str)]) -> Result<Plan, Withheld> {
         plan(true, &Method::GET, status, &headers(h), false)
