@@ -113,6 +113,7 @@ fn main() {
             record,
             policy,
             Arc::new(airlock::proxy::Protocols::builtin()),
+            airlock::grants::GrantKey::generate(),
             vec![target],
             Duration::from_secs(3600),
         )

@@ -71,6 +71,11 @@ pub struct GatewayConfig {
     /// relative to the data directory.
     #[serde(default = "default_secrets")]
     pub secrets_file: PathBuf,
+    /// The host name (or address) agents reach the listeners at, as their TLS
+    /// certificates name it; connection details carry it. Default: the address each
+    /// listener is bound to.
+    #[serde(default)]
+    pub public_host: Option<String>,
 }
 
 fn default_name() -> String {
@@ -89,6 +94,7 @@ impl Default for GatewayConfig {
             name: default_name(),
             max_grant_ttl: default_max_ttl(),
             secrets_file: default_secrets(),
+            public_host: None,
         }
     }
 }
@@ -663,6 +669,11 @@ impl DataDir {
     /// The gateway's own checkpoint-signing key, created on first start.
     pub fn signing_key(&self) -> PathBuf {
         self.root.join("gateway-signing.key")
+    }
+
+    /// The key grants' secrets are derived with, created on first start.
+    pub fn grant_key(&self) -> PathBuf {
+        self.root.join("grant-secrets.key")
     }
 }
 

@@ -15,7 +15,7 @@ use crate::api::agent::AgentApi;
 use crate::bundle::{PolicyDir, Reloader, activated_event, refused_event};
 use crate::config::{Config, DataDir};
 use crate::fsperm;
-use crate::grants::Broker;
+use crate::grants::{Broker, GrantKey};
 use crate::keys::SecretKey;
 use crate::policy::Kind;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
@@ -24,7 +24,7 @@ use crate::proxy::postgres::PgServices;
 use crate::proxy::postgres::Postgres;
 use crate::proxy::postgres::classify::ClassifyCache;
 use crate::proxy::ssh::{Ssh, SshServices};
-use crate::proxy::{ProtocolGateway, Protocols, ProxyServices};
+use crate::proxy::{Advertised, ProtocolGateway, Protocols, ProxyServices};
 use crate::record::{
     AuditEvent, EventKind, FileWitness, HttpWitness, Record, RecordOptions, Witness, WitnessUrl,
     Write,
@@ -188,6 +188,7 @@ pub async fn run(
             record.clone(),
             policy.clone(),
             Arc::new(Protocols::builtin()),
+            GrantKey::load_or_create(&data.grant_key()).map_err(setup("grant key"))?,
             config.targets.clone(),
             config.max_grant_ttl(),
         )
@@ -293,6 +294,11 @@ pub async fn run(
     // operators, scripts and tests.
     let endpoints = serde_json::json!({
         "agent_api": local.to_string(),
+        "agent_api_url": format!(
+            "{}://{}",
+            if tls.is_some() { "https" } else { "http" },
+            Advertised::new(local, config.gateway.public_host.as_deref()).authority()
+        ),
         "postgres": pg_addr.to_string(),
         "ssh": ssh_addr.to_string(),
         "ssh_host_key": ssh_host_key,
@@ -304,23 +310,33 @@ pub async fn run(
         endpoints.to_string().as_bytes(),
     )
     .map_err(setup("endpoints file"))?;
+    let public_host = config.gateway.public_host.as_deref();
+    let at = |addr| Advertised::new(addr, public_host);
+    let pg_chain = match &config.postgres.tls_cert {
+        Some(cert) if pg_tls.is_some() => Some(
+            std::fs::read_to_string(cert)
+                .map_err(|e| ServeError::Setup(format!("postgres.tls-cert: {e}")))?,
+        ),
+        _ => None,
+    };
     let api = Arc::new(AgentApi::new(
         broker.clone(),
         config.agent_api.max_body_bytes,
         config.agent_api.requests_per_minute,
         Protocols::builtin()
             .with(Arc::new(Postgres {
-                listen: Some(pg_addr),
+                listen: Some(at(pg_addr)),
+                tls: pg_chain,
             }))
             .with(Arc::new(Ssh {
-                listen: Some(ssh_addr),
+                listen: Some(at(ssh_addr)),
                 host_key: Some(ssh_host_key),
             }))
             .with(Arc::new(
-                Http::new(Kind::Http).at(http_addr, http_chain.clone()),
+                Http::new(Kind::Http).at(at(http_addr), http_chain.clone()),
             ))
             .with(Arc::new(
-                Http::new(Kind::Kubernetes).at(http_addr, http_chain),
+                Http::new(Kind::Kubernetes).at(at(http_addr), http_chain),
             )),
     ));
 

@@ -50,6 +50,7 @@ fn broker(dir: &std::path::Path) -> Arc<Broker> {
             record,
             Arc::new(ActivePolicy::new(set, &Default::default())),
             Arc::new(airlock::proxy::Protocols::builtin()),
+            airlock::grants::GrantKey::generate(),
             vec![target("db-a"), target("db-b")],
             Duration::from_secs(3600),
         )

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `airlock` binary, real policy modules built with the real
 //! `airlock policy build`, real files and signatures.
 
+mod agent;
 mod broker;
 mod bundles;
 mod examples;

@@ -425,9 +425,9 @@ fn airlock_connect_runs_psql_with_the_grant_and_waits_for_review() {
     let out = connect(&["prod-db", "--task", TASK, "--print-env"]);
     let env = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        env.contains("export PGUSER=g_")
-            && env.contains("export PGPASSWORD=")
-            && env.contains("export PGDATABASE=prod-db"),
+        env.contains("export PGUSER='g_")
+            && env.contains("export PGPASSWORD='")
+            && env.contains("export PGDATABASE='prod-db'"),
         "{env}"
     );
 

@@ -160,6 +160,11 @@ pub fn update_users() -> Action {
 /// `localhost` (a server's, or a client's), made with `openssl` in `dir`: (CA, certificate, key),
 /// the key 0600.
 pub fn test_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    test_certificates_for(dir, name, "127.0.0.1")
+}
+
+/// [`test_certificates`] for the loopback address `ip` (and `localhost`).
+pub fn test_certificates_for(dir: &Path, name: &str, ip: &str) -> (PathBuf, PathBuf, PathBuf) {
     let ca = dir.join(format!("{name}-ca.pem"));
     let ca_key = dir.join(format!("{name}-ca.key"));
     let cert = dir.join(format!("{name}.pem"));
@@ -168,7 +173,7 @@ pub fn test_certificates(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) 
     let ext = dir.join(format!("{name}.ext"));
     std::fs::write(
         &ext,
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n",
+        format!("subjectAltName=IP:{ip},DNS:localhost\nbasicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n"),
     )
     .unwrap();
     let openssl = |build: &dyn Fn(&mut Command)| {

@@ -1,9 +1,13 @@
-//! The agent API: ask for a grant, read it, end it.
+//! The agent API: ask for a grant, read it, end it; list the targets and the agent's
+//! own grants.
 //!
-//! `POST /v1/grants` → 201 (allowed: the grant with its secret, shown once), 202
-//! (pending an operator's review), or 403 (denied, with the policy's reason and hint).
-//! `GET /v1/grants/{id}` and `DELETE /v1/grants/{id}` work on the agent's own grants
-//! only. Errors are JSON: `{"code": "...", "message": "..."}` with a stable code.
+//! `POST /v1/grants` → 201 (allowed: the grant with its secret and connection details),
+//! 202 (pending an operator's review), or 403 (denied, with the policy's reason and
+//! hint). `GET /v1/grants/{id}` shows an active grant's secret again to the agent that
+//! owns it, for follow-up commands of the same task; `DELETE /v1/grants/{id}` ends it,
+//! or withdraws a pending request. `GET /v1/grants` and `GET /v1/targets` list. Every
+//! grant route works on the agent's own grants only. Errors are JSON: `{"code": "...",
+//! "message": "..."}` with a stable code.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -218,12 +222,22 @@ impl AgentApi {
             .filter(|id| !id.contains('/'));
         match (req.method().clone(), path.as_str(), grant_id) {
             (Method::POST, "/v1/grants", _) => self.create(&agent, req).await,
+            (Method::GET, "/v1/grants", _) => {
+                let grants: Vec<_> = self
+                    .broker
+                    .grants_of(&agent.name)
+                    .iter()
+                    .map(|g| grant_json(g, None, None))
+                    .collect();
+                reply(StatusCode::OK, json!({ "grants": grants }))
+            }
+            (Method::GET, "/v1/targets", _) => reply(StatusCode::OK, self.targets()),
             (Method::GET, _, Some(id)) => self.show(&agent, id).await,
             (Method::DELETE, _, Some(id)) => match self.broker.end(&agent.name, id).await {
                 Ok(grant) => reply(StatusCode::OK, grant_json(&grant, None, None)),
                 Err(e) => broker_error(e),
             },
-            (_, "/v1/grants", _) | (_, _, Some(_)) => error(
+            (_, "/v1/grants" | "/v1/targets", _) | (_, _, Some(_)) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 format!("{} is not allowed on {path}", req.method()),
@@ -316,21 +330,43 @@ impl AgentApi {
         self.protocols.connection(kind, grant, secret)
     }
 
+    /// Every target, with its kind and labels. None is left out by a guess at policy:
+    /// whether a grant is given depends on the task, the access and the time as much
+    /// as on the target, and is decided when asked, so listing one promises nothing.
+    fn targets(&self) -> serde_json::Value {
+        let targets: Vec<_> = self
+            .broker
+            .targets()
+            .into_iter()
+            .map(|(target, _)| {
+                json!({ "name": target.name, "kind": target.kind.as_str(), "labels": target.labels })
+            })
+            .collect();
+        json!({ "targets": targets })
+    }
+
+    /// The grant; active, with its secret and connection details (minted now if an
+    /// operator just approved it).
     async fn show(&self, agent: &AgentRecord, id: &str) -> Reply {
-        match self.broker.collect(&agent.name, id).await {
-            Ok(Some((grant, secret))) => reply(
+        let shown = match self.broker.collect(&agent.name, id).await {
+            Ok(Some(collected)) => Some(collected),
+            Ok(None) => self.broker.secret_for(&agent.name, id),
+            Err(e) => return broker_error(e),
+        };
+        if let Some((grant, secret)) = shown {
+            let connection = self.connection(&grant, &secret);
+            return reply(
                 StatusCode::OK,
-                grant_json(&grant, Some(&secret), self.connection(&grant, &secret)),
+                grant_json(&grant, Some(&secret), connection),
+            );
+        }
+        match self.broker.grant_for(&agent.name, id) {
+            Some(grant) => reply(StatusCode::OK, grant_json(&grant, None, None)),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("grant `{id}` not found"),
             ),
-            Ok(None) => match self.broker.grant_for(&agent.name, id) {
-                Some(grant) => reply(StatusCode::OK, grant_json(&grant, None, None)),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("grant `{id}` not found"),
-                ),
-            },
-            Err(e) => broker_error(e),
         }
     }
 }

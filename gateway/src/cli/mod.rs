@@ -1,9 +1,11 @@
 //! Command-line interface. Errors end here: each command returns `anyhow::Result` and
 //! `main` prints the whole chain of causes.
 
+mod agent_client;
 mod audit;
 mod bundle;
 mod connect;
+mod discover;
 mod operator;
 mod policy;
 mod serve;
@@ -62,6 +64,14 @@ enum Command {
     Audit(audit::AuditCommand),
     /// For agents: ask for a grant and open the target with its ordinary client.
     Connect(connect::ConnectArgs),
+    /// For agents: the targets this agent may ask for, with kind and labels.
+    Targets {
+        #[command(flatten)]
+        api: agent_client::ApiArgs,
+        /// One JSON object a line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Where the gateway's files are, resolved once from the global flags.
@@ -128,6 +138,7 @@ pub fn main() -> ExitCode {
         Command::Health => operator::health(&context),
         Command::Audit(command) => audit::run(&context, command),
         Command::Connect(args) => connect::run(args),
+        Command::Targets { api, json } => discover::targets(&api, json),
     };
     match result {
         Ok(code) => code,

@@ -149,6 +149,14 @@ pub(crate) enum GrantsCommand {
     Revoke {
         id: String,
     },
+    /// For agents: this agent's own grants and their state, from the agent API.
+    Mine {
+        #[command(flatten)]
+        api: super::agent_client::ApiArgs,
+        /// One JSON object a line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn labels(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
@@ -269,6 +277,7 @@ pub(crate) fn grants(context: &Context, command: GrantsCommand) -> anyhow::Resul
             admin(context, AdminRequest::GrantsDeny { id, reason })?
         }
         GrantsCommand::Revoke { id } => admin(context, AdminRequest::GrantsRevoke { id })?,
+        GrantsCommand::Mine { api, json } => return super::discover::mine(&api, json),
     };
     print(&result);
     Ok(ExitCode::SUCCESS)

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::model::{Access, AgentRecord, GrantRecord, GrantStatus, SessionRecord, TargetRecord};
-use super::secret::{hash_secret, new_id, new_secret, secret_matches};
+use super::secret::{GrantKey, hash_secret, new_id, new_secret, secret_matches};
 use crate::policy::ActivePolicy;
 use crate::policy::types::GrantRequest;
 use crate::policy::{Decision, Kind, Outcome};
@@ -138,15 +138,22 @@ pub struct Broker {
     record: Record,
     policy: Arc<ActivePolicy>,
     proofs: Arc<dyn SecretProofs>,
+    /// Derives each grant's secret from its id.
+    key: GrantKey,
     max_ttl: Duration,
     state: RwLock<State>,
     live: Mutex<HashMap<String, watch::Sender<Option<String>>>>,
 }
 
-/// Mints a fresh secret for `grant`, storing only its hash and the proofs its target's
-/// protocol checks. Returns the secret, to be shown once.
-fn mint_secret(grant: &mut GrantRecord, kind: Kind, proofs: &dyn SecretProofs) -> String {
-    let secret = new_secret();
+/// Mints `grant`'s secret, storing only its hash and the proofs its target's protocol
+/// checks. Returns the secret, for the agent that owns the grant.
+fn mint_secret(
+    grant: &mut GrantRecord,
+    kind: Kind,
+    key: &GrantKey,
+    proofs: &dyn SecretProofs,
+) -> String {
+    let secret = key.secret(&grant.id);
     grant.secret_hash = hash_secret(&secret);
     grant.proofs = proofs
         .proofs(kind, &secret)
@@ -177,11 +184,14 @@ fn decision_detail(decision: &Decision) -> serde_json::Value {
 
 impl Broker {
     /// Loads agents, targets and grants from the record; `config_targets` are the
-    /// configuration file's targets, which the admin interface cannot remove.
+    /// configuration file's targets, which the admin interface cannot remove; `key`
+    /// derives grants' secrets (the same key across restarts, or grants issued before
+    /// one cannot be shown again).
     pub fn load(
         record: Record,
         policy: Arc<ActivePolicy>,
         proofs: Arc<dyn SecretProofs>,
+        key: GrantKey,
         config_targets: Vec<TargetRecord>,
         max_ttl: Duration,
     ) -> Result<Self, BrokerError> {
@@ -224,6 +234,7 @@ impl Broker {
             record,
             policy,
             proofs,
+            key,
             max_ttl,
             state: RwLock::new(state),
             live: Mutex::new(HashMap::new()),
@@ -448,6 +459,15 @@ impl Broker {
                 humantime::format_duration(self.max_ttl)
             )));
         }
+        if let Some(pending) = self.pending_like(agent, &target.name, &body, ttl) {
+            // A rerun of a request still waiting for review (its first asker timed
+            // out) waits on the same grant instead of queueing a second for the
+            // operator.
+            return Ok(Issued {
+                grant: pending,
+                secret: None,
+            });
+        }
         let now = now_ms();
         let request = GrantRequest {
             agent: agent.policy_agent(),
@@ -487,7 +507,12 @@ impl Broker {
                 grant.status = GrantStatus::Active;
                 grant.expires_ms = now + ttl * 1000;
                 grant.read_only = constraints.read_only;
-                secret = Some(mint_secret(&mut grant, target.kind, &*self.proofs));
+                secret = Some(mint_secret(
+                    &mut grant,
+                    target.kind,
+                    &self.key,
+                    &*self.proofs,
+                ));
             }
             Outcome::Review { reason, .. } => {
                 grant.status = GrantStatus::Pending;
@@ -522,6 +547,58 @@ impl Broker {
                 .put(Space::Grants, id.as_str(), json(&grant));
         self.store_grant(write, &grant).await?;
         Ok(Issued { grant, secret })
+    }
+
+    /// `agent`'s grant still waiting for review that asks for just what `body` does.
+    fn pending_like(
+        &self,
+        agent: &AgentRecord,
+        target: &str,
+        body: &GrantRequestBody,
+        ttl: u64,
+    ) -> Option<GrantRecord> {
+        let now = now_ms();
+        self.state
+            .read()
+            .unwrap()
+            .grants
+            .values()
+            .find(|g| {
+                g.status == GrantStatus::Pending
+                    && now < g.expires_ms
+                    && g.agent == agent.name
+                    && g.target == target
+                    && g.task == body.task
+                    && g.access == body.access
+                    && u64::from(g.ttl_seconds) == ttl
+            })
+            .cloned()
+    }
+
+    /// `agent`'s own grants, newest first.
+    pub fn grants_of(&self, agent: &str) -> Vec<GrantRecord> {
+        let mut grants: Vec<GrantRecord> = self
+            .grants()
+            .into_iter()
+            .filter(|g| g.agent == agent)
+            .map(|g| self.grant(&g.id).unwrap_or(g))
+            .collect();
+        grants.reverse();
+        grants
+    }
+
+    /// The secret of `agent`'s own active grant `id`, shown again: for a follow-up
+    /// command of the same task, or the MCP server's connection under it. `None` for
+    /// a grant that is not active or not `agent`'s, or that has no secret yet (approved
+    /// but not collected: [`Broker::collect`] mints it).
+    pub fn secret_for(&self, agent: &str, id: &str) -> Option<(GrantRecord, String)> {
+        let grant = self.grant_for(agent, id)?;
+        if grant.status != GrantStatus::Active || grant.secret_hash.is_empty() {
+            return None;
+        }
+        let secret = self.key.secret(id);
+        // A grant minted before secrets were derived has a random one, gone for good.
+        secret_matches(&secret, &grant.secret_hash).then_some((grant, secret))
     }
 
     /// A grant, if `agent` owns it (an agent cannot see another's grants).
@@ -599,7 +676,7 @@ impl Broker {
             return Ok(None);
         }
         let kind = self.target(&grant.target).map_or(Kind::Http, |t| t.kind);
-        let secret = mint_secret(&mut grant, kind, &*self.proofs);
+        let secret = mint_secret(&mut grant, kind, &self.key, &*self.proofs);
         let write = Write::event(
             AuditEvent::new(EventKind::GrantCollected)
                 .agent(agent)
@@ -636,13 +713,16 @@ impl Broker {
             .await
     }
 
-    /// The agent ends its own grant early.
+    /// The agent ends its own grant early, or withdraws its request for review.
     pub async fn end(&self, agent: &str, id: &str) -> Result<GrantRecord, BrokerError> {
-        if self.grant_for(agent, id).is_none() {
+        let Some(grant) = self.grant_for(agent, id) else {
             return Err(BrokerError::NotFound(format!("grant `{id}`")));
-        }
-        self.finish(id, GrantStatus::Ended, "ended by its agent", agent)
-            .await
+        };
+        let reason = match grant.status {
+            GrantStatus::Pending => "withdrawn by its agent before review",
+            _ => "ended by its agent",
+        };
+        self.finish(id, GrantStatus::Ended, reason, agent).await
     }
 
     /// Ends every grant whose window has passed. Returns how many it ended.

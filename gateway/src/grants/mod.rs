@@ -14,4 +14,6 @@ pub use broker::{
     SecretProofs, TargetSource,
 };
 pub use model::{Access, AgentRecord, GrantRecord, GrantStatus, SessionRecord, TargetRecord};
-pub use secret::{hash_secret, looks_like_grant_id, new_id, new_secret, secret_matches};
+pub use secret::{
+    GrantKey, GrantKeyError, hash_secret, looks_like_grant_id, new_id, new_secret, secret_matches,
+};

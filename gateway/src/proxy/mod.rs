@@ -12,5 +12,5 @@ pub mod session;
 pub mod ssh;
 
 pub use cast::replay_cast;
-pub use protocol::{Protocol, ProtocolGateway, Protocols};
+pub use protocol::{Advertised, Protocol, ProtocolGateway, Protocols};
 pub use session::{CutSignal, ProxyServices, SessionCore, SessionEnd, Verdict};

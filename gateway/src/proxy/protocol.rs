@@ -3,6 +3,7 @@
 //! branches on a protocol by name.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -10,6 +11,33 @@ use tokio::net::TcpListener;
 
 use crate::grants::{GrantRecord, SecretProofs, TargetRecord};
 use crate::policy::Kind;
+
+/// Where agents reach a listener: the host they dial and the port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advertised {
+    pub host: String,
+    pub port: u16,
+}
+
+impl Advertised {
+    /// The listener bound at `bound`, reached at `public_host` if the operator named
+    /// one (`gateway.public-host`), else at the bound address.
+    pub fn new(bound: SocketAddr, public_host: Option<&str>) -> Self {
+        Advertised {
+            host: public_host.map_or_else(|| bound.ip().to_string(), str::to_string),
+            port: bound.port(),
+        }
+    }
+
+    /// `host:port`, an IPv6 address bracketed, for URLs.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
 
 /// One protocol's answers to the neutral parts of the gateway.
 pub trait Protocol: Send + Sync {

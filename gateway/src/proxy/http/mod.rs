@@ -21,7 +21,6 @@ pub(crate) mod upstream;
 mod websocket;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::TcpListener;
@@ -30,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::HttpConfig;
 use crate::grants::{GrantRecord, TargetRecord};
 use crate::policy::Kind;
-use crate::proxy::protocol::Protocol;
+use crate::proxy::protocol::{Advertised, Protocol};
 use crate::proxy::{ProtocolGateway, ProxyServices};
 use crate::secrets::Secrets;
 use upstream::{Upstream, UpstreamError};
@@ -45,7 +44,7 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug)]
 pub struct Http {
     kind: Kind,
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<Advertised>,
     /// The listener's certificate chain (PEM), when it speaks TLS: clients pin it
     /// (kubectl's kubeconfig names it as the cluster's CA).
     pub tls: Option<String>,
@@ -60,10 +59,10 @@ impl Http {
         }
     }
 
-    /// This protocol, served at `addr` (over TLS with the chain `tls`, if given).
-    pub fn at(self, addr: SocketAddr, tls: Option<String>) -> Self {
+    /// This protocol, served at `at` (over TLS with the chain `tls`, if given).
+    pub fn at(self, at: Advertised, tls: Option<String>) -> Self {
         Http {
-            listen: Some(addr),
+            listen: Some(at),
             tls,
             ..self
         }
@@ -81,12 +80,12 @@ impl Protocol for Http {
 
     /// The gateway's URL and the bearer token (`GRANT_ID.SECRET`) to send it.
     fn connection(&self, grant: &GrantRecord, secret: &str) -> Option<serde_json::Value> {
-        let addr = self.listen?;
+        let at = self.listen.as_ref()?;
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let token = bearer(&grant.id, secret);
         Some(serde_json::json!({
             "protocol": self.kind.as_str(),
-            "url": format!("{scheme}://{addr}"),
+            "url": format!("{scheme}://{}", at.authority()),
             "token": token,
             "header": format!("Authorization: Bearer {token}"),
             "ca": self.tls,

@@ -1,20 +1,19 @@
 //! PostgreSQL's answers to the gateway's neutral parts (see `proxy::protocol`).
 
-use std::net::SocketAddr;
-
 use super::upstream::UpstreamAddr;
 use crate::grants::{GrantRecord, TargetRecord};
 use crate::policy::Kind;
-use crate::proxy::protocol::Protocol;
+use crate::proxy::protocol::{Advertised, Protocol};
 
 /// The name a grant's SCRAM verifier is stored under.
 pub(super) const SCRAM_PROOF: &str = "scram-sha-256";
 
 /// The PostgreSQL protocol; `listen` is where its gateway accepts clients, once it
-/// does.
+/// does, and `tls` the certificate chain (PEM) it offers them, if it does.
 #[derive(Debug, Default)]
 pub struct Postgres {
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<Advertised>,
+    pub tls: Option<String>,
 }
 
 impl Protocol for Postgres {
@@ -38,14 +37,18 @@ impl Protocol for Postgres {
         )]
     }
 
-    /// psql's host, port, database (the target) and user (the grant id).
+    /// psql's host, port, database (the target) and user (the grant id), and the
+    /// TLS it needs: `verify-full` against the gateway's CA where the listener offers
+    /// TLS (the chain it serves is given as `ca`).
     fn connection(&self, grant: &GrantRecord, _secret: &str) -> Option<serde_json::Value> {
-        let addr = self.listen?;
+        let at = self.listen.as_ref()?;
         Some(serde_json::json!({
             "protocol": "postgres",
-            "host": addr.ip().to_string(),
-            "port": addr.port(),
+            "host": at.host,
+            "port": at.port,
             "database": grant.target,
+            "sslmode": if self.tls.is_some() { "verify-full" } else { "disable" },
+            "ca": self.tls,
         }))
     }
 }

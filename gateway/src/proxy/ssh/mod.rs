@@ -15,7 +15,6 @@ mod pump;
 mod sftp;
 mod upstream;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,14 +25,14 @@ use upstream::UpstreamAddr;
 
 use crate::grants::{GrantRecord, TargetRecord};
 use crate::policy::Kind;
-use crate::proxy::protocol::Protocol;
+use crate::proxy::protocol::{Advertised, Protocol};
 use crate::proxy::{ProtocolGateway, ProxyServices};
 
 /// The SSH protocol; `listen` is where its gateway accepts clients, once it does, and
 /// `host_key` the gateway's public host key they pin.
 #[derive(Debug, Default)]
 pub struct Ssh {
-    pub listen: Option<SocketAddr>,
+    pub listen: Option<Advertised>,
     pub host_key: Option<String>,
 }
 
@@ -62,11 +61,11 @@ impl Protocol for Ssh {
     /// ssh's host and port, the user (the grant id), and the gateway's host key to
     /// pin, so no client ever answers a host-key prompt.
     fn connection(&self, grant: &GrantRecord, _secret: &str) -> Option<serde_json::Value> {
-        let addr = self.listen?;
+        let at = self.listen.as_ref()?;
         Some(serde_json::json!({
             "protocol": "ssh",
-            "host": addr.ip().to_string(),
-            "port": addr.port(),
+            "host": at.host,
+            "port": at.port,
             "user": grant.id,
             "host_key": self.host_key,
         }))
