@@ -22,6 +22,7 @@ pub mod config;
 pub mod fsperm;
 pub mod grants;
 pub mod keys;
+pub mod mcp;
 pub mod policy;
 pub mod proxy;
 pub mod record;

@@ -17,6 +17,7 @@ use crate::config::{Config, DataDir};
 use crate::fsperm;
 use crate::grants::{Broker, GrantKey};
 use crate::keys::SecretKey;
+use crate::mcp::{McpServer, McpServices};
 use crate::policy::Kind;
 use crate::policy::{ActivePolicy, PolicyEngine, PolicySet};
 use crate::proxy::http::{Http, HttpLimits, HttpServices};
@@ -319,27 +320,6 @@ pub async fn run(
         ),
         _ => None,
     };
-    let api = Arc::new(AgentApi::new(
-        broker.clone(),
-        config.agent_api.max_body_bytes,
-        config.agent_api.requests_per_minute,
-        Protocols::builtin()
-            .with(Arc::new(Postgres {
-                listen: Some(at(pg_addr)),
-                tls: pg_chain,
-            }))
-            .with(Arc::new(Ssh {
-                listen: Some(at(ssh_addr)),
-                host_key: Some(ssh_host_key),
-            }))
-            .with(Arc::new(
-                Http::new(Kind::Http).at(at(http_addr), http_chain.clone()),
-            ))
-            .with(Arc::new(
-                Http::new(Kind::Kubernetes).at(at(http_addr), http_chain),
-            )),
-    ));
-
     let pg_services = Arc::new(PgServices {
         proxy,
         classify: ClassifyCache::new(10_000),
@@ -348,6 +328,37 @@ pub async fn run(
         tls: pg_tls,
         cancels: Default::default(),
     });
+    let api = Arc::new(
+        AgentApi::new(
+            broker.clone(),
+            config.agent_api.max_body_bytes,
+            config.agent_api.requests_per_minute,
+            Protocols::builtin()
+                .with(Arc::new(Postgres {
+                    listen: Some(at(pg_addr)),
+                    tls: pg_chain,
+                }))
+                .with(Arc::new(Ssh {
+                    listen: Some(at(ssh_addr)),
+                    host_key: Some(ssh_host_key),
+                }))
+                .with(Arc::new(
+                    Http::new(Kind::Http).at(at(http_addr), http_chain.clone()),
+                ))
+                .with(Arc::new(
+                    Http::new(Kind::Kubernetes).at(at(http_addr), http_chain),
+                )),
+        )
+        .with_mcp(mcp_http(
+            Arc::new(McpServices {
+                broker: broker.clone(),
+                postgres: pg_services.clone(),
+            }),
+            local,
+            public_host,
+        )),
+    );
+
     // Each protocol's gateway on its own listener.
     let gateways: Vec<(Arc<dyn ProtocolGateway>, TcpListener)> = vec![
         (pg_services, pg_listener),
@@ -424,7 +435,7 @@ pub async fn run(
             let api = api.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req| api.clone().handle(req));
+                let service = service_fn(move |req| api.clone().handle(req, peer));
                 let http = hyper::server::conn::http1::Builder::new();
                 let result = match tls {
                     Some(acceptor) => match acceptor.accept(stream).await {
@@ -481,6 +492,31 @@ pub async fn run(
     drop(api);
     record.close();
     Ok(ended)
+}
+
+/// The MCP server at the agent API: stateless Streamable HTTP answering in JSON, its
+/// `Host` check admitting loopback names, the address the agent API is bound to and
+/// the public host.
+fn mcp_http(
+    services: Arc<McpServices>,
+    bound: SocketAddr,
+    public_host: Option<&str>,
+) -> crate::api::agent::McpHttp {
+    use rmcp::transport::streamable_http_server::StreamableHttpServerConfig;
+    let hosts = ["localhost".to_string(), "127.0.0.1".into(), "::1".into()]
+        .into_iter()
+        .chain([bound.ip().to_string()])
+        .chain(public_host.map(str::to_string));
+    let config = StreamableHttpServerConfig::default()
+        .with_legacy_session_mode(false)
+        .with_json_response(true)
+        .with_sse_keep_alive(None)
+        .with_allowed_hosts(hosts);
+    crate::api::agent::McpHttp::new(
+        move || Ok(McpServer::new(services.clone())),
+        Default::default(),
+        config,
+    )
 }
 
 /// Whether the store's directory takes a write as big as a commit and its fsync: a

@@ -9,6 +9,7 @@ mod flood;
 mod gateway;
 mod http;
 mod kube;
+mod mcp;
 mod pg;
 mod policy_host;
 mod postgres;

@@ -25,6 +25,12 @@ use crate::grants::{AgentRecord, Broker, BrokerError, GrantRecord, GrantRequestB
 use crate::proxy::Protocols;
 use crate::record::{AuditEvent, EventKind, Write};
 
+/// The MCP server as the agent API serves it: Streamable HTTP, stateless, JSON answers.
+pub type McpHttp = rmcp::transport::streamable_http_server::StreamableHttpService<
+    crate::mcp::McpServer,
+    rmcp::transport::streamable_http_server::session::never::NeverSessionManager,
+>;
+
 /// The agent API's shared state.
 pub struct AgentApi {
     broker: Arc<Broker>,
@@ -34,6 +40,8 @@ pub struct AgentApi {
     refusals: RecordCap,
     /// The protocols, for the connection details each adds to a grant.
     protocols: Protocols,
+    /// MCP at `/mcp`, when the gateway serves it.
+    mcp: Option<McpHttp>,
 }
 
 /// Refused calls recorded per caller (an agent, or all unauthenticated callers
@@ -134,6 +142,15 @@ impl AgentApi {
             limiter: RateLimiter::new(requests_per_minute),
             refusals: RecordCap::per_minute(REFUSALS_RECORDED_PER_MINUTE),
             protocols,
+            mcp: None,
+        }
+    }
+
+    /// This API serving MCP at `/mcp` as well.
+    pub fn with_mcp(self, mcp: McpHttp) -> Self {
+        AgentApi {
+            mcp: Some(mcp),
+            ..self
         }
     }
 
@@ -160,12 +177,16 @@ impl AgentApi {
         }
     }
 
-    /// Handles one request; never fails (every error is a JSON response).
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, Infallible> {
-        Ok(self.route(req).await)
+    /// Handles one request from `peer`; never fails (every error is a JSON response).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: std::net::SocketAddr,
+    ) -> Result<Reply, Infallible> {
+        Ok(self.route(req, peer).await)
     }
 
-    async fn route(&self, req: Request<Incoming>) -> Reply {
+    async fn route(&self, mut req: Request<Incoming>, peer: std::net::SocketAddr) -> Reply {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => {
@@ -192,10 +213,20 @@ impl AgentApi {
         };
         let span = tracing::info_span!("agent_api", agent = %agent.name, %path);
         let (name, method) = (agent.name.clone(), req.method().clone());
-        let reply = self
-            .authenticated(agent, req, path.clone())
-            .instrument(span)
-            .await;
+        let reply = match &self.mcp {
+            Some(mcp) if path == "/mcp" && self.limiter.allow(&agent.name) => {
+                req.extensions_mut().insert(crate::mcp::Caller {
+                    agent,
+                    peer: peer.to_string(),
+                });
+                self.mcp(mcp, req).instrument(span).await
+            }
+            _ => {
+                self.authenticated(agent, req, path.clone())
+                    .instrument(span)
+                    .await
+            }
+        };
         // A denied grant request is recorded as its decision (403, grant.decided).
         let status = reply.status();
         if status.is_client_error() && status != StatusCode::FORBIDDEN {
@@ -324,6 +355,19 @@ impl AgentApi {
         }
     }
 
+    /// One MCP request, answered by the MCP server (stateless, so with one JSON body).
+    async fn mcp(&self, mcp: &McpHttp, req: Request<Incoming>) -> Reply {
+        let response = match tower_service::Service::call(&mut mcp.clone(), req).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let (parts, body) = response.into_parts();
+        match body.collect().await {
+            Ok(body) => Response::from_parts(parts, Full::new(body.to_bytes())),
+            Err(never) => match never {},
+        }
+    }
+
     /// Where and how to connect under `grant`, as its target's protocol says.
     fn connection(&self, grant: &GrantRecord, secret: &str) -> Option<serde_json::Value> {
         let kind = self.broker.target(&grant.target)?.kind;
@@ -373,7 +417,7 @@ impl AgentApi {
 
 /// `text` with every agent token in it (`airlock_` and what follows, up to a character
 /// no token holds) replaced: for what is recorded or logged.
-fn withhold_tokens(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn withhold_tokens(text: &str) -> std::borrow::Cow<'_, str> {
     const PREFIX: &str = "airlock_";
     if !text.contains(PREFIX) {
         return text.into();

@@ -6,6 +6,7 @@ mod audit;
 mod bundle;
 mod connect;
 mod discover;
+mod mcp;
 mod operator;
 mod policy;
 mod serve;
@@ -64,6 +65,12 @@ enum Command {
     Audit(audit::AuditCommand),
     /// For agents: ask for a grant and open the target with its ordinary client.
     Connect(connect::ConnectArgs),
+    /// For agents: MCP over stdio, relayed to the gateway's MCP server (for clients
+    /// that launch their MCP servers).
+    Mcp {
+        #[command(flatten)]
+        api: agent_client::ApiArgs,
+    },
     /// For agents: the targets this agent may ask for, with kind and labels.
     Targets {
         #[command(flatten)]
@@ -139,6 +146,7 @@ pub fn main() -> ExitCode {
         Command::Audit(command) => audit::run(&context, command),
         Command::Connect(args) => connect::run(args),
         Command::Targets { api, json } => discover::targets(&api, json),
+        Command::Mcp { api } => mcp::run(&api),
     };
     match result {
         Ok(code) => code,

@@ -900,11 +900,13 @@ impl Broker {
     }
 
     /// Records a session opened under `grant` (state and audit entry, durably) before
-    /// the client is let in.
+    /// the client is let in; `via` names the interface that opened it on the agent's
+    /// behalf (`mcp`), if not the agent's own client.
     pub async fn open_session(
         &self,
         grant: &GrantRecord,
         protocol: &str,
+        via: Option<&str>,
     ) -> Result<SessionRecord, BrokerError> {
         let session = SessionRecord {
             id: new_id("s_"),
@@ -912,17 +914,22 @@ impl Broker {
             agent: grant.agent.clone(),
             target: grant.target.clone(),
             protocol: protocol.to_string(),
+            via: via.map(str::to_string),
             opened_ms: now_ms(),
             closed_ms: None,
             statements: 0,
             end_reason: None,
         };
+        let mut detail = serde_json::json!({ "session": session.id, "protocol": protocol });
+        if let Some(via) = via {
+            detail["via"] = via.into();
+        }
         let write = Write::event(
             AuditEvent::new(EventKind::SessionOpened)
                 .agent(&grant.agent)
                 .target(&grant.target)
                 .grant(&grant.id)
-                .detail(serde_json::json!({ "session": session.id, "protocol": protocol })),
+                .detail(detail),
         )
         .put(Space::Sessions, session.id.as_str(), json(&session));
         self.record.write_async(write).await?;

@@ -198,6 +198,9 @@ pub struct SessionRecord {
     pub agent: String,
     pub target: String,
     pub protocol: String,
+    /// `mcp` for a session the gateway's MCP server opened on its agent's behalf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     pub opened_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub closed_ms: Option<u64>,

@@ -13,4 +13,4 @@ pub mod ssh;
 
 pub use cast::replay_cast;
 pub use protocol::{Advertised, Protocol, ProtocolGateway, Protocols};
-pub use session::{CutSignal, ProxyServices, SessionCore, SessionEnd, Verdict};
+pub use session::{CutSignal, ProxyServices, SessionCore, SessionEnd, Verdict, Via};

@@ -69,6 +69,27 @@ pub enum SessionEnd {
     Withheld(String),
 }
 
+/// How a session reached its protocol gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The agent's own client, over the network.
+    Client,
+    /// The gateway's MCP server, on the agent's behalf, over an in-process stream
+    /// that nothing outside the gateway can open. Every entry of the session says
+    /// `via: mcp`.
+    Mcp,
+}
+
+impl Via {
+    /// What the record says, where it says anything.
+    fn recorded(self) -> Option<&'static str> {
+        match self {
+            Via::Client => None,
+            Via::Mcp => Some("mcp"),
+        }
+    }
+}
+
 /// A refusal: the reason, and a hint for the agent.
 pub type Denial = (String, Option<String>);
 
@@ -153,6 +174,7 @@ impl ProxyServices {
         live: LiveGrant,
         target: &TargetRecord,
         protocol: &str,
+        via: Via,
     ) -> Result<SessionCore, BrokerError> {
         let grant = live.grant.clone();
         let agent = self
@@ -173,9 +195,13 @@ impl ProxyServices {
             access: grant.access.into(),
             now_unix_ms: 0,
         };
-        let opened = self.broker.open_session(&grant, protocol).await?;
+        let opened = self
+            .broker
+            .open_session(&grant, protocol, via.recorded())
+            .await?;
         Ok(SessionCore {
             services: self.clone(),
+            via,
             context,
             live,
             opened,
@@ -207,6 +233,7 @@ impl CutSignal {
 /// One admitted session's enforcement state.
 pub struct SessionCore {
     services: Arc<ProxyServices>,
+    via: Via,
     context: GrantContext,
     live: LiveGrant,
     opened: SessionRecord,
@@ -234,6 +261,10 @@ impl SessionCore {
             now_unix_ms: now_ms(),
             ..self.context.clone()
         }
+    }
+
+    pub fn via(&self) -> Via {
+        self.via
     }
 
     pub fn session_id(&self) -> &str {
@@ -324,7 +355,10 @@ impl SessionCore {
     }
 
     /// An entry about this session: its agent, target and grant filled in.
-    pub fn event(&self, kind: EventKind, detail: serde_json::Value) -> AuditEvent {
+    pub fn event(&self, kind: EventKind, mut detail: serde_json::Value) -> AuditEvent {
+        if let (Some(via), Some(fields)) = (self.via.recorded(), detail.as_object_mut()) {
+            fields.insert("via".into(), via.into());
+        }
         AuditEvent::new(kind)
             .agent(&self.context.agent.id)
             .target(&self.context.target.name)

@@ -36,6 +36,7 @@ use crate::config::Durability;
 use crate::grants::{GrantAuthError, TargetRecord};
 use crate::policy::Kind;
 use crate::policy::types::{Action, GrantContext, HttpRequest, KubeRequest, Label, RequestBody};
+use crate::proxy::Via;
 use crate::proxy::kube;
 use crate::proxy::line_mask::LineMask;
 use crate::proxy::session::{CutSignal, Denial, SessionCore};
@@ -215,7 +216,7 @@ impl Conn {
             )
         })?;
         let core = proxy
-            .open(live, &target, target.kind.as_str())
+            .open(live, &target, target.kind.as_str(), Via::Client)
             .await
             .map_err(|e| {
                 reply(

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod classify;
+pub mod client;
 mod conn;
 #[cfg(test)]
 mod corpus_replay;

@@ -27,6 +27,25 @@ pub struct PgServices {
     pub cancels: std::sync::Mutex<HashMap<BackendKey, (String, BackendKey)>>,
 }
 
+/// The buffer of an in-process connection, each way.
+const IN_PROCESS_BUFFER: usize = 64 * 1024;
+
+impl PgServices {
+    /// A connection to this gateway from inside the process, for the MCP server acting
+    /// on an agent's behalf (`peer` names the agent's own address): served as a network
+    /// client's is, its session recorded `via: mcp`. Returns the client's end.
+    pub fn connect_in_process(self: &Arc<Self>, peer: String) -> tokio::io::DuplexStream {
+        let (client, server) = tokio::io::duplex(IN_PROCESS_BUFFER);
+        tokio::spawn(super::startup::run(
+            server,
+            peer,
+            crate::proxy::Via::Mcp,
+            self.clone(),
+        ));
+        client
+    }
+}
+
 impl ProtocolGateway for PgServices {
     fn name(&self) -> &'static str {
         "PostgreSQL"

@@ -5,11 +5,10 @@
 use std::sync::Arc;
 
 use bytes::BufMut;
-use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::catalog::Catalog;
-use super::conn::{Conn, fatal};
+use super::conn::{Conn, Stream, fatal};
 use super::pins;
 use super::scram::{Exchange, Verifier};
 use super::services::{CancelKey, PgServices};
@@ -18,6 +17,7 @@ use super::upstream::{self, Ender, Upstream, UpstreamAddr};
 use super::wire::{self, Startup, WireError, message, ready_for_query};
 use crate::grants::{Access, GrantAuthError, TargetRecord, looks_like_grant_id};
 use crate::policy::Kind;
+use crate::proxy::Via;
 use crate::secrets::Secrets;
 
 /// Refuses a login with FATAL `code` and records it (`session.refused`; SCRAM never
@@ -40,20 +40,23 @@ async fn refuse_login(
 pub(super) async fn listen(listener: tokio::net::TcpListener, services: Arc<PgServices>) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(run(stream, services.clone()));
+            Ok((stream, peer)) => {
+                stream.set_nodelay(true).ok();
+                tokio::spawn(run(stream, peer.to_string(), Via::Client, services.clone()));
             }
             Err(e) => crate::accept::pause_after("PostgreSQL gateway", &e).await,
         }
     }
 }
 
-/// Runs one client connection to its end.
-async fn run(stream: TcpStream, services: Arc<PgServices>) {
-    stream.set_nodelay(true).ok();
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "unknown".into(), |a| a.to_string());
+/// Runs one client connection to its end: a network client's, or one the gateway's MCP
+/// server opened in process (`via`), which takes the same path.
+pub(super) async fn run(
+    stream: impl Stream + 'static,
+    peer: String,
+    via: Via,
+    services: Arc<PgServices>,
+) {
     let mut client = Conn::new(stream);
     let mut tls = false;
     let params = loop {
@@ -126,7 +129,8 @@ async fn run(stream: TcpStream, services: Arc<PgServices>) {
     };
     let (user, database) = (param("user"), param("database"));
     let claimed = (user.as_deref(), database.as_deref());
-    if services.require_tls && !tls {
+    // An in-process stream crosses no network.
+    if services.require_tls && !tls && via == Via::Client {
         refuse_login(
             &mut client,
             &services,
@@ -170,7 +174,7 @@ async fn run(stream: TcpStream, services: Arc<PgServices>) {
         "(not a grant id)"
     };
     let span = tracing::info_span!("postgres", grant = %logged, target = %target.name);
-    serve_session(client, services, grant_id, target, peer)
+    serve_session(client, services, grant_id, target, (peer, via))
         .instrument(span)
         .await;
 }
@@ -180,7 +184,7 @@ async fn serve_session(
     services: Arc<PgServices>,
     grant_id: String,
     target: TargetRecord,
-    peer: String,
+    (peer, via): (String, Via),
 ) {
     let claimed = (Some(grant_id.as_str()), Some(target.name.as_str()));
     if let Err(e) = authenticate(&mut client, &services, &grant_id).await {
@@ -213,7 +217,7 @@ async fn serve_session(
             return;
         }
     };
-    let core = match services.proxy.open(live, &target, "postgres").await {
+    let core = match services.proxy.open(live, &target, "postgres", via).await {
         Ok(core) => core,
         Err(e) => {
             fatal(&mut client, "53000", &format!("refused: {e}")).await;

@@ -142,16 +142,39 @@ pub async fn connect(
         .await
         .map_err(|e| UpstreamError::Connect(addr.host_port.clone(), e))?;
     stream.set_nodelay(true).ok();
-    let mut conn = match &addr.tls_root {
+    let conn = match &addr.tls_root {
         Some(root) => Conn::new(start_tls(stream, addr, root).await?),
         None => Conn::new(stream),
     };
+    let password = password.map(|p| p.expose());
+    login(
+        conn,
+        user,
+        &addr.database,
+        password,
+        settings,
+        &addr.host_port,
+    )
+    .await
+}
+
+/// Logs in on `conn` as `user` to `database`, with `settings` as startup parameters:
+/// to an upstream server (at `host_port`), or to the gateway's own PostgreSQL listener
+/// from inside the process (the MCP server, with a grant).
+pub(crate) async fn login(
+    mut conn: Conn,
+    user: &str,
+    database: &str,
+    password: Option<&str>,
+    settings: &[(&str, &str)],
+    host_port: &str,
+) -> Result<Upstream, UpstreamError> {
     let mut startup = bytes::BytesMut::new();
     startup.put_i32(0);
     startup.put_i32(wire::PROTOCOL_V3);
     for (k, v) in [
         ("user", user),
-        ("database", addr.database.as_str()),
+        ("database", database),
         ("application_name", "airlock"),
     ]
     .into_iter()
@@ -167,7 +190,7 @@ pub async fn connect(
 
     let password = || {
         password
-            .map(|p| p.expose().as_bytes())
+            .map(str::as_bytes)
             .ok_or(UpstreamError::NoCredential)
     };
     let mut scram: Option<ScramSha256> = None;
@@ -249,7 +272,7 @@ pub async fn connect(
                     conn,
                     parameters,
                     backend_key,
-                    host_port: addr.host_port.clone(),
+                    host_port: host_port.to_string(),
                 });
             }
             _ => {}

@@ -18,6 +18,7 @@ use super::channel::ChannelTask;
 use super::upstream::{self, Upstream, UpstreamAddr};
 use crate::grants::GrantAuthError;
 use crate::policy::Kind;
+use crate::proxy::Via;
 use crate::proxy::{CutSignal, SessionCore};
 use crate::record::{EventKind, Write};
 use crate::secrets::Secrets;
@@ -271,7 +272,7 @@ impl Connection {
         let core = self
             .services
             .proxy
-            .open(live, &target, "ssh")
+            .open(live, &target, "ssh", Via::Client)
             .await
             .map_err(|e| format!("refused: {e}"))?;
         let admitted = Arc::new(Admitted {
