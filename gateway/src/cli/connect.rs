@@ -159,7 +159,16 @@ async fn connect(api: &AgentClient, args: &ConnectArgs) -> anyhow::Result<ExitCo
         bail!("grant {id} is for target {target}, not {asked}");
     }
     announce(&target, &grant);
-    let client = Client::for_grant(&target, &grant, api)?;
+    let client = match Client::for_grant(&target, &grant, api) {
+        Ok(client) => client,
+        Err(e) => {
+            // Nothing will use the grant: it ends here, as it would after a client.
+            if !args.keep {
+                end(api, &id, "ended").await;
+            }
+            return Err(e);
+        }
+    };
     if args.print_env {
         client.print_env(&args.format);
         eprintln!(
