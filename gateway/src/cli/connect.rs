@@ -15,6 +15,8 @@ use clap::Args;
 use serde_json::{Value, json};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use airlock::policy::Kind;
+
 use super::agent_client::{AgentClient, ApiArgs};
 
 #[derive(Args)]
@@ -271,14 +273,6 @@ struct Client {
     ca: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Postgres,
-    Ssh,
-    Http,
-    Kubernetes,
-}
-
 impl Client {
     fn for_grant(target: &str, grant: &Value, api: &AgentClient) -> anyhow::Result<Self> {
         let connection = grant["connection"].clone();
@@ -289,8 +283,11 @@ impl Client {
                 _ => bail!("the gateway gave no `{name}` to connect to target {target}"),
             }
         };
-        let (kind, env) = match connection["protocol"].as_str() {
-            Some("postgres") => {
+        let Ok(kind) = serde_json::from_value::<Kind>(connection["protocol"].clone()) else {
+            bail!("the gateway gave no connection details for target {target}");
+        };
+        let env = match kind {
+            Kind::Postgres => {
                 let (host, port, user, password, database) = (
                     field("host")?,
                     field("port")?,
@@ -321,40 +318,27 @@ impl Client {
                     env.push(("PGSSLROOTCERT", roots.display().to_string()));
                 }
                 env.push(("DATABASE_URL", url));
-                (Kind::Postgres, env)
+                env
             }
-            Some("ssh") => {
+            Kind::Ssh => {
                 let (host, port) = (field("host")?, field("port")?);
                 let known_host = format!("[{host}]:{port} {}", field("host_key")?);
-                let env = vec![
+                vec![
                     ("AIRLOCK_SSH_HOST", host),
                     ("AIRLOCK_SSH_PORT", port),
                     ("AIRLOCK_SSH_USER", field("user")?),
                     ("AIRLOCK_SSH_PASSWORD", field("password")?),
                     ("AIRLOCK_SSH_KNOWN_HOST", known_host),
-                ];
-                (Kind::Ssh, env)
+                ]
             }
-            Some(protocol @ ("http" | "kubernetes")) => {
-                let env = if protocol == "http" {
-                    vec![
-                        ("AIRLOCK_HTTP_URL", field("url")?),
-                        ("AIRLOCK_HTTP_TOKEN", field("token")?),
-                    ]
-                } else {
-                    vec![
-                        ("AIRLOCK_KUBE_URL", field("url")?),
-                        (KUBE_TOKEN, field("token")?),
-                    ]
-                };
-                let kind = if protocol == "http" {
-                    Kind::Http
-                } else {
-                    Kind::Kubernetes
-                };
-                (kind, env)
-            }
-            _ => bail!("the gateway gave no connection details for target {target}"),
+            Kind::Http => vec![
+                ("AIRLOCK_HTTP_URL", field("url")?),
+                ("AIRLOCK_HTTP_TOKEN", field("token")?),
+            ],
+            Kind::Kubernetes => vec![
+                ("AIRLOCK_KUBE_URL", field("url")?),
+                (KUBE_TOKEN, field("token")?),
+            ],
         };
         Ok(Client {
             kind,
