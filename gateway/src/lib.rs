@@ -28,4 +28,4 @@ pub mod proxy;
 pub mod record;
 pub mod secrets;
 pub mod serve;
-mod tls;
+pub mod tls;

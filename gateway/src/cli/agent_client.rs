@@ -5,7 +5,6 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -17,8 +16,6 @@ use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use serde_json::Value;
 
 /// Where the agent API is and who the agent is.
@@ -92,7 +89,12 @@ impl AgentClient {
         let connector = match tls {
             Some(tls) => builder.with_tls_config(tls).https_only(),
             // Loopback plain HTTP: the TLS roots are never used.
-            None => builder.with_tls_config(empty_tls_config()).https_or_http(),
+            None => builder
+                .with_tls_config(
+                    airlock::tls::trusting(rustls::RootCertStore::empty())
+                        .map_err(anyhow::Error::msg)?,
+                )
+                .https_or_http(),
         }
         .enable_http1()
         .wrap_connector(http);
@@ -209,49 +211,24 @@ fn is_loopback(authority: &str) -> bool {
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// TLS trusting exactly `ca` (PEM), or the system's store without one.
+/// TLS trusting exactly the certificates in `ca` (PEM), or the system's store without
+/// one.
 fn tls_config(ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(ca) => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-                .and_then(|certs| certs.collect())
-                .with_context(|| format!("CA file {}", ca.display()))?;
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("CA file {}", ca.display()))?;
-            }
-            if roots.is_empty() {
-                bail!("CA file {}: no certificate in it", ca.display());
-            }
-        }
+    let config = match ca {
+        Some(ca) => airlock::tls::client_config_with(ca, None)
+            .map_err(|e| anyhow::anyhow!("CA file {e}"))?,
         None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
             if roots.is_empty() {
                 bail!(
                     "no trusted certificate in the system's store: pass --ca (or set AIRLOCK_CA)"
                 );
             }
+            airlock::tls::trusting(roots).map_err(anyhow::Error::msg)?
         }
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
-
-fn empty_tls_config() -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth()
+    };
+    Ok(config)
 }
 
 #[cfg(test)]
