@@ -163,6 +163,14 @@ fn mint_secret(
     secret
 }
 
+/// `grant` as it is at `now`: an unswept grant past its window is dead.
+fn as_of(mut grant: GrantRecord, now: u64) -> GrantRecord {
+    if !grant.status.is_final() && now >= grant.expires_ms {
+        grant.status = GrantStatus::Expired;
+    }
+    grant
+}
+
 fn json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("state serializes")
 }
@@ -575,15 +583,19 @@ impl Broker {
             .cloned()
     }
 
-    /// `agent`'s own grants, newest first.
+    /// `agent`'s own grants as they are now, newest first.
     pub fn grants_of(&self, agent: &str) -> Vec<GrantRecord> {
+        let now = now_ms();
         let mut grants: Vec<GrantRecord> = self
-            .grants()
-            .into_iter()
+            .state
+            .read()
+            .unwrap()
+            .grants
+            .values()
             .filter(|g| g.agent == agent)
-            .map(|g| self.grant(&g.id).unwrap_or(g))
+            .map(|g| as_of(g.clone(), now))
             .collect();
-        grants.reverse();
+        grants.sort_by_key(|g| std::cmp::Reverse(g.created_ms));
         grants
     }
 
@@ -607,12 +619,8 @@ impl Broker {
     }
 
     pub fn grant(&self, id: &str) -> Option<GrantRecord> {
-        let mut grant = self.state.read().unwrap().grants.get(id).cloned()?;
-        // Report an unswept grant as it is: past its window it is dead.
-        if !grant.status.is_final() && now_ms() >= grant.expires_ms {
-            grant.status = GrantStatus::Expired;
-        }
-        Some(grant)
+        let grant = self.state.read().unwrap().grants.get(id).cloned()?;
+        Some(as_of(grant, now_ms()))
     }
 
     pub fn grants(&self) -> Vec<GrantRecord> {
