@@ -87,6 +87,29 @@ fn broker_error(e: BrokerError) -> Reply {
     }
 }
 
+/// When `grant` ends (for a pending one: its approval deadline), in RFC 3339.
+pub(crate) fn expires_at(grant: &GrantRecord) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(grant.expires_ms),
+    )
+    .to_string()
+}
+
+/// Every target, with its kind and labels: `GET /v1/targets` and MCP's `list_targets`.
+/// None is left out by a guess at policy: whether a grant is given depends on the task,
+/// the access and the time as much as on the target, and is decided when asked, so
+/// listing one promises nothing.
+pub(crate) fn targets_json(broker: &Broker) -> serde_json::Value {
+    let targets: Vec<_> = broker
+        .targets()
+        .into_iter()
+        .map(|(target, _)| {
+            json!({ "name": target.name, "kind": target.kind.as_str(), "labels": target.labels })
+        })
+        .collect();
+    json!({ "targets": targets })
+}
+
 /// A grant as the agent sees it. The secret appears only in the response that issues
 /// it; connection details name the grant id as the user and the secret as password,
 /// and what the target's protocol adds (where to connect).
@@ -95,10 +118,6 @@ fn grant_json(
     secret: Option<&str>,
     connection: Option<serde_json::Value>,
 ) -> serde_json::Value {
-    let expires = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(grant.expires_ms),
-    )
-    .to_string();
     let mut body = json!({
         "id": grant.id,
         "status": grant.status,
@@ -108,7 +127,7 @@ fn grant_json(
         "access": grant.access,
         "read_only": grant.read_only,
         "ttl_seconds": grant.ttl_seconds,
-        "expires_at": expires,
+        "expires_at": expires_at(grant),
     });
     if let Some(reason) = &grant.reason {
         body["reason"] = json!(reason);
@@ -214,7 +233,12 @@ impl AgentApi {
         let span = tracing::info_span!("agent_api", agent = %agent.name, %path);
         let (name, method) = (agent.name.clone(), req.method().clone());
         let reply = match &self.mcp {
-            Some(mcp) if path == "/mcp" && self.limiter.allow(&agent.name) => {
+            _ if !self.limiter.allow(&agent.name) => error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this agent; slow down",
+            ),
+            Some(mcp) if path == "/mcp" => {
                 req.extensions_mut().insert(crate::mcp::Caller {
                     agent,
                     peer: peer.to_string(),
@@ -241,13 +265,6 @@ impl AgentApi {
         req: Request<Incoming>,
         path: String,
     ) -> Reply {
-        if !self.limiter.allow(&agent.name) {
-            return error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "too many requests from this agent; slow down",
-            );
-        }
         let grant_id = path
             .strip_prefix("/v1/grants/")
             .filter(|id| !id.contains('/'));
@@ -262,7 +279,7 @@ impl AgentApi {
                     .collect();
                 reply(StatusCode::OK, json!({ "grants": grants }))
             }
-            (Method::GET, "/v1/targets", _) => reply(StatusCode::OK, self.targets()),
+            (Method::GET, "/v1/targets", _) => reply(StatusCode::OK, targets_json(&self.broker)),
             (Method::GET, _, Some(id)) => self.show(&agent, id).await,
             (Method::DELETE, _, Some(id)) => match self.broker.end(&agent.name, id).await {
                 Ok(grant) => reply(StatusCode::OK, grant_json(&grant, None, None)),
@@ -372,21 +389,6 @@ impl AgentApi {
     fn connection(&self, grant: &GrantRecord, secret: &str) -> Option<serde_json::Value> {
         let kind = self.broker.target(&grant.target)?.kind;
         self.protocols.connection(kind, grant, secret)
-    }
-
-    /// Every target, with its kind and labels. None is left out by a guess at policy:
-    /// whether a grant is given depends on the task, the access and the time as much
-    /// as on the target, and is decided when asked, so listing one promises nothing.
-    fn targets(&self) -> serde_json::Value {
-        let targets: Vec<_> = self
-            .broker
-            .targets()
-            .into_iter()
-            .map(|(target, _)| {
-                json!({ "name": target.name, "kind": target.kind.as_str(), "labels": target.labels })
-            })
-            .collect();
-        json!({ "targets": targets })
     }
 
     /// The grant; active, with its secret and connection details (minted now if an

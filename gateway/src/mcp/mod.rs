@@ -108,16 +108,13 @@ fn broker_failed(e: BrokerError) -> ToolError {
 
 /// A grant as a tool reports it: no secret (tools use the grant by id).
 fn grant_summary(grant: &GrantRecord) -> Value {
-    let expires = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_millis(grant.expires_ms),
-    );
     let mut body = json!({
         "grant": grant.id,
         "status": grant.status,
         "target": grant.target,
         "access": grant.access,
         "read_only": grant.read_only,
-        "expires_at": expires.to_string(),
+        "expires_at": crate::api::agent::expires_at(grant),
     });
     if let Some(reason) = &grant.reason {
         body["reason"] = reason.clone().into();
@@ -148,14 +145,7 @@ impl McpServer {
     }
 
     fn list_targets(&self) -> CallToolResult {
-        let targets: Vec<Value> = self
-            .services
-            .broker
-            .targets()
-            .into_iter()
-            .map(|(t, _)| json!({ "name": t.name, "kind": t.kind.as_str(), "labels": t.labels }))
-            .collect();
-        CallToolResult::structured(json!({ "targets": targets }))
+        CallToolResult::structured(crate::api::agent::targets_json(&self.services.broker))
     }
 
     async fn request_access(
