@@ -279,13 +279,7 @@ pub async fn run(
     }
     let http_is_tls = http_tls.is_some();
     // The chain kubectl and other clients pin as the gateway's CA.
-    let http_chain = match &config.http.tls_cert {
-        Some(cert) if http_is_tls => Some(
-            std::fs::read_to_string(cert)
-                .map_err(|e| ServeError::Setup(format!("http.tls-cert: {e}")))?,
-        ),
-        _ => None,
-    };
+    let http_chain = served_chain("http", config.http.tls_cert.as_deref(), http_is_tls)?;
     let http_services = Arc::new(HttpServices::new(
         proxy.clone(),
         HttpLimits::from(&config.http),
@@ -313,13 +307,11 @@ pub async fn run(
     .map_err(setup("endpoints file"))?;
     let public_host = config.gateway.public_host.as_deref();
     let at = |addr| Advertised::new(addr, public_host);
-    let pg_chain = match &config.postgres.tls_cert {
-        Some(cert) if pg_tls.is_some() => Some(
-            std::fs::read_to_string(cert)
-                .map_err(|e| ServeError::Setup(format!("postgres.tls-cert: {e}")))?,
-        ),
-        _ => None,
-    };
+    let pg_chain = served_chain(
+        "postgres",
+        config.postgres.tls_cert.as_deref(),
+        pg_tls.is_some(),
+    )?;
     let pg_services = Arc::new(PgServices {
         proxy,
         classify: ClassifyCache::new(10_000),
@@ -492,6 +484,21 @@ pub async fn run(
     drop(api);
     record.close();
     Ok(ended)
+}
+
+/// The certificate chain (PEM) a listener serves over TLS (`tls`), for connection
+/// details: clients pin it. `section` names the configuration section in errors.
+fn served_chain(
+    section: &str,
+    cert: Option<&Path>,
+    tls: bool,
+) -> Result<Option<String>, ServeError> {
+    match cert {
+        Some(cert) if tls => std::fs::read_to_string(cert)
+            .map(Some)
+            .map_err(|e| ServeError::Setup(format!("{section}.tls-cert: {e}"))),
+        _ => Ok(None),
+    }
 }
 
 /// The MCP server at the agent API: stateless Streamable HTTP answering in JSON, its
